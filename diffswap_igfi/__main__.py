@@ -1,0 +1,5 @@
+import sys
+
+from diffswap_igfi.cli import main
+
+sys.exit(main())

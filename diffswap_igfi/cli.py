@@ -1,0 +1,206 @@
+"""Command line: ``diffswap-igfi swap | verify | demo``.
+
+Errors from the library are DiffSwapErrors; they print as one ``error:`` line on stderr with a
+non-zero exit. ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffswap_igfi import __version__
+from diffswap_igfi.errors import DiffSwapError, InputError, OutputError
+
+RESPONSIBLE_USE = ("Swap only faces of people who consented. Every image written is marked as "
+                   "synthetic (metadata and an invisible watermark).")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffswap-igfi",
+        description="Identity-guided face swapping. " + RESPONSIBLE_USE)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    swap = sub.add_parser(
+        "swap", help="swap the source identity onto target photo(s)",
+        description="Swap the face of the source onto the target. Paths may be sample:NAME "
+                    "for photos that ship with our dependencies (astronaut, grace_hopper, "
+                    "group, tom_hanks). " + RESPONSIBLE_USE)
+    swap.add_argument("-s", "--source", nargs="+", required=True, metavar="PATH",
+                      help="source photo(s) of one person; with several, each target face uses "
+                           "the one whose head pose is closest")
+    swap.add_argument("-t", "--target", required=True, metavar="PATH",
+                      help="target photo, or a folder of them (batch)")
+    swap.add_argument("-o", "--output", required=True, metavar="PATH",
+                      help="output image (.png .jpg .webp .tif .bmp), or a folder for a batch")
+    swap.add_argument("--face-selector", choices=["largest", "index", "all", "reference"],
+                      default="largest", help="which target faces to swap (default: largest)")
+    swap.add_argument("--face-index", type=int, default=0,
+                      help="with --face-selector index: the face to swap, 0 = largest")
+    swap.add_argument("--reference-face", metavar="PATH",
+                      help="with --face-selector reference: a photo of the person to replace")
+    swap.add_argument("--reference-distance", type=float, default=0.6,
+                      help="with --face-selector reference: match threshold (dlib distance)")
+    swap.add_argument("--source-face-index", type=int, default=None,
+                      help="the face to use in a source photo with several people, 0 = largest")
+    swap.add_argument("--engine", choices=["geometric"], default="geometric",
+                      help="swap engine (geometric: landmark warp + blending, runs anywhere)")
+    swap.add_argument("--blend", choices=["laplacian", "poisson", "alpha"], default="laplacian",
+                      help="how the warped face is blended in (default: laplacian)")
+    swap.add_argument("--force", action="store_true",
+                      help="overwrite an existing output (never an input)")
+    swap.add_argument("--max-pixels", type=_positive_int, default=40_000_000,
+                      help="refuse images with more pixels than this (default: 40000000)")
+    swap.add_argument("--jpeg-quality", type=int, default=95, choices=range(1, 101),
+                      metavar="1-100", help="quality of JPEG/WebP outputs (default: 95)")
+    swap.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    verify = sub.add_parser("verify", help="report provenance marks in image(s)")
+    verify.add_argument("images", nargs="+", metavar="IMAGE")
+    verify.add_argument("--json", action="store_true", help="print JSON")
+
+    demo = sub.add_parser("demo", help="swap two photos that ship with our dependencies")
+    demo.add_argument("-o", "--output", default="demo", metavar="DIR",
+                      help="folder for the results (default: ./demo)")
+    return parser
+
+
+def _load(path: str, max_pixels: int):
+    from diffswap_igfi.io.images import load_image
+    from diffswap_igfi.io.samples import resolve_input_path
+
+    return load_image(resolve_input_path(path), max_pixels=max_pixels)
+
+
+def cmd_swap(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from diffswap_igfi.engines.geometric import GeometricSwapper
+    from diffswap_igfi.io.images import check_output_path, list_images
+    from diffswap_igfi.io.samples import resolve_input_path
+    from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
+    from diffswap_igfi.provenance.write import write_synthetic_image
+    from diffswap_igfi.swapper import FaceSelection, Swapper
+
+    if args.face_selector == "reference" and not args.reference_face:
+        raise InputError("--face-selector reference needs --reference-face PATH")
+    target_path = resolve_input_path(args.target)
+    output = Path(args.output).expanduser()
+    source_paths = [resolve_input_path(s) for s in args.source]
+    batch = target_path.is_dir()
+    if batch:
+        targets = list_images(target_path)
+        if output.exists() and not output.is_dir():
+            raise OutputError(f"{output} is a file, but a folder of targets needs an output "
+                              f"folder: pass -o DIR")
+        jobs = [(t, output / t.name) for t in targets]
+    else:
+        jobs = [(target_path, output)]
+    inputs = source_paths + [t for t, _ in jobs]
+    if args.reference_face:
+        inputs.append(resolve_input_path(args.reference_face))
+    if not batch:  # a batch checks each output in turn and reports clashes per file
+        check_output_path(output, inputs, force=args.force)
+
+    engine = GeometricSwapper(blend=args.blend)
+    failures: list[str] = []
+    with Swapper(engine) as swapper:
+        sources = [swapper.source(_load(str(p), args.max_pixels), args.source_face_index)
+                   for p in source_paths]
+        selection = FaceSelection(args.face_selector, args.face_index,
+                                  reference_distance=args.reference_distance)
+        if args.reference_face:
+            selection.reference = swapper.source(_load(args.reference_face, args.max_pixels))
+        bar = tqdm(jobs, desc="swapping", unit="photo",
+                   disable=args.quiet or len(jobs) < 2, file=sys.stderr)
+        for target_file, out_file in bar:
+            try:
+                if batch:
+                    check_output_path(out_file, inputs, force=args.force)
+                target = _load(str(target_file), args.max_pixels)
+                result = swapper.swap(sources, target, selection)
+                write_synthetic_image(out_file, result.image, result.alpha > 0,
+                                      digital_source_type=COMPOSITE_SYNTHETIC,
+                                      engine=args.engine, alpha=target.alpha,
+                                      icc_profile=target.icc_profile,
+                                      jpeg_quality=args.jpeg_quality)
+            except DiffSwapError as err:
+                if not batch:
+                    raise
+                failures.append(f"{target_file.name}: {err}")
+                continue
+            if not batch and not args.quiet:
+                print(f"wrote {out_file} ({len(result.faces)} face(s) swapped)")
+    if batch:
+        done = len(jobs) - len(failures)
+        for line in failures:
+            print(f"error: {line}", file=sys.stderr)
+        print(f"wrote {done} of {len(jobs)} photo(s) to {output}")
+        return 1 if failures else 0
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from diffswap_igfi.provenance.verify import verify_image
+
+    reports = [verify_image(Path(p).expanduser()) for p in args.images]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        for report in reports:
+            print("\n".join(report.lines()))
+    return 0 if all(r.synthetic for r in reports) else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    pairs = [("grace_hopper", "astronaut"), ("astronaut", "grace_hopper")]
+    status = 0
+    for source, target in pairs:
+        dest = out / f"{source}_onto_{target}.png"
+        status |= cmd_swap(build_parser().parse_args(
+            ["swap", "-s", f"sample:{source}", "-t", f"sample:{target}", "-o", str(dest),
+             "--force"]))
+        status |= cmd_verify(argparse.Namespace(images=[str(dest)], json=False))
+    print(RESPONSIBLE_USE)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"swap": cmd_swap, "verify": cmd_verify, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except DiffSwapError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            raise
+        message = str(err).splitlines()[0] if str(err) else ""
+        print(f"error: internal error ({type(err).__name__}: {message}): rerun with --debug "
+              f"and report it", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())
