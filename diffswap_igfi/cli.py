@@ -120,10 +120,11 @@ def cmd_swap(args: argparse.Namespace) -> int:
     with Swapper(engine) as swapper:
         sources = [swapper.source(_load(str(p), args.max_pixels), args.source_face_index)
                    for p in source_paths]
-        selection = FaceSelection(args.face_selector, args.face_index,
-                                  reference_distance=args.reference_distance)
+        reference = None
         if args.reference_face:
-            selection.reference = swapper.source(_load(args.reference_face, args.max_pixels))
+            reference = swapper.source(_load(args.reference_face, args.max_pixels))
+        selection = FaceSelection(args.face_selector, args.face_index, reference,
+                                  args.reference_distance)
         bar = tqdm(jobs, desc="swapping", unit="photo",
                    disable=args.quiet or len(jobs) < 2, file=sys.stderr)
         for target_file, out_file in bar:

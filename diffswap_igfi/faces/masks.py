@@ -67,5 +67,6 @@ def feather(mask: np.ndarray, radius: int) -> np.ndarray:
     sigma = radius / 2.0
     size = 2 * int(np.ceil(3 * sigma)) + 1
     alpha = cv2.GaussianBlur(inner.astype(np.float32) / 255.0, (size, size), sigma)
+    np.clip(alpha, 0.0, 1.0, out=alpha)  # the blur's float sums overshoot 1 by an ulp or two
     alpha[mask == 0] = 0.0
     return alpha

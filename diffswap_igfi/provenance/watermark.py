@@ -13,18 +13,20 @@ blocks lying entirely inside the caller's region are touched: every other pixel 
 
 Detection needs neither the region nor the original. Each coefficient is clipped to
 ``w = clip(c, -t_k, t_k)`` (texture cannot outvote the mark) and every window of blocks scores
-``Z = sum(s*w) / sqrt(sum(w^2))``; windows are rectangles of 4 blocks (32 px) up to the whole
-image in ~sqrt(2) steps, slid by a quarter of their size, read from integral images. For an
+``Z = sum(s*w) / sqrt(sum(w^2))``; windows are rectangles with sides from 4 blocks (32 px) up
+to the whole image in ~sqrt(2) steps, slid by a quarter of their size, read from integral
+images (no loop over blocks). For an
 unmarked image the key's signs are independent of the content, so ``Z`` is a normalised
 Rademacher sum and Hoeffding's inequality gives ``P(Z >= t) <= exp(-t^2/2)`` whatever the
 picture. The threshold is the smallest ``t`` for which the union bound over all windows searched
 stays below ``FALSE_ALARM_RATE`` (1e-6 per image): about 7.0 for 512x512, 7.6 for 4000x3000.
 
-Known limits: the pattern lives on the 8-pixel grid at absolute block positions, so any resize,
-rotation, or crop whose offset from the top-left corner is not a multiple of 8 (and any crop
-that shifts the block indices at all) destroys it; this is true of every block-DCT scheme here.
-JPEG quality 50 removes most of it from face-sized regions. Pixels clipped at 0 or 255 carry
-less of the mark, and the key is public: the mark shows origin, it does not resist forgery.
+Known limits: the pattern lives on the 8-pixel grid at absolute block positions, so resizing,
+rotating, or cropping anything off the top or left edge destroys it (only crops that keep the
+top-left corner keep the mark); this is true of every block-DCT scheme here. JPEG quality 50
+removes it from small faces (a ~180x220 face still scores just above the threshold). Pixels
+clipped at 0 or 255 carry less of the mark, and the key is public: the mark shows origin, it
+does not resist forgery or deliberate removal.
 """
 
 from __future__ import annotations
@@ -119,9 +121,9 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def _to_blocks(plane: np.ndarray, hb: int, wb: int) -> np.ndarray:
-    """[H,W,...] -> [hb*wb, 64, ...] copy of the top-left hb x wb blocks, row-major order."""
-    p = plane[: hb * BLOCK, : wb * BLOCK].reshape(hb, BLOCK, wb, BLOCK, *plane.shape[2:])
-    return p.swapaxes(1, 2).reshape(hb * wb, BLOCK * BLOCK, *plane.shape[2:])
+    """[H,W] -> [hb*wb, 64] copy of the top-left hb x wb blocks, in row-major block order."""
+    p = plane[: hb * BLOCK, : wb * BLOCK].reshape(hb, BLOCK, wb, BLOCK)
+    return p.swapaxes(1, 2).reshape(hb * wb, BLOCK * BLOCK)
 
 
 def _check_rgb(rgb: np.ndarray) -> None:
@@ -153,14 +155,22 @@ def embed_watermark(
     if hb == 0 or wb == 0:
         return out
     if region is None:
-        idx = np.arange(hb * wb)
+        inside = np.ones((hb, wb), dtype=bool)
     else:
-        idx = np.flatnonzero(_to_blocks(np.asarray(region, dtype=bool), hb, wb).all(axis=1))
-    if idx.size == 0:
+        cells = np.asarray(region, dtype=bool)[: hb * BLOCK, : wb * BLOCK]
+        inside = cells.reshape(hb, BLOCK, wb, BLOCK).all(axis=(1, 3))
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    if rows.size == 0:
         return out
+    # Work on the bounding box of the marked blocks; its other blocks get a zero change, and
+    # rint(x + 0.0) == x exactly, so they (like everything outside the box) stay bit-identical.
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    box = (slice(r0 * BLOCK, r1 * BLOCK), slice(c0 * BLOCK, c1 * BLOCK))
+    bh, bw = r1 - r0, c1 - c0
     target = strength * _Q75
-    coeffs = _to_blocks(_luma(rgb), hb, wb)[idx] @ _BASIS.T  # [N,K]
-    s = _signs(idx // wb, idx % wb)
+    coeffs = _to_blocks(_luma(rgb[box]), bh, bw) @ _BASIS.T  # [bh*bw, K]
+    br, bc = np.divmod(np.arange(bh * bw), bw)
+    s = _signs(br + r0, bc + c0)
     need = np.clip(target - s * coeffs, 0.0, _MAX_MOVE * target)
     # Keep each block under its energy budget by dropping its costliest moves: the cheap ones
     # buy the most correlation per unit of distortion.
@@ -169,12 +179,14 @@ def embed_watermark(
     fits = np.take_along_axis(cost, order, axis=1).cumsum(axis=1) <= _BUDGET * (target**2).sum()
     keep = np.empty_like(fits)
     np.put_along_axis(keep, order, fits, axis=1)
-    delta = (s * np.where(keep, need, 0.0)) @ _BASIS  # [N,64] luma change
-    pixels = _to_blocks(rgb, hb, wb)[idx].astype(np.float32) + delta[:, :, None]
-    marked = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)  # [N,64,3]
-    # Scatter back through a writable view of the block grid (out's top-left hb*8 x wb*8).
-    grid = out[: hb * BLOCK, : wb * BLOCK].reshape(hb, BLOCK, wb, BLOCK, 3).swapaxes(1, 2)
-    grid[idx // wb, idx % wb] = marked.reshape(-1, BLOCK, BLOCK, 3)
+    keep &= inside[r0:r1, c0:c1].reshape(-1, 1)
+    delta = (s * np.where(keep, need, 0.0)) @ _BASIS  # [bh*bw, 64] luma change
+    delta = delta.reshape(bh, bw, BLOCK, BLOCK).swapaxes(1, 2).reshape(bh * BLOCK, bw * BLOCK)
+    pixels = rgb[box].astype(np.float32)
+    pixels += delta[:, :, None]  # the same change in R, G and B: luma moves, chroma does not
+    np.rint(pixels, out=pixels)
+    np.clip(pixels, 0, 255, out=pixels)
+    out[box] = pixels
     return out
 
 
@@ -216,6 +228,9 @@ def detect_watermark(rgb: np.ndarray) -> WatermarkResult:
     idx = np.arange(hb * wb)
     limit = DEFAULT_STRENGTH * _Q75
     w = np.clip(_to_blocks(_luma(rgb), hb, wb) @ _BASIS.T, -limit, limit)  # [N,K]
+    # float32 rounding leaves ~1e-5 in a flat block's coefficients: below 0.01 is that noise,
+    # not content, and zeroing it lets flat areas carry no evidence either way.
+    w[np.abs(w) < 0.01] = 0.0
     num = _integral(((_signs(idx // wb, idx % wb) * w).sum(axis=1)).reshape(hb, wb))
     den = _integral((w * w).sum(axis=1).reshape(hb, wb))
     best, box, windows = -math.inf, (0, 0, 0, 0), 0
@@ -224,7 +239,7 @@ def detect_watermark(rgb: np.ndarray) -> WatermarkResult:
         for ww in _window_sides(wb):
             sx = max(1, ww // 4)
             energy = _box_sums(den, wh, ww, sy, sx)
-            # A window of all-zero coefficients (flat) carries no evidence: score 0.
+            # A window whose coefficients are all zero (flat) scores 0.
             z = _box_sums(num, wh, ww, sy, sx) / np.sqrt(np.maximum(energy, 1e-3))
             windows += z.size
             i = int(z.argmax())

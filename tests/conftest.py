@@ -1,0 +1,52 @@
+"""Shared fixtures: real photos that ship inside our dependencies, detected once per session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffswap_igfi.faces.detect import FaceDetector
+from diffswap_igfi.io.images import load_image
+from diffswap_igfi.io.samples import sample_path
+
+
+@pytest.fixture(scope="session")
+def detector():
+    with FaceDetector() as det:
+        yield det
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """name -> LoadedImage for every shipped sample photo."""
+    return {name: load_image(sample_path(name))
+            for name in ("astronaut", "grace_hopper", "group", "tom_hanks")}
+
+
+@pytest.fixture(scope="session")
+def faces(detector, photos):
+    """name -> list of FaceRecords (largest first) for every sample photo."""
+    return {name: detector.detect(img.rgb) for name, img in photos.items()}
+
+
+@pytest.fixture(scope="session")
+def recognizer():
+    from diffswap_igfi.eval.recognizer import DlibRecognizer
+
+    return DlibRecognizer()
+
+
+def file_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def assert_one_line(text: str) -> None:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line, got {len(lines)}: {text!r}"
+    assert "Traceback" not in text
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

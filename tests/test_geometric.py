@@ -1,0 +1,90 @@
+"""The geometric engine: exactness outside the mask, warp correctness, identity transfer."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from diffswap_igfi.engines.geometric import (GeometricSwapper, mouth_opening,
+                                             piecewise_affine_maps, triangulate)
+
+
+def test_identity_warp_maps_every_pixel_to_itself(faces):
+    pts = faces["astronaut"][0].points
+    roi = (150, 50, 300, 200)
+    maps, covered = piecewise_affine_maps(pts, pts, triangulate(pts), roi)
+    ys, xs = np.mgrid[50:200, 150:300]
+    assert covered.mean() > 0.3
+    # inside the mesh and (by extension) outside it, every pixel samples itself
+    np.testing.assert_allclose(maps[..., 0], xs, atol=1e-3)
+    np.testing.assert_allclose(maps[..., 1], ys, atol=1e-3)
+
+
+def test_warp_carries_source_landmarks_onto_target_landmarks(faces):
+    src, dst = faces["grace_hopper"][0].points, faces["astronaut"][0].points
+    roi = (0, 0, 512, 512)
+    maps, covered = piecewise_affine_maps(src, dst, triangulate(dst), roi)
+    # at each target landmark (a triangle vertex) the map points at the source landmark
+    idx = np.arange(0, 468, 7)
+    xy = np.round(dst[idx]).astype(int)
+    got = maps[xy[:, 1], xy[:, 0]]
+    err = np.linalg.norm(got - src[idx], axis=1)
+    assert np.median(err) < 2.0  # rounding the target point to a pixel moves it < 0.71 px
+
+
+@pytest.mark.parametrize("blend", ["laplacian", "poisson", "alpha"])
+def test_pixels_outside_the_feathered_mask_are_bit_identical(faces, photos, blend):
+    target, source = photos["astronaut"].rgb, photos["grace_hopper"].rgb
+    out, alpha = GeometricSwapper(blend=blend).swap_one(target, faces["astronaut"][0], source,
+                                                         faces["grace_hopper"][0])
+    assert out.dtype == np.uint8 and out.shape == target.shape
+    assert np.array_equal(out[alpha == 0], target[alpha == 0])
+    assert (alpha > 0).sum() > 5000
+    assert np.abs(out.astype(int) - target)[alpha > 0.99].mean() > 5  # the face did change
+    # the mask hugs the face: nothing beyond the face box grown by half its size
+    x0, y0, x1, y1 = faces["astronaut"][0].box
+    ys, xs = np.nonzero(alpha)
+    w, h = x1 - x0, y1 - y0
+    assert xs.min() > x0 - w / 2 and xs.max() < x1 + w / 2
+    assert ys.min() > y0 - h / 2 and ys.max() < y1 + h / 2
+
+
+def test_swapping_every_face_of_a_group_photo(faces, photos):
+    out, alpha = GeometricSwapper().swap(photos["group"].rgb, faces["group"],
+                                         photos["grace_hopper"].rgb, faces["grace_hopper"][0])
+    count, _ = cv2.connectedComponents((alpha > 0).astype(np.uint8))
+    assert count - 1 == 6  # six separate face regions
+    assert np.array_equal(out[alpha == 0], photos["group"].rgb[alpha == 0])
+
+
+def test_mouth_opening_tells_open_from_closed(faces):
+    assert mouth_opening(faces["astronaut"][0]) > 0.05  # smiling with teeth
+    assert mouth_opening(faces["grace_hopper"][0]) < 0.01  # closed
+
+
+def test_bad_engine_options_are_refused():
+    with pytest.raises(ValueError, match="blend"):
+        GeometricSwapper(blend="cubist")
+    with pytest.raises(ValueError, match="keep_mouth_interior"):
+        GeometricSwapper(keep_mouth_interior="sometimes")
+
+
+# Distinct people: the two portraits and the group's faces (indices from the largest).
+PAIRS = [("grace_hopper", 0, "astronaut", 0), ("astronaut", 0, "grace_hopper", 0),
+         ("group", 0, "astronaut", 0), ("grace_hopper", 0, "group", 0),
+         ("astronaut", 0, "group", 3), ("group", 5, "grace_hopper", 0)]
+
+
+@pytest.mark.slow
+def test_swaps_look_like_the_source_to_an_independent_recognizer(faces, photos, recognizer):
+    wins = []
+    for s_name, s_idx, t_name, t_idx in PAIRS:
+        s_face, t_face = faces[s_name][s_idx], faces[t_name][t_idx]
+        s_img, t_img = photos[s_name].rgb, photos[t_name].rgb
+        out, _ = GeometricSwapper().swap_one(t_img, t_face, s_img, s_face)
+        swapped = recognizer.describe(out, t_face)
+        to_source = recognizer.distance(swapped, recognizer.describe(s_img, s_face))
+        to_target = recognizer.distance(swapped, recognizer.describe(t_img, t_face))
+        wins.append(to_source < to_target)
+    assert sum(wins) >= 5, wins  # acceptance asks 4 of 5; measured 63 of 72 over all pairs
