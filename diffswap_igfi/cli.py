@@ -72,6 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("images", nargs="+", metavar="IMAGE")
     verify.add_argument("--json", action="store_true", help="print JSON")
 
+    cond = sub.add_parser(
+        "conditions", help="compute the SFI conditions of a pair and draw them",
+        description="Fit 3D geometry to source and target, build the swapped-geometry "
+                    "condition and the 3D-aware mask in the target's crop, optionally with "
+                    "identity and CLIP tokens from local weights, and save a debug image.")
+    cond.add_argument("-s", "--source", required=True, metavar="PATH")
+    cond.add_argument("-t", "--target", required=True, metavar="PATH")
+    cond.add_argument("--save-debug", metavar="PNG",
+                      help="write a picture of landmarks, swapped geometry, mask and heatmaps")
+    cond.add_argument("--save-conditions", metavar="FILE.safetensors",
+                      help="store the computed conditions (what training preprocessing keeps)")
+    cond.add_argument("--geometry", choices=["mediapipe", "3ddfa_v2"], default="mediapipe",
+                      help="3DMM backend (3ddfa_v2 needs --tddfa-dir)")
+    cond.add_argument("--tddfa-dir", metavar="DIR",
+                      help="folder with mb1_120x120.onnx and the converted BFM basis")
+    cond.add_argument("--arcface", metavar="PATH",
+                      help="ArcFace ONNX file or insightface model-pack folder (identity)")
+    cond.add_argument("--clip-model", metavar="NAME", help="open_clip model name, e.g. ViT-B-16")
+    cond.add_argument("--clip-weights", metavar="PATH", help="local open_clip checkpoint file")
+    cond.add_argument("--crop-size", type=_positive_int, default=512)
+    cond.add_argument("--face-index", type=int, default=0,
+                      help="the target face to use, 0 = largest")
+    cond.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
     demo = sub.add_parser("demo", help="swap two photos that ship with our dependencies")
     demo.add_argument("-o", "--output", default="demo", metavar="DIR",
                       help="folder for the results (default: ./demo)")
@@ -166,6 +190,75 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if all(r.synthetic for r in reports) else 1
 
 
+def cmd_conditions(args: argparse.Namespace) -> int:
+    from diffswap_igfi.conditions.builder import ConditionBuilder, save_conditions
+    from diffswap_igfi.faces.detect import FaceDetector, pick_source_face, select_faces
+    from diffswap_igfi.geometry.condition import debug_panel
+    from diffswap_igfi.io.images import check_output_path
+    from diffswap_igfi.io.samples import resolve_input_path
+    from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
+    from diffswap_igfi.provenance.write import write_synthetic_image
+
+    if args.clip_model and not args.clip_weights or args.clip_weights and not args.clip_model:
+        raise InputError("--clip-model and --clip-weights go together: pass both or neither")
+    if args.geometry == "3ddfa_v2" and not args.tddfa_dir:
+        raise InputError("--geometry 3ddfa_v2 needs --tddfa-dir DIR (see geometry/tddfa.py)")
+    inputs = [resolve_input_path(args.source), resolve_input_path(args.target)]
+    if args.save_debug:
+        check_output_path(Path(args.save_debug), inputs, force=args.force)
+    if args.save_conditions:
+        check_output_path(Path(args.save_conditions), inputs, force=args.force,
+                          extensions={".safetensors"})
+    if args.geometry == "3ddfa_v2":
+        from diffswap_igfi.geometry.tddfa import TDDFABackend
+
+        geometry = TDDFABackend(args.tddfa_dir)
+    else:
+        from diffswap_igfi.geometry.mediapipe_backend import MediaPipeBackend
+
+        geometry = MediaPipeBackend()
+    identity = clip = None
+    if args.arcface:
+        from diffswap_igfi.conditions.identity import ArcFaceONNX
+
+        identity = ArcFaceONNX(args.arcface)
+    if args.clip_model:
+        from diffswap_igfi.conditions.clip import ClipImageEncoder
+
+        clip = ClipImageEncoder(args.clip_model, args.clip_weights)
+    source, target = (_load(str(p), 40_000_000) for p in inputs)
+    builder = ConditionBuilder(geometry, identity, clip, crop_size=args.crop_size)
+    with FaceDetector() as detector:
+        src_face = pick_source_face(detector.detect(source.rgb), what=source.path.name)
+        tgt_face = select_faces(detector.detect(target.rgb), "index", index=args.face_index,
+                                what=target.path.name)[0]
+    cond = builder.build(source.rgb, src_face, target.rgb, tgt_face)
+    fmt = "yaw {:+.1f} pitch {:+.1f} roll {:+.1f}".format
+    print(f"geometry backend: {geometry.name} (shape {cond.swapped.shape.size}, "
+          f"expression {cond.swapped.expression.size} parameters)")
+    print(f"source pose  {fmt(*builder.fit(source.rgb, src_face).pose)}")
+    print(f"target pose  {fmt(*builder.fit(target.rgb, tgt_face).pose)}")
+    print(f"swapped pose {fmt(*cond.swapped.pose)}")
+    print(f"mask covers {100 * (cond.mask > 0).mean():.1f}% of the {args.crop_size}px crop; "
+          f"heatmaps {tuple(cond.heatmaps.shape)}")
+    if cond.identity is not None:
+        print(f"identity embedding: {cond.identity.shape[0]}-d")
+    if cond.clip_tokens is not None:
+        print(f"CLIP tokens: {tuple(cond.clip_tokens.shape)}")
+    print("seconds: " + ", ".join(f"{k} {sum(v):.3f}" for k, v in builder.timings.items()))
+    if args.save_debug:
+        panel = debug_panel(cond.crop, cond.target_points, cond.swapped_points, cond.soft_mask,
+                            cond.heatmaps)
+        write_synthetic_image(Path(args.save_debug), panel, None,
+                              digital_source_type=COMPOSITE_SYNTHETIC, engine="conditions-debug")
+        print(f"wrote {args.save_debug}")
+    if args.save_conditions:
+        save_conditions(Path(args.save_conditions), cond, {"source": source.path.name,
+                                                            "target": target.path.name})
+        print(f"wrote {args.save_conditions}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output)
     pairs = [("grace_hopper", "astronaut"), ("astronaut", "grace_hopper")]
@@ -183,7 +276,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"swap": cmd_swap, "verify": cmd_verify, "demo": cmd_demo}
+    handlers = {"swap": cmd_swap, "verify": cmd_verify, "demo": cmd_demo,
+                "conditions": cmd_conditions}
     try:
         return handlers[args.command](args)
     except DiffSwapError as err:

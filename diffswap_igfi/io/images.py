@@ -12,7 +12,7 @@ import re
 import secrets
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,9 +199,11 @@ def _to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
     return ((clipped + 128) // 257).astype(np.uint8)  # exact round(v * 255 / 65535)
 
 
-def check_output_path(output: Path, inputs: Sequence[Path], *, force: bool) -> None:
+def check_output_path(output: Path, inputs: Sequence[Path], *, force: bool,
+                      extensions: Collection[str] = SUPPORTED_OUTPUT_EXTENSIONS) -> None:
     """Refuse an output that would overwrite an input (always, even with ``force``), a folder,
-    an unsupported format, or an existing file without ``force``."""
+    an extension outside ``extensions`` (image formats by default), or an existing file without
+    ``force``."""
     output = Path(output)
     for source in inputs:
         if _same_file(output, Path(source)):
@@ -211,10 +213,10 @@ def check_output_path(output: Path, inputs: Sequence[Path], *, force: bool) -> N
             )
     if output.is_dir():
         raise OutputError(f"{output} is a folder: give a file name such as {output / 'out.png'}")
-    if output.suffix.lower() not in SUPPORTED_OUTPUT_EXTENSIONS:
+    if output.suffix.lower() not in extensions:
         raise OutputError(
             f"{output} has an unsupported extension {output.suffix or '(none)'!r}: "
-            f"use one of {_SUPPORTED_TEXT}"
+            f"use one of {' '.join(sorted(extensions))}"
         )
     if not force and (output.exists() or output.is_symlink()):
         raise OutputError(f"{output} exists: pass --force to overwrite it, or choose another path")
