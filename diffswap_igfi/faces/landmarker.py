@@ -7,10 +7,12 @@ so nothing is downloaded at run time. A user may point at another copy with the
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
 import sys
+import weakref
 import zipfile
 from pathlib import Path
 from typing import Iterator
@@ -67,6 +69,18 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # MediaPipe's own finaliser fails (harmlessly, but loudly) once the interpreter is shutting
+    # down, so every landmarker still open is closed while the runtime is intact.
+    for landmarker in list(_OPEN):
+        with contextlib.suppress(Exception):
+            landmarker.close()
+
+
 class Landmarker:
     """A MediaPipe FaceLandmarker in IMAGE mode returning raw per-face arrays.
 
@@ -101,6 +115,7 @@ class Landmarker:
         self._mp = mp
         self._warm = False
         self.model_path = path
+        _OPEN.add(self)
 
     def run(self, rgb: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Landmarks of every face in one image.
