@@ -56,8 +56,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --face-selector reference: match threshold (dlib distance)")
     swap.add_argument("--source-face-index", type=int, default=None,
                       help="the face to use in a source photo with several people, 0 = largest")
-    swap.add_argument("--engine", choices=["geometric"], default="geometric",
-                      help="swap engine (geometric: landmark warp + blending, runs anywhere)")
+    swap.add_argument("--engine", choices=["geometric", "diffusion"], default=None,
+                      help="geometric: landmark warp + blending, runs anywhere (the default "
+                           "without --checkpoint); diffusion: the SFI pipeline (the default "
+                           "with --checkpoint)")
+    swap.add_argument("--checkpoint", metavar="DIR",
+                      help="DiffSwapIGFIPipeline folder for --engine diffusion")
+    swap.add_argument("--steps", type=_positive_int, default=30,
+                      help="diffusion: sampling steps (default: 30)")
+    swap.add_argument("--guidance", type=float, default=3.0,
+                      help="diffusion: identity guidance scale, 1 = off (default: 3.0)")
+    swap.add_argument("--seed", type=int, default=0, help="diffusion: random seed (default: 0)")
+    swap.add_argument("--device", default="cpu", help="diffusion: torch device (default: cpu)")
+    swap.add_argument("--warm-start", type=float, default=None, metavar="STRENGTH",
+                      help="diffusion: start from the geometric swap noised to this strength "
+                           "in (0, 1], running that fraction of the steps")
+    swap.add_argument("--mix-source", nargs="+", metavar="PATH",
+                      help="diffusion: photo(s) of a second identity to mix in (MFIM)")
+    swap.add_argument("--mix-mode", choices=["blocks", "weighted"], default="blocks",
+                      help="blocks: the second identity drives the fine UNet blocks; weighted: "
+                           "tokens mixed by --mix-weight")
+    swap.add_argument("--mix-weight", type=float, default=0.5,
+                      help="weight of the first identity with --mix-mode weighted")
     swap.add_argument("--blend", choices=["laplacian", "poisson", "alpha"], default="laplacian",
                       help="how the warped face is blended in (default: laplacian)")
     swap.add_argument("--force", action="store_true",
@@ -109,13 +129,34 @@ def _load(path: str, max_pixels: int):
     return load_image(resolve_input_path(path), max_pixels=max_pixels)
 
 
+def _engine(args: argparse.Namespace):
+    """The swap engine the options ask for (diffusion when a checkpoint is given)."""
+    name = args.engine or ("diffusion" if args.checkpoint else "geometric")
+    if name == "geometric":
+        if args.checkpoint or args.mix_source or args.warm_start is not None:
+            raise InputError("--checkpoint, --mix-source and --warm-start need --engine "
+                             "diffusion")
+        from diffswap_igfi.engines.geometric import GeometricSwapper
+
+        return GeometricSwapper(blend=args.blend)
+    if args.warm_start is not None and not 0.0 < args.warm_start <= 1.0:
+        raise InputError(f"--warm-start must be in (0, 1], got {args.warm_start}")
+    if not 0.0 <= args.mix_weight <= 1.0:
+        raise InputError(f"--mix-weight must be in [0, 1], got {args.mix_weight}")
+    from diffswap_igfi.engines.diffusion import DiffusionEngine
+
+    mix = [_load(p, args.max_pixels).rgb for p in args.mix_source or []]
+    return DiffusionEngine(args.checkpoint, steps=args.steps, guidance=args.guidance,
+                           seed=args.seed, device=args.device, warm_start_strength=args.warm_start,
+                           mix_sources=mix, mix_mode=args.mix_mode, mix_weight=args.mix_weight,
+                           progress=not args.quiet)
+
+
 def cmd_swap(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from diffswap_igfi.engines.geometric import GeometricSwapper
     from diffswap_igfi.io.images import check_output_path, list_images
     from diffswap_igfi.io.samples import resolve_input_path
-    from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
     from diffswap_igfi.provenance.write import write_synthetic_image
     from diffswap_igfi.swapper import FaceSelection, Swapper
 
@@ -139,7 +180,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
     if not batch:  # a batch checks each output in turn and reports clashes per file
         check_output_path(output, inputs, force=args.force)
 
-    engine = GeometricSwapper(blend=args.blend)
+    engine = _engine(args)
     failures: list[str] = []
     with Swapper(engine) as swapper:
         sources = [swapper.source(_load(str(p), args.max_pixels), args.source_face_index)
@@ -158,8 +199,8 @@ def cmd_swap(args: argparse.Namespace) -> int:
                 target = _load(str(target_file), args.max_pixels)
                 result = swapper.swap(sources, target, selection)
                 write_synthetic_image(out_file, result.image, result.alpha > 0,
-                                      digital_source_type=COMPOSITE_SYNTHETIC,
-                                      engine=args.engine, alpha=target.alpha,
+                                      digital_source_type=engine.digital_source_type,
+                                      engine=engine.name, alpha=target.alpha,
                                       icc_profile=target.icc_profile,
                                       jpeg_quality=args.jpeg_quality)
             except DiffSwapError as err:

@@ -1,7 +1,7 @@
 """The face-swap front end: photos in, swapped photo out, with face selection.
 
-It owns detection (once per photo) and hands FaceRecords to an engine. Today's engine is the
-geometric one; the diffusion engine plugs in at the same place.
+It owns detection (once per photo) and face selection, and hands FaceRecords to an engine: the
+geometric one (``engines.geometric``) or the diffusion one (``engines.diffusion``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class FaceSelection:
 class Swapper:
     """Detects faces and runs the swap engine. Use as a context manager, or call ``close``."""
 
-    def __init__(self, engine: GeometricSwapper | None = None, *,
+    def __init__(self, engine=None, *,
                  landmarker_path: str | os.PathLike | None = None) -> None:
         self.engine = engine or GeometricSwapper()
         self.detector = FaceDetector(landmarker_path)
@@ -106,6 +106,9 @@ class Swapper:
             raise ValueError("at least one source is needed")
         selection = selection or FaceSelection()
         chosen = self.select(target, self.faces(target), selection)
+        if hasattr(self.engine, "swap_faces"):  # engines that swap all faces in one batch
+            image, alpha = self.engine.swap_faces(list(sources), target.rgb, chosen)
+            return SwapOutput(image, alpha, chosen)
         image = target.rgb
         alpha = np.zeros(image.shape[:2], np.float32)
         for face in chosen:

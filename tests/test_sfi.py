@@ -177,3 +177,39 @@ def test_new_geometry_channels_start_at_zero():
         a = base(x, 10, encoder_hidden_states=ctx).sample
         b = wide(torch.cat([x, geometry], 1), 10, encoder_hidden_states=ctx).sample
     assert torch.equal(a, b)
+
+
+def test_cli_swaps_through_a_checkpoint_folder(pipe, tmp_path, capsys):
+    from diffswap_igfi.cli import main
+    from diffswap_igfi.io.images import load_image
+    from diffswap_igfi.io.samples import sample_path
+    from diffswap_igfi.provenance.metadata import COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
+    from diffswap_igfi.provenance.verify import verify_image
+
+    pipe.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out.png"
+    code = main(["swap", "-s", "sample:grace_hopper", "-t", "sample:astronaut", "-o", str(out),
+                 "--checkpoint", str(tmp_path / "ckpt"), "--steps", "2", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = verify_image(out)
+    assert report.watermark.found
+    assert report.metadata.digital_source_type == COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
+    written = np.asarray(load_image(out).rgb)
+    target = load_image(sample_path("astronaut")).rgb
+    assert written.shape == target.shape and not np.array_equal(written, target)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--engine", "diffusion"], "needs a checkpoint"),
+    (["--checkpoint", "no-such-folder"], "not a DiffSwapIGFIPipeline folder"),
+    (["--engine", "geometric", "--mix-source", "sample:tom_hanks"], "need --engine diffusion"),
+])
+def test_cli_diffusion_errors_say_what_to_do(tmp_path, capsys, args, expected):
+    from diffswap_igfi.cli import main
+
+    out = tmp_path / "out.png"
+    code = main(["swap", "-s", "sample:grace_hopper", "-t", "sample:astronaut", "-o", str(out),
+                 *args])
+    err = capsys.readouterr().err
+    assert code != 0 and expected in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

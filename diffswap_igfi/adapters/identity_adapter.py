@@ -248,6 +248,12 @@ def _unet_of(target: Any) -> nn.Module:
     return unet
 
 
+def _follow(adapter: IdentityAdapter, unet: nn.Module) -> None:
+    """Put the adapter on the UNet's device and dtype (the adapter is not a UNet submodule)."""
+    if (adapter.device, adapter.dtype) != (unet.device, unet.dtype):
+        adapter.to(device=unet.device, dtype=unet.dtype)
+
+
 def _state(target: Any) -> _IdentityState | None:
     for proc in _unet_of(target).attn_processors.values():
         if isinstance(proc, IdentityAttnProcessor):
@@ -284,7 +290,7 @@ def attach_identity_adapter(pipe_or_unet: Any, adapter: IdentityAdapter,
                 _base(attn.to_k).out_features, _base(attn.to_v).out_features,
                 _base(attn.to_k).in_features):
             raise ConfigError(f"identity adapter layer {name}: widths do not match the UNet's")
-    adapter.to(device=unet.device, dtype=unet.dtype)
+    _follow(adapter, unet)
     originals = dict(unet.attn_processors)
     state = _IdentityState(adapter=adapter, scale=float(scale), originals=originals)
     procs = dict(originals)
@@ -321,7 +327,7 @@ def identity_embedding(pipe_or_unet: Any, embeds: torch.Tensor, *,
         raise InputError(f"identity embedding must be [B,{state.adapter.config.embed_dim}], got "
                          f"{tuple(embeds.shape)}")
     saved = (state.tokens, state.null, state.guidance)
-    state.adapter.to(device=unet.device, dtype=unet.dtype)
+    _follow(state.adapter, unet)
     state.tokens, state.null = state.adapter.tokens(embeds)
     state.guidance = bool(guidance)
     if guidance is None and pipe_or_unet is not unet:

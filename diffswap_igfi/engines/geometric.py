@@ -19,6 +19,7 @@ from diffswap_igfi.faces import masks, topology
 from diffswap_igfi.faces.blend import (composite, laplacian_blend, match_color, match_shading,
                                        poisson_blend)
 from diffswap_igfi.faces.record import FaceRecord
+from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
 
 BLENDS = ("laplacian", "poisson", "alpha")
 
@@ -122,6 +123,8 @@ class GeometricSwapper:
         ``always`` or ``never``.
     """
 
+    name = "geometric"
+    digital_source_type = COMPOSITE_SYNTHETIC  # a composite of real photos, no trained generator
     blend: str = "laplacian"
     feather: float = 0.25
     grow: float = 0.4

@@ -23,6 +23,7 @@ from diffswap_igfi.faces.align import align_face
 from diffswap_igfi.faces.blend import composite
 from diffswap_igfi.faces.detect import pick_source_face, select_faces
 from diffswap_igfi.faces.paste import paste_back
+from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.sfi.encoders import (ArcFaceEncoderModel, ClipVisionEncoderModel, to_tensor,
                                         to_uint8)
 from diffswap_igfi.sfi.sampling import (guided, id_mix_processors, latent_mask, masked_sample,
@@ -93,12 +94,16 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
                                              latent_factor=self.vae_factor)
         return self._detector, self._builder
 
-    def encode_identity(self, sources: list[np.ndarray]) -> torch.Tensor:
-        """Mean unit-norm ArcFace embedding of one person's source photos -> [1,512]."""
+    def encode_identity(self, sources: list[np.ndarray],
+                        faces: list[FaceRecord] | None = None) -> torch.Tensor:
+        """Mean unit-norm ArcFace embedding of one person's source photos -> [1,512].
+
+        faces: the identity face of each photo when already detected."""
         detector, _ = self._faces()
         crops = []
         for i, rgb in enumerate(sources):
-            face = pick_source_face(detector.detect(rgb), what=f"source photo {i}")
+            face = faces[i] if faces is not None else pick_source_face(
+                detector.detect(rgb), what=f"source photo {i}")
             crops.append(align_face(rgb, face.kps, 112, "arcface").crop)
         x = to_tensor(np.stack(crops), self.device, self.identity_encoder.dtype)
         emb = self.identity_encoder(x).mean(0, keepdim=True)
@@ -123,6 +128,8 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
                  face_index: int = 0, num_inference_steps: int = 30, guidance_scale: float = 3.0,
                  generator: torch.Generator | None = None, warm_start: str | None = None,
                  strength: float = 1.0, id_mix: IdMix | None = None,
+                 source_faces: list[FaceRecord] | None = None,
+                 target_faces: list[list[FaceRecord]] | None = None,
                  return_dict: bool = True) -> DiffSwapIGFIOutput | tuple:
         """Swap one person's identity onto the selected faces of one or more target photos.
 
@@ -131,6 +138,8 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         ``index`` (with face_index) or ``all``. guidance_scale: classifier-free guidance on the
         identity (1 = off). warm_start: ``"geometric"`` starts from the geometric engine's swap
         noised to ``strength`` (fewer steps); ``strength`` < 1 without it is refused.
+        source_faces / target_faces: faces already detected (one per source photo; a list per
+        target photo), which skips detection and face selection.
         """
         start = time.perf_counter()
         stats = {"unet_calls": 0, "unet_seconds": 0.0, "vae_seconds": 0.0}
@@ -142,15 +151,19 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         device, dtype = self.device, self.unet.dtype
 
         # 1. identity of the source (and of the mixing source)
-        embed = self.encode_identity(sources)
+        if source_faces is None:
+            source_faces = [pick_source_face(detector.detect(rgb), what=f"source photo {i}")
+                            for i, rgb in enumerate(sources)]
+        embed = self.encode_identity(sources, source_faces)
         mix_embed = self.encode_identity(id_mix.sources) if id_mix is not None else None
-        source_face = pick_source_face(detector.detect(sources[0]), what="source photo 0")
+        source_face = source_faces[0]
 
         # 2. per target face: aligned crop, swapped geometry, 3D-aware mask
         items = []
         for t_idx, photo in enumerate(targets):
-            faces = select_faces(detector.detect(photo), face_selector, index=face_index,
-                                 what=f"target photo {t_idx}")
+            faces = target_faces[t_idx] if target_faces is not None else select_faces(
+                detector.detect(photo), face_selector, index=face_index,
+                what=f"target photo {t_idx}")
             for face in faces:
                 items.append((t_idx, face, builder.build(sources[0], source_face, photo, face)))
         crops = np.stack([c.crop for _, _, c in items])

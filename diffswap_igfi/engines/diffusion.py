@@ -1,0 +1,75 @@
+"""The diffusion engine: the SFI pipeline behind the same front end as the geometric engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from diffswap_igfi.errors import ModelNotFoundError
+from diffswap_igfi.faces.record import FaceRecord
+from diffswap_igfi.provenance.metadata import COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
+
+HOW_TO_GET_A_CHECKPOINT = (
+    "train one (accelerate launch train/train_sfi.py --config configs/sfi/tiny.yaml --data DIR "
+    "--output RUN, which exports RUN/pipeline) or pass --checkpoint with a local "
+    "DiffSwapIGFIPipeline folder; without one, use --engine geometric"
+)
+
+
+def load_pipeline(checkpoint: str | Path | None, device: str = "cpu"):
+    """A DiffSwapIGFIPipeline from a local folder, with errors that say what to do."""
+    if checkpoint is None:
+        raise ModelNotFoundError(f"the diffusion engine needs a checkpoint: "
+                                 f"{HOW_TO_GET_A_CHECKPOINT}")
+    path = Path(checkpoint).expanduser()
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(f"{path} is not a DiffSwapIGFIPipeline folder (no "
+                                 f"model_index.json): {HOW_TO_GET_A_CHECKPOINT}")
+    from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
+
+    try:
+        pipe = DiffSwapIGFIPipeline.from_pretrained(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotFoundError(f"cannot load the checkpoint {path} ({first}): "
+                                 f"{HOW_TO_GET_A_CHECKPOINT}") from err
+    return pipe.to(device)
+
+
+class DiffusionEngine:
+    """Swaps through DiffSwapIGFIPipeline. ``mix_sources`` (photos of a second person) turn on
+    ID mixing; ``warm_start_strength`` starts from the geometric swap."""
+
+    name = "diffusion"
+    digital_source_type = COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
+
+    def __init__(self, checkpoint: str | Path | None, *, steps: int = 30,
+                 guidance: float = 3.0, seed: int = 0, device: str = "cpu",
+                 warm_start_strength: float | None = None,
+                 mix_sources: list[np.ndarray] | None = None, mix_mode: str = "blocks",
+                 mix_weight: float = 0.5, progress: bool = True) -> None:
+        self.pipe = load_pipeline(checkpoint, device)
+        self.pipe.set_progress_bar_config(disable=not progress, leave=False)
+        self.steps, self.guidance, self.seed = steps, guidance, seed
+        self.warm_start_strength = warm_start_strength
+        self.id_mix = None
+        if mix_sources:
+            from diffswap_igfi.sfi.pipeline import IdMix
+
+            self.id_mix = IdMix(mix_sources, mix_mode, mix_weight)
+
+    def swap_faces(self, sources, target: np.ndarray,
+                   faces: list[FaceRecord]) -> tuple[np.ndarray, np.ndarray]:
+        """sources: swapper.Source list; target: [H,W,3] uint8; faces: target faces to swap.
+        Returns (image [H,W,3] uint8, alpha [H,W] float32; image == target where alpha == 0)."""
+        import torch
+
+        warm = self.warm_start_strength
+        out = self.pipe([s.image.rgb for s in sources], target,
+                        source_faces=[s.face for s in sources], target_faces=[faces],
+                        num_inference_steps=self.steps, guidance_scale=self.guidance,
+                        generator=torch.Generator().manual_seed(self.seed),
+                        warm_start="geometric" if warm else None, strength=warm or 1.0,
+                        id_mix=self.id_mix)
+        return out.images[0], out.alphas[0]
