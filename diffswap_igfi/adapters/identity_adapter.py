@@ -71,9 +71,10 @@ def _cross_attention_layers(unet: nn.Module) -> dict[str, Attention]:
             if isinstance(m, Attention) and m.is_cross_attention}
 
 
-def _base(layer: nn.Module) -> nn.Module:
-    """The plain Linear under a peft LoRA wrapper (or the layer itself)."""
-    return getattr(layer, "base_layer", layer)
+def _widths(to_k: nn.Module, to_v: nn.Module) -> tuple[int, int, int]:
+    """(context width, key width, value width) of a layer (the plain Linear under a LoRA)."""
+    to_k, to_v = getattr(to_k, "base_layer", to_k), getattr(to_v, "base_layer", to_v)
+    return to_k.in_features, to_k.out_features, to_v.out_features
 
 
 class IdentityAdapter(ModelMixin, ConfigMixin):
@@ -108,33 +109,34 @@ class IdentityAdapter(ModelMixin, ConfigMixin):
         (identity k/v = 0: the adapter starts as an exact no-op).
         """
         if init not in ("copy", "zero"):
-            raise ConfigError(f"IdentityAdapter.for_unet: init must be 'copy' or 'zero', got {init!r}")
+            raise ConfigError(f"IdentityAdapter.for_unet: init must be 'copy' or 'zero', "
+                              f"got {init!r}")
         layers = _cross_attention_layers(unet)
         if not layers:
             raise ConfigError("IdentityAdapter.for_unet: the UNet has no cross-attention layers")
-        context_dims = {_base(a.to_k).in_features for a in layers.values()}
-        if len(context_dims) != 1:
+        widths = [_widths(a.to_k, a.to_v) for a in layers.values()]
+        if len({w[0] for w in widths}) != 1:
             raise ConfigError(f"IdentityAdapter.for_unet: cross-attention context widths differ "
-                              f"between layers ({sorted(context_dims)}); one token width is needed")
-        adapter = cls(layer_names=list(layers),
-                      key_dims=[_base(a.to_k).out_features for a in layers.values()],
-                      value_dims=[_base(a.to_v).out_features for a in layers.values()],
-                      embed_dim=embed_dim, num_tokens=num_tokens,
-                      cross_attention_dim=context_dims.pop(),
+                              f"between layers ({widths}); one token width is needed")
+        adapter = cls(layer_names=list(layers), key_dims=[w[1] for w in widths],
+                      value_dims=[w[2] for w in widths], embed_dim=embed_dim,
+                      num_tokens=num_tokens, cross_attention_dim=widths[0][0],
                       projector_hidden_dim=projector_hidden_dim, projector_depth=projector_depth,
                       projector_heads=projector_heads)
         with torch.no_grad():
             for kv, attn in zip(adapter.layers, layers.values()):
                 for mine, theirs in ((kv.to_k, attn.to_k), (kv.to_v, attn.to_v)):
                     if init == "copy":
-                        mine.weight.copy_(_base(theirs).weight)
+                        mine.weight.copy_(getattr(theirs, "base_layer", theirs).weight)
                     else:
                         mine.weight.zero_()
         return adapter
 
-    def tokens(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """embeds: [B,embed_dim] float -> (identity tokens, null tokens), each [B,N,D]."""
-        tokens = self.projector(embeds.to(self.device, self.dtype))
+    def tokens(self, embeds: torch.Tensor, drop: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds: [B,embed_dim] float; drop: [B] bool (True -> null tokens in that row, for
+        condition dropout while training) -> (identity tokens, null tokens), each [B,N,D]."""
+        tokens = self.projector(embeds.to(self.device, self.dtype), drop)
         return tokens, self.projector.null(tokens.shape[0]).to(tokens.dtype)
 
 
@@ -197,8 +199,8 @@ class IdentityAttnProcessor:
         batch_size, sequence_length, _ = (
             hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
         if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = mask.view(batch_size, attn.heads, -1, mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
@@ -254,42 +256,33 @@ def _follow(adapter: IdentityAdapter, unet: nn.Module) -> None:
         adapter.to(device=unet.device, dtype=unet.dtype)
 
 
-def _state(target: Any) -> _IdentityState | None:
+def _state(target: Any, required: bool = True) -> _IdentityState | None:
     for proc in _unet_of(target).attn_processors.values():
         if isinstance(proc, IdentityAttnProcessor):
             return proc.state
-    return None
-
-
-def _attached_state(target: Any) -> _IdentityState:
-    state = _state(target)
-    if state is None:
+    if required:
         raise ConfigError("no identity adapter is attached; call attach_identity_adapter first")
-    return state
+    return None
 
 
 def attach_identity_adapter(pipe_or_unet: Any, adapter: IdentityAdapter,
                             scale: float = 1.0) -> None:
-    """Swap the cross-attention processors of the pipeline's UNet (or a UNet) for identity ones.
+    """Swap the cross-attention processors of the pipeline's UNet (or a UNet) for identity ones,
+    whatever processors they were (``detach_identity_adapter`` puts those back).
 
     Raises ConfigError when an adapter is already attached or the adapter was built for another
     UNet layout. The adapter is moved to the UNet's device and dtype.
     """
     unet = _unet_of(pipe_or_unet)
-    if _state(unet) is not None:
+    if _state(unet, required=False) is not None:
         raise ConfigError("an identity adapter is already attached; detach_identity_adapter first")
-    layers = _cross_attention_layers(unet)
     names = list(adapter.config.layer_names)
-    if set(names) != set(layers):
-        missing = sorted(set(names) ^ set(layers))[:3]
+    want = {n: _widths(a.to_k, a.to_v) for n, a in _cross_attention_layers(unet).items()}
+    have = {n: _widths(kv.to_k, kv.to_v) for n, kv in zip(names, adapter.layers)}
+    if want != have:
+        odd = sorted(n for n in want.keys() | have.keys() if want.get(n) != have.get(n))
         raise ConfigError(f"identity adapter was built for another UNet layout (cross-attention "
-                          f"layers differ, e.g. {missing}); build it with IdentityAdapter.for_unet")
-    for name, kv in zip(names, adapter.layers):
-        attn = layers[name]
-        if (kv.to_k.out_features, kv.to_v.out_features, kv.to_k.in_features) != (
-                _base(attn.to_k).out_features, _base(attn.to_v).out_features,
-                _base(attn.to_k).in_features):
-            raise ConfigError(f"identity adapter layer {name}: widths do not match the UNet's")
+                          f"layers differ, e.g. {odd[:2]}); build it with IdentityAdapter.for_unet")
     _follow(adapter, unet)
     originals = dict(unet.attn_processors)
     state = _IdentityState(adapter=adapter, scale=float(scale), originals=originals)
@@ -301,39 +294,42 @@ def attach_identity_adapter(pipe_or_unet: Any, adapter: IdentityAdapter,
 
 def set_identity_scale(pipe_or_unet: Any, scale: float) -> None:
     """Set the weight of the identity attention (0 = stock output exactly)."""
-    _attached_state(pipe_or_unet).scale = float(scale)
+    _state(pipe_or_unet).scale = float(scale)
 
 
 def detach_identity_adapter(pipe_or_unet: Any) -> IdentityAdapter:
     """Restore the processors the UNet had before attaching; return the detached adapter."""
     unet = _unet_of(pipe_or_unet)
-    state = _attached_state(unet)
+    state = _state(unet)
     unet.set_attn_processor(dict(state.originals))
     return state.adapter
 
 
 @contextlib.contextmanager
 def identity_embedding(pipe_or_unet: Any, embeds: torch.Tensor, *,
-                       guidance: bool | None = None) -> Iterator[None]:
+                       guidance: bool | None = None,
+                       drop: torch.Tensor | None = None) -> Iterator[None]:
     """Condition every UNet call inside the block on ``embeds``: [B,embed_dim] float.
 
     guidance: whether the UNet batch is [uncond; cond]. None reads a pipeline's
-    ``do_classifier_free_guidance`` at run time (False for a bare UNet). The projection runs once,
-    here, in the caller's grad mode (so the adapter can be trained through it).
+    ``do_classifier_free_guidance`` at run time (False for a bare UNet). drop: [B] bool, rows
+    that get the null tokens (condition dropout when training). The projection runs once, here,
+    in the caller's grad mode (so the adapter can be trained through it).
     """
     unet = _unet_of(pipe_or_unet)
-    state = _attached_state(unet)
+    state = _state(unet)
     if embeds.ndim != 2 or embeds.shape[1] != state.adapter.config.embed_dim:
         raise InputError(f"identity embedding must be [B,{state.adapter.config.embed_dim}], got "
                          f"{tuple(embeds.shape)}")
     saved = (state.tokens, state.null, state.guidance)
     _follow(state.adapter, unet)
-    state.tokens, state.null = state.adapter.tokens(embeds)
+    state.tokens, state.null = state.adapter.tokens(embeds, drop)
     state.guidance = bool(guidance)
     if guidance is None and pipe_or_unet is not unet:
         pipe = pipe_or_unet
         # read at run time: the pipeline sets its guidance scale inside __call__
-        state.guidance = lambda: hasattr(pipe, "_guidance_scale") and pipe.do_classifier_free_guidance
+        state.guidance = lambda: (hasattr(pipe, "_guidance_scale")
+                                  and pipe.do_classifier_free_guidance)
     try:
         yield
     finally:

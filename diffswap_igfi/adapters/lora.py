@@ -43,6 +43,10 @@ def add_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None,
                         target_modules=targets, init_lora_weights=True)
     if adapter_name in getattr(unet, "peft_config", {}):
         raise ConfigError(f"add_lora: the UNet already has a LoRA adapter named {adapter_name!r}")
+    names = [name for name, _ in unet.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ConfigError(f"add_lora: no module of the UNet matches target(s) {unmatched}")
     try:
         unet.add_adapter(config, adapter_name=adapter_name)
     except ValueError as exc:  # peft: "Target modules ... not found in the base model"
@@ -59,7 +63,8 @@ def lora_settings(unet: nn.Module, adapter_name: str = "default") -> dict:
     """{"rank", "alpha", "target_modules"} of the UNet's LoRA adapter ``adapter_name``."""
     config = getattr(unet, "peft_config", {}).get(adapter_name)
     if config is None:
-        raise ConfigError(f"the UNet has no LoRA adapter named {adapter_name!r}; call add_lora first")
+        raise ConfigError(f"the UNet has no LoRA adapter named {adapter_name!r}; "
+                          f"call add_lora first")
     return {"rank": int(config.r), "alpha": float(config.lora_alpha),
             "target_modules": _targets(config.target_modules)}
 
