@@ -189,7 +189,10 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
 
         # 4. cross-attention context: identity tokens + CLIP tokens of the target crop
         batch = len(items)
-        clip_tokens = self.clip_projector(self.clip_encoder(x.to(self.clip_encoder.dtype))[0])
+        # CLIP sees the target with the face blanked: hair, lighting and background, not the
+        # identity being replaced (training does the same, or it would learn to copy it)
+        blanked = (x * (~hard).to(x)).to(self.clip_encoder.dtype)
+        clip_tokens = self.clip_projector(self.clip_encoder(blanked)[0])
         id_cond, id_uncond = self.identity_tokens(
             embed.expand(batch, -1), None if mix_embed is None else mix_embed.expand(batch, -1),
             id_mix.mode if id_mix else "blocks", id_mix.weight if id_mix else 0.5)
