@@ -116,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the target face to use, 0 = largest")
     cond.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
+    prep = sub.add_parser(
+        "preprocess", help="turn a folder of face photos into training shards",
+        description="Detect, align and fit every face under IN_DIR and write webdataset-style "
+                    "shards to OUT_DIR for train/train_sfi.py. Resumable; bad files are skipped "
+                    "and listed in OUT_DIR/bad_files.tsv, never modified.")
+    from diffswap_igfi.data.preprocess import add_preprocess_arguments
+
+    add_preprocess_arguments(prep)
+
+    samples = sub.add_parser(
+        "samples", help="list the face photos shipped inside our dependencies, or copy them",
+        description="List the sample photos (usable anywhere as sample:NAME), or copy them into "
+                    "DIR, e.g. as a tiny training set for diffswap-igfi preprocess.")
+    samples.add_argument("dir", nargs="?", metavar="DIR", help="folder to copy them into")
+    samples.add_argument("--force", action="store_true", help="overwrite existing copies")
+
     demo = sub.add_parser("demo", help="swap two photos that ship with our dependencies")
     demo.add_argument("-o", "--output", default="demo", metavar="DIR",
                       help="folder for the results (default: ./demo)")
@@ -300,6 +316,35 @@ def cmd_conditions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    import shutil
+
+    from diffswap_igfi.io.samples import describe_sample, sample_names, sample_path
+
+    if args.dir is None:
+        for name in sample_names():
+            print(f"sample:{name:14s} {describe_sample(name)}  ({sample_path(name)})")
+        return 0
+    folder = Path(args.dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is a file: pass a folder to copy the samples into")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in sample_names():
+        src = sample_path(name)
+        dest = folder / f"{name}{src.suffix.lower()}"
+        if dest.exists() and not args.force:
+            raise OutputError(f"{dest} exists: pass --force to overwrite it")
+        shutil.copyfile(src, dest)
+        print(f"copied {dest}")
+    return 0
+
+
+def _run_preprocess(args: argparse.Namespace) -> int:
+    from diffswap_igfi.data.preprocess import run_preprocess
+
+    return run_preprocess(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output)
     pairs = [("grace_hopper", "astronaut"), ("astronaut", "grace_hopper")]
@@ -318,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"swap": cmd_swap, "verify": cmd_verify, "demo": cmd_demo,
-                "conditions": cmd_conditions}
+                "conditions": cmd_conditions, "samples": cmd_samples,
+                "preprocess": _run_preprocess}
     try:
         return handlers[args.command](args)
     except DiffSwapError as err:

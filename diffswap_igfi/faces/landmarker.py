@@ -108,7 +108,7 @@ class Landmarker:
             )
             try:
                 self._task = vision.FaceLandmarker.create_from_options(options)
-            except (RuntimeError, ValueError) as err:
+            except (RuntimeError, ValueError, OSError) as err:
                 raise ModelNotFoundError(
                     f"could not load the face landmarker from {path} ({err}): {_HOW_TO_GET}"
                 ) from None

@@ -53,15 +53,36 @@ def pipeline_from_sd_inpaint(folder: str | Path, *, arcface: str | Path, clip_mo
             raise ModelNotFoundError(f"{path} has no {sub}/ folder: pass a Stable Diffusion "
                                      f"inpainting model folder")
     unet = sfi_unet_from_sd_inpaint(path)
-    from diffusers import DDIMScheduler as _Sched
-
     clip = ClipVisionEncoderModel.from_open_clip(clip_model, clip_weights)
     dim = unet.config.cross_attention_dim
     return DiffSwapIGFIPipeline(
         vae=AutoencoderKL.from_pretrained(path / "vae"), unet=unet,
-        scheduler=_Sched.from_pretrained(path / "scheduler"),
+        scheduler=DDIMScheduler.from_pretrained(path / "scheduler"),
         id_projector=IdentityTokenProjector(num_tokens=id_tokens, cross_attention_dim=dim),
         clip_projector=ClipTokenProjector(clip_dim=clip.token_dim, num_tokens=clip_tokens,
                                           cross_attention_dim=dim),
         identity_encoder=ArcFaceEncoderModel.from_iresnet_file(arcface),
         clip_encoder=clip, crop_size=crop_size)
+
+
+def pipeline_from_scratch(vae_folder: str | Path, *, arcface: str | Path, clip_model: str,
+                          clip_weights: str | Path, crop_size: int = 512) -> DiffSwapIGFIPipeline:
+    """A DiffSwap-style from-scratch LDM: a new SFI UNet (``sfi.unet.ldm_sfi_unet``) on the VAE
+    and noise schedule of a local Stable Diffusion folder (its ``vae/`` and ``scheduler/``)."""
+    from diffswap_igfi.sfi.unet import ldm_sfi_unet
+
+    path = Path(vae_folder).expanduser()
+    for sub in ("vae", "scheduler"):
+        if not (path / sub).is_dir():
+            raise ModelNotFoundError(f"{path} has no {sub}/ folder: the from-scratch model "
+                                     f"takes the VAE of a local Stable Diffusion folder")
+    clip = ClipVisionEncoderModel.from_open_clip(clip_model, clip_weights)
+    unet = ldm_sfi_unet(sample_size=crop_size // 8)
+    dim = unet.config.cross_attention_dim
+    return DiffSwapIGFIPipeline(
+        vae=AutoencoderKL.from_pretrained(path / "vae"), unet=unet,
+        scheduler=DDIMScheduler.from_pretrained(path / "scheduler"),
+        id_projector=IdentityTokenProjector(cross_attention_dim=dim),
+        clip_projector=ClipTokenProjector(clip_dim=clip.token_dim, cross_attention_dim=dim),
+        identity_encoder=ArcFaceEncoderModel.from_iresnet_file(arcface), clip_encoder=clip,
+        crop_size=crop_size)

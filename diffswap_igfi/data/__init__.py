@@ -1,0 +1,1 @@
+"""Training data: preprocessing to shards, augmentations and datasets."""

@@ -1,0 +1,324 @@
+"""Training losses of the SFI stage: the diffusion objective, DiffSwap's midpoint-estimation
+identity loss, and an optional VGG16 perceptual loss.
+
+Everything works on any diffusers scheduler that exposes ``alphas_cumprod`` (DDPM, DDIM,
+DPM-Solver++, Euler ...) and any of its three ``prediction_type``s. Timesteps are per sample,
+``[B]`` long (a scalar is broadcast). ``denoise(latents, t) -> model output`` is the UNet with
+the batch's conditions bound (the same convention as ``sfi.sampling``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffswap_igfi.conditions.identity import CROP_SIZE, arcface_crop, cosine_similarity
+from diffswap_igfi.errors import ConfigError, ModelNotFoundError
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+# --------------------------------------------------------------------------- noise-schedule algebra
+def _per_sample(timesteps, x: torch.Tensor) -> torch.Tensor:
+    """Timesteps as [B] long on x's device (a scalar or [1] is broadcast to the batch)."""
+    t = torch.as_tensor(timesteps, device=x.device).long().flatten()
+    return t.expand(x.shape[0]) if t.numel() == 1 else t
+
+
+def _coefficients(scheduler, timesteps, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sqrt(abar_t), sqrt(1 - abar_t)), each [B,1,...,1], computed as diffusers' add_noise does
+    (in x's dtype, at least float32) so that the conversions below invert it to rounding."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    abar = scheduler.alphas_cumprod.to(device=x.device, dtype=dtype)[_per_sample(timesteps, x)]
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return (abar**0.5).reshape(shape), ((1 - abar) ** 0.5).reshape(shape)
+
+
+def _prediction_type(scheduler) -> str:
+    kind = scheduler.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise ConfigError(f"unsupported scheduler prediction_type {kind!r}; use one of "
+                          f"{', '.join(PREDICTION_TYPES)}")
+    return kind
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet regresses for ``scheduler.config.prediction_type``.
+
+    latents: [B,4,h,w] clean (scaled) latents x0; noise: [B,4,h,w] N(0,1) eps; timesteps: [B].
+    Returns [B,4,h,w]: eps (epsilon), sqrt(abar) eps - sqrt(1-abar) x0 (v_prediction, diffusers'
+    ``get_velocity``), or x0 (sample). Raises ConfigError for any other prediction type.
+    """
+    kind = _prediction_type(scheduler)
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return latents
+    a, s = _coefficients(scheduler, timesteps, latents)
+    return (a * noise - s * latents).to(latents.dtype)
+
+
+def diffusion_loss(model_output: torch.Tensor, target: torch.Tensor,
+                   mask: torch.Tensor | None = None, *,
+                   mask_weight: float | None = None) -> torch.Tensor:
+    """MSE between model output and target, in float32. Returns a scalar.
+
+    model_output, target: [B,C,h,w]; mask: [B,1,h,w] in [0,1] at latent resolution (1 = the
+    repainted face). With ``mask_weight`` w, squared errors inside the mask count w times those
+    outside (the mean is normalised by the total weight, so w = 1 is the plain MSE).
+    """
+    err = (model_output.float() - target.float()) ** 2
+    if mask is None or mask_weight is None:
+        return err.mean()
+    weight = (1.0 + (mask_weight - 1.0) * mask.float()).expand_as(err)
+    return (weight * err).sum() / weight.sum().clamp_min(1e-12)
+
+
+def predicted_x0(scheduler, noisy: torch.Tensor, model_output: torch.Tensor,
+                 timesteps: torch.Tensor) -> torch.Tensor:
+    """The clean latent implied by one model output. noisy, model_output: [B,4,h,w] (z_t and the
+    prediction of ``scheduler.config.prediction_type``); timesteps: [B]. Returns [B,4,h,w] in
+    noisy's dtype; differentiable in both inputs."""
+    kind = _prediction_type(scheduler)
+    if kind == "sample":
+        return model_output
+    a, s = _coefficients(scheduler, timesteps, model_output)
+    if kind == "epsilon":
+        return ((noisy - s * model_output) / a).to(noisy.dtype)
+    return (a * noisy - s * model_output).to(noisy.dtype)
+
+
+def predicted_eps(scheduler, noisy: torch.Tensor, model_output: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+    """The noise implied by one model output; shapes as ``predicted_x0``. For ``sample``
+    prediction this divides by sqrt(1 - abar_t), which is small (not zero) at t = 0."""
+    kind = _prediction_type(scheduler)
+    if kind == "epsilon":
+        return model_output
+    a, s = _coefficients(scheduler, timesteps, model_output)
+    if kind == "v_prediction":
+        return (s * noisy + a * model_output).to(noisy.dtype)
+    return ((noisy - a * model_output) / s).to(noisy.dtype)
+
+
+def midpoint_estimate(denoise: Denoiser, scheduler, noisy: torch.Tensor,
+                      model_output: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """DiffSwap's midpoint estimation of x0 from a training sample at step t.
+
+    From the first prediction at t take (x0, eps), jump deterministically (DDIM, eta = 0) to
+    t1 = floor(t / 2): z_t1 = sqrt(abar_t1) x0 + sqrt(1 - abar_t1) eps, predict again with
+    ``denoise(z_t1, t1)`` and return the x0 of that second prediction: a much sharper estimate
+    than the one-step x0 at large t, for one extra UNet call. Gradients flow through both calls.
+
+    noisy: [B,4,h,w] z_t; model_output: [B,4,h,w] the UNet's output at (z_t, t); timesteps: [B].
+    Returns x0_hat [B,4,h,w] (scaled latent space, unclamped).
+    """
+    t = _per_sample(timesteps, noisy)
+    t1 = torch.div(t, 2, rounding_mode="floor")
+    x0 = predicted_x0(scheduler, noisy, model_output, t)
+    eps = predicted_eps(scheduler, noisy, model_output, t)
+    a1, s1 = _coefficients(scheduler, t1, noisy)
+    z1 = (a1 * x0 + s1 * eps).to(noisy.dtype)
+    return predicted_x0(scheduler, z1, denoise(z1, t1), t1)
+
+
+# ------------------------------------------------------------------------------------ identity
+def _crop_size(encoder: nn.Module) -> int:
+    config = getattr(encoder, "config", None)
+    if config is not None and "input_size" in config:  # ArcFaceEncoderModel
+        return int(config["input_size"])
+    return int(getattr(getattr(encoder, "backbone", None), "input_size", CROP_SIZE))
+
+
+class IdentityLoss(nn.Module):
+    """1 - cos(ArcFace(image), source) on faces in generated images.
+
+    encoder: [B,3,S,S] in [-1,1] -> [B,512] unit norm (``ArcFaceEncoderModel``, ``TorchArcFace``);
+    it is frozen here (no parameter requires grad, eval mode kept) but stays differentiable with
+    respect to its input. The crop is ``arcface_crop`` at the encoder's input size S (112).
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.crop_size = _crop_size(encoder)
+
+    def train(self, mode: bool = True) -> IdentityLoss:
+        super().train(mode)
+        self.encoder.eval()  # BatchNorm statistics are part of the pretrained recognizer
+        return self
+
+    def forward(self, images: torch.Tensor, kps: torch.Tensor, source_embeds: torch.Tensor,
+                weight_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images: [B,3,H,W] float in [-1,1]; kps: [B,5,2] five keypoints in pixels of images;
+        source_embeds: [B,512] (treated as constants); weight_mask: [B] bool (which samples count)
+        or float >= 0 (per-sample weights), None for all.
+
+        Returns the (weighted) mean of 1 - cos over the selected samples, a float32 scalar in
+        [0,2]; exactly 0, still attached to the graph, when none is selected. Unselected samples
+        are not encoded at all.
+        """
+        if weight_mask is None:
+            weight = torch.ones(len(images), device=images.device)
+        else:
+            weight = torch.as_tensor(weight_mask, device=images.device).float().flatten()
+        rows = torch.nonzero(weight > 0).flatten()
+        if rows.numel() == 0:
+            return images.sum().float() * 0.0
+        if rows.numel() < len(images):
+            images, kps, source_embeds, weight = (images[rows], kps[rows], source_embeds[rows],
+                                                  weight[rows])
+        dtype = next(self.encoder.parameters()).dtype
+        crops = arcface_crop(images.to(dtype), torch.as_tensor(kps).to(images.device),
+                             size=self.crop_size)
+        embeds = self.encoder(crops).float()
+        cos = cosine_similarity(embeds, source_embeds.detach().to(embeds))
+        return ((1.0 - cos) * weight).sum() / weight.sum()
+
+
+def midpoint_identity_loss(denoise: Denoiser, scheduler, vae, noisy: torch.Tensor,
+                           model_output: torch.Tensor, timesteps: torch.Tensor, *,
+                           kps: torch.Tensor, source_embeds: torch.Tensor,
+                           id_loss: IdentityLoss, mask: torch.Tensor | None = None,
+                           target: torch.Tensor | None = None,
+                           t_range: tuple[int, int] = (0, 1000)) -> torch.Tensor:
+    """DiffSwap's identity loss on the midpoint estimate of the clean image. Returns a scalar.
+
+    noisy, model_output, timesteps: z_t [B,4,h,w], the UNet's output for it (the one the
+    diffusion loss uses: it is reused, not recomputed) and t [B]. ``denoise`` runs the UNet with
+    the same conditions on a whole batch. kps: [B,5,2] keypoints in pixels of the decoded image
+    [B,3,H,W]; source_embeds: [B,512] unit-norm source identities (the target's own in
+    self-reconstruction).
+    Only samples with t_range[0] <= t < t_range[1] count (the others are masked out; if none is
+    left the result is an exact, graph-attached 0 and nothing is run). For the selected samples
+    x0_hat (``midpoint_estimate``) is decoded through the VAE with gradients (the VAE's own
+    parameters may be frozen), optionally composited as ``mask * decoded + (1 - mask) * target``
+    (mask: [B,1,H',W'] in [0,1], resized to H,W if needed, 1 = generated; target: [B,3,H,W] in
+    [-1,1]; pass both or neither) so ArcFace sees what inference produces, then scored with
+    ``id_loss``.
+    Cost: one extra UNet call (and its backward) over the batch, plus one VAE decode and one
+    ArcFace forward/backward over the selected samples. At 512 px SD's VAE decoder alone is three
+    UNet forwards; ``vae`` may be any decoder with the same interface, e.g. diffusers'
+    ``AutoencoderTiny`` (TAESD, 18x cheaper). To spend the extra call on fewer samples pass
+    sliced tensors and a closure over the sliced conditions.
+    """
+    if (mask is None) != (target is None):
+        raise ValueError("compositing needs both mask and target (or neither)")
+    t = _per_sample(timesteps, noisy)
+    rows = torch.nonzero((t >= t_range[0]) & (t < t_range[1])).flatten()
+    if rows.numel() == 0:
+        return model_output.sum().float() * 0.0
+    x0_hat = midpoint_estimate(denoise, scheduler, noisy, model_output, t)[rows]
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = (x0_hat / vae.config.scaling_factor + shift).to(vae.dtype)
+    images = vae.decode(latents).sample
+    if mask is not None:
+        mask = mask[rows].to(images)
+        if mask.shape[-2:] != images.shape[-2:]:
+            mask = F.interpolate(mask, size=images.shape[-2:], mode="bilinear",
+                                 align_corners=False)
+        images = target[rows].to(images) + mask * (images - target[rows].to(images))
+    return id_loss(images, kps[rows], source_embeds[rows])
+
+
+# ---------------------------------------------------------------------------------- perceptual
+VGG16_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "relu5_3": 29}
+_VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                 512, 512, 512, "M")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VGG16_HINT = ("on a machine with network access save torchvision's pretrained VGG16 state dict "
+              "(torch.save(torchvision.models.vgg16(weights='IMAGENET1K_V1').state_dict(), "
+              "'vgg16.pth')) and pass its local path")
+
+
+def _vgg16_features(depth: int) -> nn.Sequential:
+    """The first ``depth`` modules of torchvision's ``vgg16().features`` (same indices)."""
+    layers, cin = [], 3
+    for item in _VGG16_CONFIG:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(cin, item, 3, padding=1), nn.ReLU()]
+            cin = item
+    return nn.Sequential(*layers[:depth])
+
+
+def _load_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelNotFoundError(f"VGG16 weights {path} not found: {VGG16_HINT}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelNotFoundError(f"{path} is not a readable state dict "
+                                 f"({type(exc).__name__}): {VGG16_HINT}") from exc
+
+
+class PerceptualLoss(nn.Module):
+    """Distance between VGG16 feature maps of two images; frozen, differentiable in the first.
+
+    weights: a local torchvision ``vgg16`` state dict (.pth/.pt through ``torch.load`` with
+    weights_only, or .safetensors); only its ``features.*`` tensors are used. layers: names from
+    ``VGG16_LAYERS``; distance: "l1" or "l2"; layer_weights: one per layer (default 1).
+    """
+
+    def __init__(self, weights: str | Path,
+                 layers: Sequence[str] = ("relu1_2", "relu2_2", "relu3_3", "relu4_3"), *,
+                 distance: str = "l1", layer_weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        unknown = [name for name in layers if name not in VGG16_LAYERS]
+        if unknown or distance not in ("l1", "l2") or not layers:
+            raise ConfigError(f"perceptual loss: layers must be among {list(VGG16_LAYERS)} and "
+                              f"distance 'l1' or 'l2', got {list(layers)} and {distance!r}")
+        weights_per_layer = list(layer_weights or [1.0] * len(layers))
+        if len(weights_per_layer) != len(layers):
+            raise ConfigError("perceptual loss: one layer weight per layer")
+        # feature index -> weight, in network order
+        self.taps = dict(sorted(zip((VGG16_LAYERS[n] for n in layers), weights_per_layer)))
+        self.distance = distance
+        self.features = _vgg16_features(max(self.taps) + 1)
+        path = Path(weights).expanduser()
+        state = _load_state_dict(path)
+        wanted = {k: state.get(f"features.{k}") for k in self.features.state_dict()}
+        missing = [k for k, v in wanted.items() if v is None]
+        if missing:
+            raise ModelNotFoundError(f"{path} is not a torchvision vgg16 state dict (no "
+                                     f"features.{missing[0]}): {VGG16_HINT}")
+        self.features.load_state_dict(wanted)
+        self.features.requires_grad_(False).eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> PerceptualLoss:
+        super().train(mode)
+        self.features.eval()
+        return self
+
+    def _taps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = ((images + 1.0) * 0.5 - self.mean.to(images)) / self.std.to(images)
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.taps:
+                out.append(x)
+        return out
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """images, target: [B,3,H,W] float in [-1,1] (target is a constant). Returns the weighted
+        sum over layers of the mean |f(images) - f(target)| (or squared), a scalar >= 0."""
+        dtype = self.features[0].weight.dtype
+        with torch.no_grad():
+            wanted = self._taps(target.to(dtype))
+        dist = F.l1_loss if self.distance == "l1" else F.mse_loss
+        return sum(w * dist(a.float(), b.float())
+                   for w, a, b in zip(self.taps.values(), self._taps(images.to(dtype)), wanted))

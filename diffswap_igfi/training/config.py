@@ -1,0 +1,202 @@
+"""Training configuration: plain dataclasses filled from YAML, strictly.
+
+An unknown key, a wrong type or a missing file is a ConfigError naming the key path and the
+fix, raised before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffswap_igfi.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "tiny"  # tiny | sd_inpaint | ldm
+    crop_size: int = 64
+    sd_inpaint: str | None = None  # local Stable Diffusion inpainting folder (kind sd_inpaint)
+    arcface: str | None = None  # arcface_torch weights: identity encoder and identity loss
+    arcface_arch: str = "r50"
+    clip_model: str | None = None  # open_clip architecture name
+    clip_weights: str | None = None  # local open_clip checkpoint
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    id_tokens: int = 4
+    clip_tokens: int = 4
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1.0e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1.0e-8
+    lr_scheduler: str = "constant"  # any name diffusers.optimization.get_scheduler knows
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    num_workers: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validation_every: int = 500
+    log_every: int = 1
+    train_modules: list[str] = field(default_factory=lambda: ["unet", "id_projector",
+                                                              "clip_projector"])
+
+
+@dataclass
+class EMAConfig:
+    use: bool = True
+    decay: float = 0.999
+
+
+@dataclass
+class LoRAConfig:
+    use: bool = False
+    rank: int = 4
+    alpha: float | None = None
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class LossConfig:
+    id_weight: float = 0.0  # the midpoint-estimation identity loss
+    id_t_min: int = 0
+    id_t_max: int = 500
+    id_fraction: float = 0.25  # at most this share of a batch pays for the identity loss
+    perceptual_weight: float = 0.0
+    perceptual_weights: str | None = None  # local torchvision VGG16 state dict
+
+
+@dataclass
+class SFIConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: dict[str, Any] = field(default_factory=dict)  # passed to data.augment
+
+    def validate(self) -> None:
+        checks = [
+            (self.model.kind in ("tiny", "sd_inpaint", "ldm"),
+             f"model.kind must be tiny, sd_inpaint or ldm, got {self.model.kind!r}"),
+            (self.model.kind != "sd_inpaint" or self.model.sd_inpaint,
+             "model.kind sd_inpaint needs model.sd_inpaint: a local SD inpainting folder"),
+            (self.model.prediction_type in ("epsilon", "v_prediction"),
+             f"model.prediction_type must be epsilon or v_prediction, got "
+             f"{self.model.prediction_type!r}"),
+            (self.model.crop_size % 8 == 0 and self.model.crop_size >= 32,
+             f"model.crop_size must be a multiple of 8 and >= 32, got {self.model.crop_size}"),
+            (self.train.mixed_precision in ("no", "fp16", "bf16"),
+             f"train.mixed_precision must be no, fp16 or bf16, got "
+             f"{self.train.mixed_precision!r}"),
+            (self.train.max_steps > 0 and self.train.batch_size > 0,
+             "train.max_steps and train.batch_size must be positive"),
+            (self.train.checkpoint_every > 0 and self.train.keep_checkpoints > 0,
+             "train.checkpoint_every and train.keep_checkpoints must be positive"),
+            (set(self.train.train_modules) <= {"unet", "id_projector", "clip_projector"},
+             f"train.train_modules may list unet, id_projector, clip_projector; got "
+             f"{self.train.train_modules}"),
+            (0.0 <= self.ema.decay < 1.0, f"ema.decay must be in [0, 1), got {self.ema.decay}"),
+            (0.0 < self.loss.id_fraction <= 1.0,
+             f"loss.id_fraction must be in (0, 1], got {self.loss.id_fraction}"),
+            (0 <= self.loss.id_t_min < self.loss.id_t_max,
+             "loss.id_t_min must be >= 0 and below loss.id_t_max"),
+            (self.loss.perceptual_weight == 0 or self.loss.perceptual_weights,
+             "loss.perceptual_weight > 0 needs loss.perceptual_weights: a local VGG16 file"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"bad config: {message}")
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"bad config: {where} = {value!r} is not a {annotation}")
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"bad config: {where} must be empty")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"bad config: {where} must be a list, got {value!r}")
+        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"bad config: {where} must be a mapping, got {value!r}")
+        return dict(value)
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, str, bool) and isinstance(value, annotation) and not (
+            annotation is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"bad config: {where} = {value!r} must be of type {annotation.__name__}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"bad config: {where or 'the file'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"bad config: unknown key {where + unknown[0]!r}; valid keys here: "
+                          f"{', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = from_dict(annotation, value or {}, f"{where}{name}.")
+        else:
+            kwargs[name] = _check_type(value, annotation, where + name)
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> SFIConfig:
+    """Read and validate a training YAML file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}: pass --config configs/sfi/tiny.yaml "
+                          f"or another file from configs/")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config {path} is not valid YAML{at}: fix the syntax") from None
+    config = from_dict(SFIConfig, data)
+    config.validate()
+    return config
+
+
+def config_to_dict(config: SFIConfig) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,151 @@
+"""SFI training end to end on the shipped photos: config errors, loss falls, export swaps,
+2-process DDP keeps ranks equal, kill -9 and resume reproduce the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import assert_one_line
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train" / "train_sfi.py"
+TINY = ROOT / "configs" / "sfi" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from diffswap_igfi.cli import main
+    from diffswap_igfi.data.preprocess import preprocess
+
+    faces = tmp_path_factory.mktemp("faces")
+    assert main(["samples", str(faces)]) == 0
+    out = tmp_path_factory.mktemp("data")
+    preprocess(faces, out, crop_size=64, max_faces=6, progress=False)
+    return out
+
+
+def _config(tmp_path: Path, **overrides) -> Path:
+    config = yaml.safe_load(TINY.read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        config.setdefault(section, {})[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _train(args: list[str], *, timeout: int = 600, launcher: list[str] | None = None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = (launcher or [sys.executable]) + [str(SCRIPT), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=ROOT)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
+
+
+@pytest.mark.parametrize("problem,expected", [
+    ("unknown key", "unknown key 'train.batchsize'"),
+    ("missing data", "preprocess"),
+    ("empty data", "preprocess"),
+    ("missing config", "config file not found"),
+])
+def test_bad_setups_fail_before_training_with_one_line(tmp_path, problem, expected, data_dir):
+    config = _config(tmp_path)
+    data = data_dir
+    if problem == "unknown key":
+        config = _config(tmp_path, **{"train.batchsize": 4})
+    elif problem == "missing data":
+        data = tmp_path / "nope"
+    elif problem == "empty data":
+        data = tmp_path / "empty"
+        data.mkdir()
+    elif problem == "missing config":
+        config = tmp_path / "missing.yaml"
+    run = tmp_path / "run"
+    proc = _train(["--config", str(config), "--data", str(data), "--output", str(run)],
+                  timeout=120)
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr
+    assert_one_line(proc.stderr)
+    assert not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_tiny_training_lowers_the_loss_and_exports_a_pipeline_the_cli_swaps_with(
+        tmp_path, data_dir):
+    run = tmp_path / "run"
+    proc = _train(["--config", str(_config(tmp_path)), "--data", str(data_dir), "--output",
+                   str(run), "--max-steps", "200"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, 201))
+    first = sum(losses[s] for s in range(1, 21)) / 20
+    last = sum(losses[s] for s in range(181, 201)) / 20
+    assert last < 0.6 * first, (first, last)
+    assert (run / "pipeline" / "model_index.json").is_file()
+    assert list((run / "validation").glob("step-*.png"))
+    assert list(run.rglob("events.out.tfevents.*"))
+    from diffswap_igfi.cli import main
+
+    out = tmp_path / "swap.png"
+    assert main(["swap", "-s", "sample:grace_hopper", "-t", "sample:astronaut", "-o", str(out),
+                 "--checkpoint", str(run / "pipeline"), "--steps", "4", "--quiet"]) == 0
+    assert out.is_file()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_parameters_equal_on_both_ranks(tmp_path, data_dir):
+    run = tmp_path / "run"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", "29517"]
+    proc = _train(["--config", str(_config(tmp_path, **{"train.batch_size": 2})), "--data",
+                   str(data_dir), "--output", str(run), "--max-steps", "4", "--dump-params"],
+                  launcher=launcher, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((run / f"params-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
+    config = _config(tmp_path, **{"train.checkpoint_every": 4, "train.validation_every": 1000})
+    common = ["--config", str(config), "--data", str(data_dir), "--max-steps", "12"]
+    straight = tmp_path / "straight"
+    proc = _train(common + ["--output", str(straight)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    child = subprocess.Popen([sys.executable, str(SCRIPT), *common, "--output", str(killed)],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (killed / "metrics.jsonl").is_file() and len(_losses(killed)) >= 6:
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (killed / "pipeline").exists()  # it really died before the end
+
+    proc = _train(common + ["--output", str(killed), "--resume", "latest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    a, b = _losses(straight), _losses(killed)
+    assert sorted(b) == list(range(1, 13))
+    for step in range(1, 13):
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
