@@ -63,19 +63,23 @@ class DiffSwapIGFIOutput(BaseOutput):
 class DiffSwapIGFIPipeline(DiffusionPipeline):
     """SFI pipeline. Components save and load as one diffusers folder."""
 
-    model_cpu_offload_seq = "identity_encoder->clip_encoder->unet->vae"
+    model_cpu_offload_seq = "identity_encoder->clip_encoder->unet->vae->refiner"
+    _optional_components = ["refiner"]
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, scheduler,
                  id_projector: IdentityTokenProjector, clip_projector: ClipTokenProjector,
                  identity_encoder: ArcFaceEncoderModel, clip_encoder: ClipVisionEncoderModel,
-                 crop_size: int = 512, template: str = "ffhq") -> None:
+                 refiner: torch.nn.Module | None = None, crop_size: int = 512,
+                 template: str = "ffhq") -> None:
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, id_projector=id_projector,
                               clip_projector=clip_projector, identity_encoder=identity_encoder,
-                              clip_encoder=clip_encoder)
+                              clip_encoder=clip_encoder, refiner=refiner)
         self.register_to_config(crop_size=crop_size, template=template)
-        for module in (vae, unet, id_projector, clip_projector, identity_encoder, clip_encoder):
-            module.eval()  # sampling is deterministic; training switches what it trains
+        for module in (vae, unet, id_projector, clip_projector, identity_encoder, clip_encoder,
+                       refiner):
+            if module is not None:
+                module.eval()  # sampling is deterministic; training switches what it trains
         self._detector = None
         self._builder = None
 
@@ -129,8 +133,9 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
                  generator: torch.Generator | None = None, warm_start: str | None = None,
                  strength: float = 1.0, id_mix: IdMix | None = None,
                  source_faces: list[FaceRecord] | None = None,
-                 target_faces: list[list[FaceRecord]] | None = None,
-                 return_dict: bool = True) -> DiffSwapIGFIOutput | tuple:
+                 target_faces: list[list[FaceRecord]] | None = None, refine: bool = True,
+                 residual_seed: int = 0, return_dict: bool = True
+                 ) -> DiffSwapIGFIOutput | tuple:
         """Swap one person's identity onto the selected faces of one or more target photos.
 
         source: one [H,W,3] uint8 RGB photo of the source person, or several of them (their
@@ -139,7 +144,9 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         identity (1 = off). warm_start: ``"geometric"`` starts from the geometric engine's swap
         noised to ``strength`` (fewer steps); ``strength`` < 1 without it is refused.
         source_faces / target_faces: faces already detected (one per source photo; a list per
-        target photo), which skips detection and face selection.
+        target photo), which skips detection and face selection. refine: run JR after SFI when
+        the pipeline has a refiner (its self-swap for the residual map is seeded with
+        ``residual_seed``); the crops are then at the refiner's resolution.
         """
         start = time.perf_counter()
         stats = {"unet_calls": 0, "unet_seconds": 0.0, "vae_seconds": 0.0}
@@ -166,36 +173,84 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
                 what=f"target photo {t_idx}")
             for face in faces:
                 items.append((t_idx, face, builder.build(sources[0], source_face, photo, face)))
+        prepared = self._prepare(items, stats)
+        warm = None
+        if warm_start == "geometric":
+            t0 = time.perf_counter()
+            geometric = to_tensor(self._geometric_crops(sources[0], source_face, targets, items),
+                                  device, dtype)
+            warm = self.vae.encode(geometric).latent_dist.mode() * self.vae.config.scaling_factor
+            stats["vae_seconds"] += time.perf_counter() - t0
+        elif warm_start is not None:
+            raise ValueError(f"unknown warm_start {warm_start!r}; use 'geometric' or None")
+
+        # 3-5. conditions, masked sampling, decoding: the swap
+        batch = len(items)
+        out_crops = self._sample(prepared, embed.expand(batch, -1),
+                                 None if mix_embed is None else mix_embed.expand(batch, -1),
+                                 id_mix, num_inference_steps, guidance_scale, generator, warm,
+                                 strength, stats)
+        soft_np = prepared["soft"]
+
+        # 6. joint refinement (JR), when the checkpoint has a refiner
+        inverses = [c.inverse for _, _, c in items]
+        if refine and self.refiner is not None:
+            out_crops, soft_np, inverses, residual = self._refine(
+                items, targets, prepared, out_crops, embed.expand(batch, -1),
+                num_inference_steps, guidance_scale, residual_seed, stats)
+            stats["residual"] = residual
+
+        # 7. paste back: pixels outside the feathered mask stay the target's
+        images = [p.copy() for p in targets]
+        alphas = [np.zeros(p.shape[:2], np.float32) for p in targets]
+        for i, (t_idx, _, _) in enumerate(items):
+            images[t_idx], a = paste_back(images[t_idx], out_crops[i], inverses[i], soft_np[i],
+                                          return_alpha=True)
+            alphas[t_idx] = np.maximum(alphas[t_idx], a)
+        stats["total_seconds"] = time.perf_counter() - start
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, out_crops, soft_np, alphas, stats
+        return DiffSwapIGFIOutput(images, out_crops, soft_np, alphas, stats)
+
+    def _prepare(self, items: list, stats: dict) -> dict:
+        """Tensors of the target crops that every sampling run of this call shares."""
+        device, dtype = self.device, self.unet.dtype
         crops = np.stack([c.crop for _, _, c in items])
         x = to_tensor(crops, device, dtype)
-        soft = torch.from_numpy(np.stack([c.soft_mask for _, _, c in items]))[:, None]
         hard = torch.from_numpy(np.stack([c.mask for _, _, c in items]) > 0)[:, None]
-        geometry = torch.from_numpy(np.stack([c.heatmaps for _, _, c in items])).to(device, dtype)
-
-        # 3. latents of the target crop and of the crop with the face blanked
+        keep = (~hard).to(x)
         t0 = time.perf_counter()
         scaling = self.vae.config.scaling_factor
         target_latents = self.vae.encode(x).latent_dist.mode() * scaling
-        masked_latents = self.vae.encode(x * (~hard).to(x)).latent_dist.mode() * scaling
-        mask = latent_mask(hard.to(device, dtype), tuple(target_latents.shape[-2:]))
-        warm = None
-        if warm_start == "geometric":
-            warm = self.vae.encode(to_tensor(self._geometric_crops(sources[0], source_face,
-                                                                   targets, items),
-                                             device, dtype)).latent_dist.mode() * scaling
-        elif warm_start is not None:
-            raise ValueError(f"unknown warm_start {warm_start!r}; use 'geometric' or None")
+        masked_latents = self.vae.encode(x * keep).latent_dist.mode() * scaling
         stats["vae_seconds"] += time.perf_counter() - t0
-
-        # 4. cross-attention context: identity tokens + CLIP tokens of the target crop
-        batch = len(items)
         # CLIP sees the target with the face blanked: hair, lighting and background, not the
         # identity being replaced (training does the same, or it would learn to copy it)
-        blanked = (x * (~hard).to(x)).to(self.clip_encoder.dtype)
-        clip_tokens = self.clip_projector(self.clip_encoder(blanked)[0])
-        id_cond, id_uncond = self.identity_tokens(
-            embed.expand(batch, -1), None if mix_embed is None else mix_embed.expand(batch, -1),
-            id_mix.mode if id_mix else "blocks", id_mix.weight if id_mix else 0.5)
+        clip_tokens = self.clip_projector(
+            self.clip_encoder((x * keep).to(self.clip_encoder.dtype))[0])
+        return {
+            "crops": crops, "x": x, "clip_tokens": clip_tokens,
+            "soft": np.stack([c.soft_mask for _, _, c in items]),
+            "geometry": torch.from_numpy(np.stack([c.heatmaps for _, _, c in items])).to(
+                device, dtype),
+            "target_latents": target_latents, "masked_latents": masked_latents,
+            "mask": latent_mask(hard.to(device, dtype), tuple(target_latents.shape[-2:])),
+        }
+
+    def _sample(self, prepared: dict, embeds: torch.Tensor, mix_embeds: torch.Tensor | None,
+                id_mix: IdMix | None, steps: int, guidance_scale: float,
+                generator: torch.Generator | None, warm: torch.Tensor | None, strength: float,
+                stats: dict) -> np.ndarray:
+        """One masked-sampling run for a batch of prepared crops. embeds: [B,512].
+        Returns [B,S,S,3] uint8 crops, equal to the target crops where the soft mask is 0."""
+        device, dtype = self.device, self.unet.dtype
+        mask, masked_latents = prepared["mask"], prepared["masked_latents"]
+        geometry, clip_tokens = prepared["geometry"], prepared["clip_tokens"]
+        target_latents = prepared["target_latents"]
+        id_cond, id_uncond = self.identity_tokens(embeds, mix_embeds,
+                                                  id_mix.mode if id_mix else "blocks",
+                                                  id_mix.weight if id_mix else 0.5)
         cond = torch.cat([id_cond, clip_tokens], 1).to(dtype)
         uncond = torch.cat([id_uncond, clip_tokens], 1).to(dtype)
 
@@ -209,8 +264,7 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
                 return out
             return denoise
 
-        # 5. masked sampling
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.scheduler.set_timesteps(steps, device=device)
         timesteps = self.scheduler.timesteps
         if warm is not None:
             timesteps = warm_start_timesteps(timesteps, strength)
@@ -230,26 +284,48 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         finally:
             if saved is not None:
                 self.unet.set_attn_processor(saved)
-
-        # 6. decode, keep the target outside the mask, paste back
         t0 = time.perf_counter()
-        decoded = self.vae.decode(latents / scaling).sample
+        decoded = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         stats["vae_seconds"] += time.perf_counter() - t0
-        soft_np = soft[:, 0].numpy()
         swapped = to_uint8(decoded)
-        out_crops = np.stack([composite(swapped[i].astype(np.float32), crops[i], soft_np[i])
-                              for i in range(batch)])
-        images = [p.copy() for p in targets]
-        alphas = [np.zeros(p.shape[:2], np.float32) for p in targets]
-        for i, (t_idx, _, cond_i) in enumerate(items):
-            images[t_idx], a = paste_back(images[t_idx], out_crops[i], cond_i.inverse, soft_np[i],
-                                          return_alpha=True)
-            alphas[t_idx] = np.maximum(alphas[t_idx], a)
-        stats["total_seconds"] = time.perf_counter() - start
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return images, out_crops, soft_np, alphas, stats
-        return DiffSwapIGFIOutput(images, out_crops, soft_np, alphas, stats)
+        crops, soft = prepared["crops"], prepared["soft"]
+        return np.stack([composite(swapped[i].astype(np.float32), crops[i], soft[i])
+                         for i in range(len(crops))])
+
+    def _refine(self, items, targets, prepared, swaps, embeds, steps, guidance_scale,
+                residual_seed, stats):
+        """JR: refine the SFI swaps with the self-swap residual map, at the refiner's scale.
+
+        The residual dX = target - SFI(target, target) comes from a real self-swap of this same
+        pipeline: each target face's own identity, same crops and conditions, seeded with
+        ``residual_seed``. Returns (crops [B,kS,kS,3] uint8, soft masks [B,kS,kS], inverse
+        affines for the kS crops, residual [B,3,S,S] float tensor).
+        """
+        import cv2
+
+        device, dtype = self.device, self.unet.dtype
+        own = torch.cat([self.encode_identity([targets[t]], [face]) for t, face, _ in items])
+        self_swaps = self._sample(prepared, own, None, None, steps, guidance_scale,
+                                  torch.Generator().manual_seed(residual_seed), None, 1.0, stats)
+        residual = prepared["x"] - to_tensor(self_swaps, device, dtype)
+        t0 = time.perf_counter()
+        refined = self.refiner(to_tensor(swaps, device, dtype), residual,
+                               embeds.to(device, dtype), prepared["x"])
+        stats["refiner_seconds"] = time.perf_counter() - t0
+        scale = refined.shape[-1] // swaps.shape[1]
+        size = refined.shape[-1]
+        big_crops, softs, inverses = [], [], []
+        for i, (t_idx, _, cond) in enumerate(items):
+            affine = cond.affine * scale  # photo -> crop at the refiner's resolution
+            big = cv2.warpAffine(targets[t_idx], affine, (size, size), flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_REFLECT101)
+            soft = cv2.resize(prepared["soft"][i], (size, size), interpolation=cv2.INTER_LINEAR)
+            soft[soft < 1e-3] = 0.0
+            out = to_uint8(refined[i:i + 1])[0]
+            big_crops.append(composite(out.astype(np.float32), big, soft))
+            softs.append(soft)
+            inverses.append(cv2.invertAffineTransform(affine))
+        return np.stack(big_crops), np.stack(softs), inverses, residual
 
     def _geometric_crops(self, source_rgb, source_face, targets, items) -> np.ndarray:
         """The geometric engine's swap of every item, cut out with the item's crop affine."""

@@ -127,6 +127,53 @@ class SFIConfig:
                 raise ConfigError(f"bad config: {message}")
 
 
+@dataclass
+class JRModelConfig:
+    base_channels: int = 64
+    num_res_blocks: int = 8
+    upscale: int = 2
+    use_dictionary: bool = False
+    dictionary: str | None = None  # folder from diffswap-igfi build-dictionaries
+
+
+@dataclass
+class JRLossConfig:
+    reconstruction_weight: float = 1.0  # self-swaps: the refined image must be the target
+    identity_weight: float = 0.1
+    adversarial_weight: float = 0.0
+    r1_weight: float = 1.0
+    contextual_weight: float = 0.0
+    perceptual_weight: float = 0.0
+    perceptual_weights: str | None = None
+
+
+@dataclass
+class JRConfig:
+    model: JRModelConfig = field(default_factory=JRModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=lambda: RunConfig(train_modules=["jr"]))
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    loss: JRLossConfig = field(default_factory=JRLossConfig)
+    sfi_steps: int = 4  # sampling steps of the frozen SFI stage that makes JR's inputs
+    augment: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        checks = [
+            (self.model.upscale in (1, 2), f"model.upscale must be 1 or 2, got "
+                                           f"{self.model.upscale}"),
+            (not self.model.use_dictionary or self.model.dictionary,
+             "model.use_dictionary needs model.dictionary: a build-dictionaries folder"),
+            (self.sfi_steps > 0, "sfi_steps must be positive"),
+            (self.train.max_steps > 0 and self.train.batch_size > 1,
+             "train.max_steps must be positive and train.batch_size at least 2 (cross swaps)"),
+            (self.loss.perceptual_weight == 0 or self.loss.perceptual_weights,
+             "loss.perceptual_weight > 0 needs loss.perceptual_weights: a local VGG16 file"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"bad config: {message}")
+
+
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     if annotation is Any:
@@ -179,8 +226,8 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def load_config(path: str | Path) -> SFIConfig:
-    """Read and validate a training YAML file."""
+def load_config(path: str | Path, cls: type = SFIConfig):
+    """Read and validate a training YAML file into ``cls`` (SFIConfig or JRConfig)."""
     import yaml
 
     path = Path(path)
@@ -193,10 +240,10 @@ def load_config(path: str | Path) -> SFIConfig:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config {path} is not valid YAML{at}: fix the syntax") from None
-    config = from_dict(SFIConfig, data)
+    config = from_dict(cls, data)
     config.validate()
     return config
 
 
-def config_to_dict(config: SFIConfig) -> dict:
+def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)

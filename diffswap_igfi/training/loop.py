@@ -1,0 +1,210 @@
+"""The accelerate training loop shared by the SFI and JR trainers.
+
+A trainer builds its model (a module whose ``forward(batch, noise_seed)`` returns a dict with a
+``loss``), its dataset and its export; ``TrainLoop`` does the rest once: the Accelerator (CPU
+processes get ``cpu=True`` so several of them really run), optimizer and LR schedule, EMA,
+gradient accumulation and clipping, deterministic per-step seeds, ``--resume`` from the newest
+complete checkpoint with the data order of the uninterrupted run, metrics.jsonl, tensorboard,
+atomic checkpoints, and an atomic export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from diffswap_igfi.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from diffswap_igfi.training.config import EMAConfig, OptimConfig, RunConfig
+from diffswap_igfi.training.logs import MetricsLog
+
+
+def noise_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """A seed for one micro-batch, a pure function of where it is in the run."""
+    digest = hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:6], "little")
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """Nested config dict -> {"a.b": scalar} for tensorboard hyper-parameters."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float, str, bool)):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class TrainLoop:
+    """``for batch, seed in loop: loop.step(model, batch, seed)`` until ``train.max_steps``."""
+
+    def __init__(self, run_dir: Path, train: RunConfig, optim: OptimConfig, ema: EMAConfig,
+                 *, project: str, hparams: dict | None = None) -> None:
+        from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+        from accelerate.utils import set_seed
+
+        self.run_dir, self.train, self.optim, self.ema_config = Path(run_dir), train, optim, ema
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # `--cpu` would silently start one process
+            mixed_precision=train.mixed_precision,
+            gradient_accumulation_steps=train.gradient_accumulation_steps,
+            log_with="tensorboard", project_dir=str(self.run_dir),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        set_seed(train.seed)
+        self.project, self.hparams = project, hparams or {}
+        self.step_count = 0
+        self._micro = 0
+        self._last: dict = {}
+
+    # ------------------------------------------------------------------------------ set-up
+    def setup(self, model: torch.nn.Module, params: list, dataset, resume: str | None):
+        """Optimizer, schedule, loader, EMA; then resume. Returns the prepared model."""
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        t, o = self.train, self.optim
+        self.params, self.dataset = params, dataset
+        optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.beta1, o.beta2),
+                                      eps=o.eps, weight_decay=o.weight_decay)
+        schedule = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps,
+                                 num_training_steps=t.max_steps)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True,
+                                             num_workers=t.num_workers,
+                                             drop_last=len(dataset) >= t.batch_size)
+        acc = self.accelerator
+        model, self.optimizer, self.loader, self.schedule = acc.prepare(model, optimizer, loader,
+                                                                        schedule)
+        self.ema = EMAModel(params, decay=self.ema_config.decay) if self.ema_config.use else None
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        checkpoint = resolve_resume(self.run_dir, resume)
+        if checkpoint is not None:
+            self.step_count = load_checkpoint(acc, checkpoint)
+            acc.print(f"resumed from {checkpoint} at step {self.step_count}")
+        self.metrics = MetricsLog(self.run_dir, acc.is_main_process)
+        self.metrics.truncate_after(self.step_count)
+        acc.init_trackers(self.project, config=self.hparams)
+        return model
+
+    # ------------------------------------------------------------------------------- looping
+    def __iter__(self) -> Iterator[tuple[dict, torch.Tensor]]:
+        from tqdm import tqdm
+
+        t, acc = self.train, self.accelerator
+        per_epoch = max(1, len(self.loader) // t.gradient_accumulation_steps)
+        self.bar = tqdm(total=t.max_steps, initial=self.step_count, desc=self.project,
+                        unit="step", disable=not acc.is_local_main_process)
+        self._started = time.perf_counter()
+        while self.step_count < t.max_steps:
+            epoch = self.step_count // per_epoch
+            self.dataset.set_epoch(epoch)
+            self.loader.set_epoch(epoch)
+            skip = (self.step_count % per_epoch) * t.gradient_accumulation_steps
+            batches = acc.skip_first_batches(self.loader, skip) if skip else self.loader
+            for batch in batches:
+                seed = noise_seed(t.seed, self.step_count, self._micro, acc.process_index)
+                yield batch, torch.tensor([seed])
+                if self.step_count >= t.max_steps:
+                    break
+        self.bar.close()
+
+    def step(self, model: torch.nn.Module, batch: dict, seed: torch.Tensor) -> bool:
+        """Forward, backward and (every accumulation cycle) an optimizer step with its
+        bookkeeping. Returns True when an optimisation step completed."""
+        acc, t = self.accelerator, self.train
+        with acc.accumulate(model):
+            out = model(batch, seed)
+            acc.backward(out["loss"])
+            if acc.sync_gradients and self.optim.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.params, self.optim.max_grad_norm)
+            self.optimizer.step()
+            self.schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._micro = (self._micro + 1) % t.gradient_accumulation_steps
+        if not acc.sync_gradients:
+            return False
+        self.step_count += 1
+        if self.ema is not None:
+            self.ema.step(self.params)
+        names = sorted(out)
+        values = acc.gather(torch.stack([out[k].detach().float() for k in names])[None]).mean(0)
+        record = {"step": self.step_count, **{k: float(v) for k, v in zip(names, values)},
+                  "lr": self.schedule.get_last_lr()[0],
+                  "seconds": time.perf_counter() - self._started}
+        self._started = time.perf_counter()
+        self._last = record
+        self.metrics.write(record)
+        if self.step_count % t.log_every == 0:
+            acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step_count)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if self.due(t.checkpoint_every):
+            save_checkpoint(acc, self.run_dir, self.step_count, keep=t.keep_checkpoints,
+                            info={"loss": record["loss"]})
+        return True
+
+    def due(self, every: int) -> bool:
+        """Whether a periodic action falls on the step just completed (and on the last one)."""
+        return self.step_count % every == 0 or self.step_count == self.train.max_steps
+
+    # ------------------------------------------------------------------------------ endings
+    def with_ema(self, modules, fn: Callable):
+        """Run ``fn`` with the EMA weights in place (modules in eval), then restore."""
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+        try:
+            return fn()
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.params)
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+
+    def on_main(self, fn: Callable) -> None:
+        """Run ``fn`` on the main process while the others wait."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            fn()
+        self.accelerator.wait_for_everyone()
+
+    def export(self, save: Callable[[Path], None], name: str, modules) -> Path:
+        """``save(folder)`` with EMA weights, written under a temporary name and renamed."""
+        final, tmp = self.run_dir / name, self.run_dir / f".tmp-{name}"
+
+        def write() -> None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.with_ema(modules, lambda: save(tmp))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self.accelerator.print(f"exported {final}")
+
+        self.on_main(write)
+        return final
+
+    def dump_params(self, model: torch.nn.Module) -> None:
+        """Each process writes a digest of its parameters (to check DDP keeps them equal)."""
+        import json
+
+        unwrapped = self.accelerator.unwrap_model(model)
+        digest = hashlib.sha256()
+        for name, p in sorted(unwrapped.named_parameters()):
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        rank = self.accelerator.process_index
+        (self.run_dir / f"params-rank{rank}.json").write_text(json.dumps(
+            {"sha256": digest.hexdigest(), "world_size": self.accelerator.num_processes}))
+
+    def finish(self) -> None:
+        self.accelerator.end_training()
