@@ -1,4 +1,5 @@
-"""Command line: ``diffswap-igfi swap | verify | demo``.
+"""Command line: ``diffswap-igfi swap | verify | conditions | preprocess | eval | samples |
+demo | build-dictionaries``.
 
 Errors from the library are DiffSwapErrors; they print as one ``error:`` line on stderr with a
 non-zero exit. ``--debug`` shows the traceback instead.
@@ -124,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     from diffswap_igfi.data.preprocess import add_preprocess_arguments
 
     add_preprocess_arguments(prep)
+
+    evaluation = sub.add_parser(
+        "eval", help="score face swaps: identity retrieval, pose, expression, FID",
+        description="Score the swaps listed in PAIRS.csv (header source,target,swap), or produce "
+                    "them first with --engine/--checkpoint (header source,target); writes "
+                    "DIR/report.json and DIR/report.md. See docs/evaluation.md.")
+    from diffswap_igfi.eval.run import add_eval_arguments
+
+    add_eval_arguments(evaluation)
 
     samples = sub.add_parser(
         "samples", help="list the face photos shipped inside our dependencies, or copy them",
@@ -345,6 +355,12 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     return run_preprocess(args)
 
 
+def _run_eval(args: argparse.Namespace) -> int:
+    from diffswap_igfi.eval.run import run_eval
+
+    return run_eval(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output)
     pairs = [("grace_hopper", "astronaut"), ("astronaut", "grace_hopper")]
@@ -364,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"swap": cmd_swap, "verify": cmd_verify, "demo": cmd_demo,
                 "conditions": cmd_conditions, "samples": cmd_samples,
-                "preprocess": _run_preprocess}
+                "preprocess": _run_preprocess, "eval": _run_eval}
     try:
         return handlers[args.command](args)
     except DiffSwapError as err:

@@ -26,6 +26,9 @@ from diffswap_igfi.faces.paste import paste_back
 from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.sfi.encoders import (ArcFaceEncoderModel, ClipVisionEncoderModel, to_tensor,
                                         to_uint8)
+# Optional components: diffusers only loads classes whose modules are already imported.
+from diffswap_igfi.jr import dictionary as _jr_dictionary  # noqa: F401
+from diffswap_igfi.jr import network as _jr_network  # noqa: F401
 from diffswap_igfi.sfi.sampling import (guided, id_mix_processors, latent_mask, masked_sample,
                                         warm_start_timesteps)
 
@@ -64,20 +67,21 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
     """SFI pipeline. Components save and load as one diffusers folder."""
 
     model_cpu_offload_seq = "identity_encoder->clip_encoder->unet->vae->refiner"
-    _optional_components = ["refiner"]
+    _optional_components = ["refiner", "dictionary"]
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, scheduler,
                  id_projector: IdentityTokenProjector, clip_projector: ClipTokenProjector,
                  identity_encoder: ArcFaceEncoderModel, clip_encoder: ClipVisionEncoderModel,
-                 refiner: torch.nn.Module | None = None, crop_size: int = 512,
+                 refiner: torch.nn.Module | None = None,
+                 dictionary: torch.nn.Module | None = None, crop_size: int = 512,
                  template: str = "ffhq") -> None:
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, id_projector=id_projector,
                               clip_projector=clip_projector, identity_encoder=identity_encoder,
-                              clip_encoder=clip_encoder, refiner=refiner)
+                              clip_encoder=clip_encoder, refiner=refiner, dictionary=dictionary)
         self.register_to_config(crop_size=crop_size, template=template)
         for module in (vae, unet, id_projector, clip_projector, identity_encoder, clip_encoder,
-                       refiner):
+                       refiner, dictionary):
             if module is not None:
                 module.eval()  # sampling is deterministic; training switches what it trains
         self._detector = None
@@ -217,25 +221,34 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         """Tensors of the target crops that every sampling run of this call shares."""
         device, dtype = self.device, self.unet.dtype
         crops = np.stack([c.crop for _, _, c in items])
-        x = to_tensor(crops, device, dtype)
         hard = torch.from_numpy(np.stack([c.mask for _, _, c in items]) > 0)[:, None]
-        keep = (~hard).to(x)
+        geometry = torch.from_numpy(np.stack([c.heatmaps for _, _, c in items]))
+        return self.prepare_tensors(to_tensor(crops, device, dtype), hard,
+                                    np.stack([c.soft_mask for _, _, c in items]),
+                                    geometry.to(device, dtype), stats)
+
+    def prepare_tensors(self, x: torch.Tensor, hard: torch.Tensor, soft: np.ndarray,
+                        geometry: torch.Tensor, stats: dict) -> dict:
+        """The shared tensors from aligned crops directly (training the JR stage uses this).
+
+        x: [B,3,S,S] in [-1,1] target crops; hard: [B,1,S,S] bool repaint mask; soft: [B,S,S]
+        float32 feathered mask; geometry: [B,7,S/f,S/f] heatmaps.
+        """
+        keep = (~hard.to(x.device)).to(x)
         t0 = time.perf_counter()
         scaling = self.vae.config.scaling_factor
         target_latents = self.vae.encode(x).latent_dist.mode() * scaling
         masked_latents = self.vae.encode(x * keep).latent_dist.mode() * scaling
-        stats["vae_seconds"] += time.perf_counter() - t0
+        stats["vae_seconds"] = stats.get("vae_seconds", 0.0) + time.perf_counter() - t0
         # CLIP sees the target with the face blanked: hair, lighting and background, not the
         # identity being replaced (training does the same, or it would learn to copy it)
         clip_tokens = self.clip_projector(
             self.clip_encoder((x * keep).to(self.clip_encoder.dtype))[0])
         return {
-            "crops": crops, "x": x, "clip_tokens": clip_tokens,
-            "soft": np.stack([c.soft_mask for _, _, c in items]),
-            "geometry": torch.from_numpy(np.stack([c.heatmaps for _, _, c in items])).to(
-                device, dtype),
-            "target_latents": target_latents, "masked_latents": masked_latents,
-            "mask": latent_mask(hard.to(device, dtype), tuple(target_latents.shape[-2:])),
+            "crops": to_uint8(x), "x": x, "clip_tokens": clip_tokens, "soft": soft,
+            "geometry": geometry, "target_latents": target_latents,
+            "masked_latents": masked_latents,
+            "mask": latent_mask(hard.to(x), tuple(target_latents.shape[-2:])),
         }
 
     def _sample(self, prepared: dict, embeds: torch.Tensor, mix_embeds: torch.Tensor | None,
@@ -304,13 +317,20 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         import cv2
 
         device, dtype = self.device, self.unet.dtype
+        _, builder = self._faces()
+        # a true self-swap: each face's own identity, own geometry and own mask
         own = torch.cat([self.encode_identity([targets[t]], [face]) for t, face, _ in items])
-        self_swaps = self._sample(prepared, own, None, None, steps, guidance_scale,
-                                  torch.Generator().manual_seed(residual_seed), None, 1.0, stats)
+        self_items = [(t, face, builder.build(targets[t], face, targets[t], face))
+                      for t, face, _ in items]
+        self_swaps = self._sample(self._prepare(self_items, stats), own, None, None, steps,
+                                  guidance_scale, torch.Generator().manual_seed(residual_seed),
+                                  None, 1.0, stats)
         residual = prepared["x"] - to_tensor(self_swaps, device, dtype)
         t0 = time.perf_counter()
+        landmarks = torch.from_numpy(np.stack([c.target_points for _, _, c in items]))
         refined = self.refiner(to_tensor(swaps, device, dtype), residual,
-                               embeds.to(device, dtype), prepared["x"])
+                               embeds.to(device, dtype), prepared["x"],
+                               landmarks=landmarks.to(device, dtype), dictionary=self.dictionary)
         stats["refiner_seconds"] = time.perf_counter() - t0
         scale = refined.shape[-1] // swaps.shape[1]
         size = refined.shape[-1]
