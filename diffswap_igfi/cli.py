@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--warm-start", type=float, default=None, metavar="STRENGTH",
                       help="diffusion: start from the geometric swap noised to this strength "
                            "in (0, 1], running that fraction of the steps")
+    swap.add_argument("--no-refine", action="store_true",
+                      help="diffusion: skip the JR refinement stage even if the checkpoint has it")
     swap.add_argument("--mix-source", nargs="+", metavar="PATH",
                       help="diffusion: photo(s) of a second identity to mix in (MFIM)")
     swap.add_argument("--mix-mode", choices=["blocks", "weighted"], default="blocks",
@@ -135,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(evaluation)
 
+    dictionaries = sub.add_parser(
+        "build-dictionaries", help="cluster eye/nose/mouth features into JR's dictionaries",
+        description="Cluster encoder features of left-eye, right-eye, nose and mouth crops of a "
+                    "preprocessed data set into K atoms per component and scale (DFDNet-style "
+                    "component dictionaries for the JR stage).")
+    from diffswap_igfi.jr.arguments import add_build_dictionaries_arguments
+
+    add_build_dictionaries_arguments(dictionaries)
+
     samples = sub.add_parser(
         "samples", help="list the face photos shipped inside our dependencies, or copy them",
         description="List the sample photos (usable anywhere as sample:NAME), or copy them into "
@@ -159,9 +170,9 @@ def _engine(args: argparse.Namespace):
     """The swap engine the options ask for (diffusion when a checkpoint is given)."""
     name = args.engine or ("diffusion" if args.checkpoint else "geometric")
     if name == "geometric":
-        if args.checkpoint or args.mix_source or args.warm_start is not None:
-            raise InputError("--checkpoint, --mix-source and --warm-start need --engine "
-                             "diffusion")
+        if args.checkpoint or args.mix_source or args.warm_start is not None or args.no_refine:
+            raise InputError("--checkpoint, --mix-source, --warm-start and --no-refine need "
+                             "--engine diffusion")
         from diffswap_igfi.engines.geometric import GeometricSwapper
 
         return GeometricSwapper(blend=args.blend)
@@ -175,7 +186,7 @@ def _engine(args: argparse.Namespace):
     return DiffusionEngine(args.checkpoint, steps=args.steps, guidance=args.guidance,
                            seed=args.seed, device=args.device, warm_start_strength=args.warm_start,
                            mix_sources=mix, mix_mode=args.mix_mode, mix_weight=args.mix_weight,
-                           progress=not args.quiet)
+                           progress=not args.quiet, refine=not args.no_refine)
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
@@ -361,6 +372,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _run_build_dictionaries(args: argparse.Namespace) -> int:
+    from diffswap_igfi.jr.dictionary import run_build_dictionaries
+
+    return run_build_dictionaries(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output)
     pairs = [("grace_hopper", "astronaut"), ("astronaut", "grace_hopper")]
@@ -380,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"swap": cmd_swap, "verify": cmd_verify, "demo": cmd_demo,
                 "conditions": cmd_conditions, "samples": cmd_samples,
-                "preprocess": _run_preprocess, "eval": _run_eval}
+                "preprocess": _run_preprocess, "eval": _run_eval,
+                "build-dictionaries": _run_build_dictionaries}
     try:
         return handlers[args.command](args)
     except DiffSwapError as err:

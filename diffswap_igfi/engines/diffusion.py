@@ -48,11 +48,12 @@ class DiffusionEngine:
                  guidance: float = 3.0, seed: int = 0, device: str = "cpu",
                  warm_start_strength: float | None = None,
                  mix_sources: list[np.ndarray] | None = None, mix_mode: str = "blocks",
-                 mix_weight: float = 0.5, progress: bool = True) -> None:
+                 mix_weight: float = 0.5, progress: bool = True, refine: bool = True) -> None:
         self.pipe = load_pipeline(checkpoint, device)
         self.pipe.set_progress_bar_config(disable=not progress, leave=False)
         self.steps, self.guidance, self.seed = steps, guidance, seed
         self.warm_start_strength = warm_start_strength
+        self.refine = refine
         self.id_mix = None
         if mix_sources:
             from diffswap_igfi.sfi.pipeline import IdMix
@@ -71,5 +72,5 @@ class DiffusionEngine:
                         num_inference_steps=self.steps, guidance_scale=self.guidance,
                         generator=torch.Generator().manual_seed(self.seed),
                         warm_start="geometric" if warm else None, strength=warm or 1.0,
-                        id_mix=self.id_mix)
+                        id_mix=self.id_mix, refine=self.refine)
         return out.images[0], out.alphas[0]

@@ -1,0 +1,109 @@
+"""The JR training step as library code: inputs made by a frozen SFI pipeline, then the JR
+generator and (optionally) a patch discriminator, all in one ``forward`` for DDP."""
+
+from __future__ import annotations
+
+
+import torch
+from torch.func import functional_call
+
+from diffswap_igfi.jr.losses import (JRGeneratorLoss, PatchDiscriminator, discriminator_loss,
+                                     r1_penalty)
+from diffswap_igfi.jr.network import JRNet
+from diffswap_igfi.sfi.encoders import to_tensor
+from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
+from diffswap_igfi.training.config import JRConfig
+
+
+class JRTrainable(torch.nn.Module):
+    """JR (and its discriminator) with the whole objective in ``forward``.
+
+    Per batch of B target crops the frozen SFI pipeline makes two swaps of every face: a
+    self-swap (its own identity; target - self-swap is the residual map dX) and a cross swap
+    (the identity of the next face in the batch). JR then refines both: the self-swaps must
+    reproduce the target (reconstruction), the cross swaps must carry the source identity
+    (identity loss). With an adversarial weight, the discriminator trains in the same step:
+    the generator's term sees detached discriminator weights and the discriminator's term a
+    detached output, so one optimizer serves both without either pushing the other.
+    """
+
+    def __init__(self, jr: JRNet, sfi: DiffSwapIGFIPipeline, config: JRConfig,
+                 generator_loss: JRGeneratorLoss,
+                 discriminator: PatchDiscriminator | None = None) -> None:
+        super().__init__()
+        self.jr = jr
+        self.discriminator = discriminator
+        for module in (sfi.vae, sfi.unet, sfi.id_projector, sfi.clip_projector,
+                       sfi.identity_encoder, sfi.clip_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        object.__setattr__(self, "sfi", sfi)
+        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "generator_loss", generator_loss)
+
+    @torch.no_grad()
+    def make_inputs(self, batch: dict, noise_seed: int) -> dict:
+        """Self-swaps, cross swaps and the residual map from the frozen SFI stage."""
+        sfi, steps = self.sfi, self.config.sfi_steps
+        x = batch["target"]
+        hard = batch["mask"] > 0.5
+        soft = batch["mask"][:, 0].float().cpu().numpy()
+        stats = {"unet_calls": 0, "unet_seconds": 0.0, "vae_seconds": 0.0}
+        prepared = sfi.prepare_tensors(x, hard, soft, batch["geometry"], stats)
+        own = sfi.identity_encoder(batch["source_id"])
+        other = torch.roll(own, 1, dims=0)
+        runs = []
+        for i, embeds in enumerate((own, other)):
+            gen = torch.Generator().manual_seed(noise_seed + i)
+            crops = sfi._sample(prepared, embeds, None, None, steps, 1.0, gen, None, 1.0, stats)
+            runs.append(to_tensor(crops, x.device, x.dtype))
+        self_swap, cross_swap = runs
+        return {"self_swap": self_swap, "cross_swap": cross_swap, "residual": x - self_swap,
+                "own": own, "other": other}
+
+    def forward(self, batch: dict, noise_seed: torch.Tensor) -> dict:
+        made = self.make_inputs(batch, int(noise_seed.item()))
+        x, b = batch["target"], len(batch["target"])
+        swaps = torch.cat([made["self_swap"], made["cross_swap"]])
+        identity = torch.cat([made["own"], made["other"]])
+        target = torch.cat([x, x])
+        landmarks = batch.get("landmarks")
+        output = self.jr(swaps, torch.cat([made["residual"]] * 2), identity, target,
+                         landmarks=None if landmarks is None else torch.cat([landmarks] * 2))
+        same = torch.cat([torch.ones(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)])
+        fake_logits = None
+        if self.discriminator is not None:
+            frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+            fake_logits = functional_call(self.discriminator, frozen, (output,))
+        total, terms = self.generator_loss(output, target, same=same.to(x.device),
+                                           kps=torch.cat([batch["kps"]] * 2),
+                                           source_embeds=identity, fake_logits=fake_logits)
+        out = {name: value for name, value in terms.items()}
+        if self.discriminator is not None:
+            real = torch.nn.functional.interpolate(x, size=output.shape[-2:], mode="bilinear",
+                                                   align_corners=False).requires_grad_(True)
+            d_loss = discriminator_loss(self.discriminator(real),
+                                        self.discriminator(output.detach()))
+            d_loss = d_loss + self.config.loss.r1_weight * r1_penalty(self.discriminator, real)
+            out["discriminator"] = d_loss.detach()
+            total = total + d_loss
+        out["loss"] = total
+        return out
+
+
+def loss_weights(config: JRConfig) -> dict:
+    w = config.loss
+    return {"reconstruction": w.reconstruction_weight, "identity": w.identity_weight,
+            "perceptual": w.perceptual_weight, "contextual": w.contextual_weight,
+            "adversarial": w.adversarial_weight}
+
+
+def export_with_refiner(sfi: DiffSwapIGFIPipeline, jr: JRNet, dictionary, folder) -> None:
+    """The SFI pipeline with JR registered as its refiner, saved as one folder."""
+    sfi.register_modules(refiner=jr, dictionary=dictionary)
+    try:
+        sfi.save_pretrained(folder)
+    finally:
+        sfi.register_modules(refiner=None, dictionary=None)
+
+

@@ -1,0 +1,72 @@
+"""Train the JR stage (joint refinement) on top of a trained SFI pipeline.
+
+    accelerate launch train/train_jr.py --config configs/jr/tiny.yaml --data DATA_DIR \
+        --sfi-checkpoint SFI_RUN/pipeline --output RUN_DIR [--max-steps N] [--resume latest]
+
+The frozen SFI pipeline makes JR's inputs on the fly (self-swaps for the residual map, cross
+swaps for identity). RUN_DIR gets the same logs and checkpoints as the SFI trainer (shared
+machinery: diffswap_igfi.training), RUN_DIR/jr (the refiner alone) and RUN_DIR/pipeline: the
+SFI pipeline with the refiner in it, which `swap --checkpoint` runs as SFI then JR.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_sfi import load_inputs, parse_args  # noqa: E402
+
+from diffswap_igfi.errors import DiffSwapError  # noqa: E402
+from diffswap_igfi.training.config import JRConfig, config_to_dict  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = parse_args(description="Train the JR stage.")
+    parser.add_argument("--sfi-checkpoint", required=True,
+                        help="the SFI pipeline folder (RUN/pipeline of train_sfi.py)")
+    args = parser.parse_args(argv)
+    try:
+        return train(args)
+    except DiffSwapError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def train(args) -> int:
+    config, dataset = load_inputs(args, JRConfig)
+    from diffswap_igfi.engines.diffusion import load_pipeline
+    from diffswap_igfi.jr.losses import JRGeneratorLoss, PatchDiscriminator
+    from diffswap_igfi.jr.network import JRNet
+    from diffswap_igfi.jr.training import JRTrainable, export_with_refiner, loss_weights
+    from diffswap_igfi.sfi.losses import IdentityLoss
+    from diffswap_igfi.training.loop import TrainLoop, flat
+
+    sfi = load_pipeline(args.sfi_checkpoint)
+    sfi.set_progress_bar_config(disable=True)
+    run_dir = Path(args.output)
+    loop = TrainLoop(run_dir, config.train, config.optim, config.ema, project="jr",
+                     hparams=flat(config_to_dict(config)))
+    sfi.to(loop.accelerator.device)
+    m = config.model
+    jr = JRNet(base_channels=m.base_channels, num_res_blocks=m.num_res_blocks,
+               upscale=m.upscale, use_dictionary=False)
+    discriminator = PatchDiscriminator() if config.loss.adversarial_weight > 0 else None
+    identity = IdentityLoss(sfi.identity_encoder) if config.loss.identity_weight > 0 else None
+    generator_loss = JRGeneratorLoss(loss_weights(config), identity=identity)
+    model = JRTrainable(jr, sfi, config, generator_loss, discriminator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model = loop.setup(model, params, dataset, args.resume)
+    for batch, seed in loop:
+        loop.step(model, batch, seed)
+    loop.export(lambda folder: jr.save_pretrained(folder), "jr", [jr])
+    loop.export(lambda folder: export_with_refiner(sfi, jr, None, folder), "pipeline", [jr])
+    loop.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
