@@ -16,9 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_sfi import load_inputs, parse_args  # noqa: E402
+from train_sfi import guarded, load_inputs, parse_args  # noqa: E402
 
-from diffswap_igfi.errors import DiffSwapError  # noqa: E402
 from diffswap_igfi.training.config import JRConfig, config_to_dict  # noqa: E402
 
 
@@ -26,23 +25,16 @@ def main(argv=None) -> int:
     parser = parse_args(description="Train the JR stage.")
     parser.add_argument("--sfi-checkpoint", required=True,
                         help="the SFI pipeline folder (RUN/pipeline of train_sfi.py)")
-    args = parser.parse_args(argv)
-    try:
-        return train(args)
-    except DiffSwapError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+    return guarded(train, parser.parse_args(argv))
 
 
 def train(args) -> int:
     config, dataset = load_inputs(args, JRConfig)
     from diffswap_igfi.engines.diffusion import load_pipeline
-    from diffswap_igfi.jr.losses import JRGeneratorLoss, PatchDiscriminator
+    from diffswap_igfi.jr.losses import ContextualLoss, JRGeneratorLoss, PatchDiscriminator
     from diffswap_igfi.jr.network import JRNet
     from diffswap_igfi.jr.training import JRTrainable, export_with_refiner, loss_weights
-    from diffswap_igfi.sfi.losses import IdentityLoss
+    from diffswap_igfi.sfi.losses import IdentityLoss, PerceptualLoss
     from diffswap_igfi.training.loop import TrainLoop, flat
 
     sfi = load_pipeline(args.sfi_checkpoint)
@@ -55,8 +47,12 @@ def train(args) -> int:
     jr = JRNet(base_channels=m.base_channels, num_res_blocks=m.num_res_blocks,
                upscale=m.upscale, use_dictionary=False)
     discriminator = PatchDiscriminator() if config.loss.adversarial_weight > 0 else None
-    identity = IdentityLoss(sfi.identity_encoder) if config.loss.identity_weight > 0 else None
-    generator_loss = JRGeneratorLoss(loss_weights(config), identity=identity)
+    w = config.loss
+    identity = IdentityLoss(sfi.identity_encoder) if w.identity_weight > 0 else None
+    perceptual = PerceptualLoss(w.perceptual_weights) if w.perceptual_weight > 0 else None
+    contextual = ContextualLoss(perceptual) if w.contextual_weight > 0 else None
+    generator_loss = JRGeneratorLoss(loss_weights(config), identity=identity,
+                                     perceptual=perceptual, contextual=contextual)
     model = JRTrainable(jr, sfi, config, generator_loss, discriminator)
     params = [p for p in model.parameters() if p.requires_grad]
     model = loop.setup(model, params, dataset, args.resume)

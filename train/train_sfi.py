@@ -35,9 +35,13 @@ def parse_args(argv=None, description: str = "Train the SFI stage.") -> argparse
 
 
 def main(argv=None) -> int:
-    args = parse_args().parse_args(argv)
+    return guarded(train, parse_args().parse_args(argv))
+
+
+def guarded(train_fn, args: argparse.Namespace) -> int:
+    """Run a trainer; a DiffSwapError is one line on stderr (a traceback with --debug)."""
     try:
-        return train(args)
+        return train_fn(args)
     except DiffSwapError as err:
         if args.debug:
             raise

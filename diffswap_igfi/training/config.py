@@ -119,8 +119,9 @@ class SFIConfig:
              f"loss.id_fraction must be in (0, 1], got {self.loss.id_fraction}"),
             (0 <= self.loss.id_t_min < self.loss.id_t_max,
              "loss.id_t_min must be >= 0 and below loss.id_t_max"),
-            (self.loss.perceptual_weight == 0 or self.loss.perceptual_weights,
-             "loss.perceptual_weight > 0 needs loss.perceptual_weights: a local VGG16 file"),
+            (self.loss.perceptual_weight == 0,
+             "loss.perceptual_weight: the SFI trainer does not use the perceptual loss yet "
+             "(sfi.losses.PerceptualLoss exists; JR's trainer takes it); set it to 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,8 +133,7 @@ class JRModelConfig:
     base_channels: int = 64
     num_res_blocks: int = 8
     upscale: int = 2
-    use_dictionary: bool = False
-    dictionary: str | None = None  # folder from diffswap-igfi build-dictionaries
+    use_dictionary: bool = False  # not yet trainable: see JRConfig.validate
 
 
 @dataclass
@@ -161,8 +161,10 @@ class JRConfig:
         checks = [
             (self.model.upscale in (1, 2), f"model.upscale must be 1 or 2, got "
                                            f"{self.model.upscale}"),
-            (not self.model.use_dictionary or self.model.dictionary,
-             "model.use_dictionary needs model.dictionary: a build-dictionaries folder"),
+            (not self.model.use_dictionary,
+             "model.use_dictionary: train_jr.py does not train the dictionary fusion yet "
+             "(JRNet and ComponentDictionary support it; the trainer does not feed landmarks); "
+             "set it to false"),
             (self.sfi_steps > 0, "sfi_steps must be positive"),
             (self.train.max_steps > 0 and self.train.batch_size > 1,
              "train.max_steps must be positive and train.batch_size at least 2 (cross swaps)"),
