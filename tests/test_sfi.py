@@ -213,3 +213,22 @@ def test_cli_diffusion_errors_say_what_to_do(tmp_path, capsys, args, expected):
     err = capsys.readouterr().err
     assert code != 0 and expected in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_sfi_unet_from_a_local_sd_inpainting_folder(tmp_path):
+    from tiny_models import make_tiny_sd_inpaint_folder
+
+    from diffswap_igfi.errors import ModelNotFoundError
+    from diffswap_igfi.sfi.unet import sfi_unet_from_sd_inpaint
+
+    folder = make_tiny_sd_inpaint_folder(tmp_path / "sd")
+    base = UNet2DConditionModel.from_pretrained(folder / "unet")
+    wide = sfi_unet_from_sd_inpaint(folder)
+    assert base.config.in_channels == 9 and wide.config.in_channels == 16
+    x, ctx = torch.randn(1, 9, 8, 8), torch.randn(1, 3, base.config.cross_attention_dim)
+    with torch.no_grad():
+        a = base(x, 10, encoder_hidden_states=ctx).sample
+        b = wide(torch.cat([x, torch.rand(1, 7, 8, 8)], 1), 10, encoder_hidden_states=ctx).sample
+    assert torch.equal(a, b)  # new geometry channels start at zero
+    with pytest.raises(ModelNotFoundError, match="inpainting UNet"):
+        sfi_unet_from_sd_inpaint(tmp_path / "nothing")

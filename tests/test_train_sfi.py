@@ -149,3 +149,23 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir)
     assert sorted(b) == list(range(1, 13))
     for step in range(1, 13):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+def test_lora_training_exports_a_plain_pipeline_and_the_lora_weights(tmp_path, data_dir):
+    config = _config(tmp_path, **{"lora.use": True, "lora.rank": 4,
+                                  "train.validation_every": 1000})
+    run = tmp_path / "run"
+    proc = _train(["--config", str(config), "--data", str(data_dir), "--output", str(run),
+                   "--max-steps", "2"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    unet = load_file(run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not any("lora" in key or "base_layer" in key for key in unet)
+    lora = load_file(run / "pipeline" / "lora" / "pytorch_lora_weights.safetensors")
+    assert lora and all("lora" in key for key in lora)
+    from diffswap_igfi.cli import main
+
+    out = tmp_path / "swap.png"
+    assert main(["swap", "-s", "sample:grace_hopper", "-t", "sample:astronaut", "-o", str(out),
+                 "--checkpoint", str(run / "pipeline"), "--steps", "2", "--quiet"]) == 0

@@ -103,9 +103,27 @@ def train(args: argparse.Namespace) -> int:
             loop.on_main(lambda: validate(loop, pipe, trained, run_dir))
     if args.dump_params:
         loop.dump_params(model)
-    loop.export(lambda folder: pipe.save_pretrained(folder), "pipeline", trained)
+    loop.export(lambda folder: save_pipeline(pipe, folder, lora=config.lora.use), "pipeline",
+                trained)
     loop.finish()
     return 0
+
+
+def save_pipeline(pipe, folder: Path, *, lora: bool) -> None:
+    """The pipeline folder; with LoRA, the UNet is saved with the LoRA folded in (a plain UNet
+    every loader reads) and the LoRA weights alone go to ``folder/lora`` as well."""
+    if not lora:
+        pipe.save_pretrained(folder)
+        return
+    from diffswap_igfi.adapters.lora import merged_copy, save_lora
+
+    trained = pipe.unet
+    pipe.register_modules(unet=merged_copy(trained))
+    try:
+        pipe.save_pretrained(folder)
+    finally:
+        pipe.register_modules(unet=trained)
+    save_lora(trained, Path(folder) / "lora")
 
 
 def validate(loop, pipe, modules, run_dir: Path) -> None:

@@ -153,3 +153,14 @@ def _targets(target_modules: Sequence[str] | str) -> list[str]:
     if not targets:
         raise ConfigError("LoRA: target_modules is empty")
     return targets
+
+
+def merged_copy(unet):
+    """A copy of ``unet`` with its LoRA weights folded into the base weights and the adapter
+    layers removed: a plain UNet2DConditionModel that saves and loads like any other."""
+    import copy
+
+    merged = copy.deepcopy(unet)
+    merged.fuse_lora(lora_scale=1.0)
+    merged.unload_lora()
+    return merged

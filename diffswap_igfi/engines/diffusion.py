@@ -17,7 +17,7 @@ HOW_TO_GET_A_CHECKPOINT = (
 )
 
 
-def load_pipeline(checkpoint: str | Path | None, device: str = "cpu"):
+def load_pipeline(checkpoint: str | Path | None, device: str = "cpu", *, progress: bool = True):
     """A DiffSwapIGFIPipeline from a local folder, with errors that say what to do."""
     if checkpoint is None:
         raise ModelNotFoundError(f"the diffusion engine needs a checkpoint: "
@@ -28,12 +28,19 @@ def load_pipeline(checkpoint: str | Path | None, device: str = "cpu"):
                                  f"model_index.json): {HOW_TO_GET_A_CHECKPOINT}")
     from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
 
+    from diffusers.utils import logging as diffusers_logging
+
+    if not progress:
+        diffusers_logging.disable_progress_bar()
     try:
         pipe = DiffSwapIGFIPipeline.from_pretrained(path)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelNotFoundError(f"cannot load the checkpoint {path} ({first}): "
                                  f"{HOW_TO_GET_A_CHECKPOINT}") from err
+    finally:
+        if not progress:
+            diffusers_logging.enable_progress_bar()
     return pipe.to(device)
 
 
@@ -49,7 +56,7 @@ class DiffusionEngine:
                  warm_start_strength: float | None = None,
                  mix_sources: list[np.ndarray] | None = None, mix_mode: str = "blocks",
                  mix_weight: float = 0.5, progress: bool = True, refine: bool = True) -> None:
-        self.pipe = load_pipeline(checkpoint, device)
+        self.pipe = load_pipeline(checkpoint, device, progress=progress)
         self.pipe.set_progress_bar_config(disable=not progress, leave=False)
         self.steps, self.guidance, self.seed = steps, guidance, seed
         self.warm_start_strength = warm_start_strength
