@@ -15,7 +15,7 @@ from diffswap_igfi.cli import main
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
 from diffswap_igfi.provenance.verify import verify_image
-from diffswap_igfi.swapper import Source, Swapper
+from diffswap_igfi.swapper import Swapper
 
 
 @pytest.fixture

@@ -134,7 +134,7 @@ class GeometricSwapper:
 
     def __post_init__(self) -> None:
         if self.keep_mouth_interior not in ("auto", "always", "never"):
-            raise ValueError(f"keep_mouth_interior must be auto, always or never")
+            raise ValueError("keep_mouth_interior must be auto, always or never")
         if self.blend not in BLENDS:
             raise ValueError(f"unknown blend {self.blend!r}; choose from {BLENDS}")
 

@@ -173,7 +173,7 @@ class ComponentDictionary(ModelMixin, ConfigMixin):
         """
         query, mean, std = _normalise(features.float())
         bank = self.atoms(component, scale).float()  # stored standardised
-        b, k, c = len(query), len(bank), query.shape[1]
+        b, c = len(query), query.shape[1]
         q, a = query.flatten(2), bank.flatten(2)  # [B,C,n], [K,C,n]
         # ||f - restyle(atom)||^2 = sum_c std_c^2 ||q_c - a_c||^2, channel by channel
         cross = torch.einsum("bcn,kcn->bkc", q, a)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
-from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (any works)
 from diffusers.utils import BaseOutput
 
 from diffswap_igfi.conditions.builder import ConditionBuilder
