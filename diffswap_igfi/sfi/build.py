@@ -47,12 +47,38 @@ def pipeline_from_sd_inpaint(folder: str | Path, *, arcface: str | Path, clip_mo
     """An untrained SFI pipeline on a local SD inpainting folder: its UNet (with zero-initialised
     geometry channels), VAE and scheduler, our ArcFace and CLIP encoders from local weights, and
     new projectors. Train it (train/train_sfi.py) before expecting swaps."""
+    path = _sd_folder(folder, "pass a Stable Diffusion inpainting model folder")
+    return _assemble(path, sfi_unet_from_sd_inpaint(path), arcface=arcface,
+                     clip_model=clip_model, clip_weights=clip_weights, crop_size=crop_size,
+                     id_tokens=id_tokens, clip_tokens=clip_tokens)
+
+
+def pipeline_from_scratch(vae_folder: str | Path, *, arcface: str | Path, clip_model: str,
+                          clip_weights: str | Path, crop_size: int = 512, id_tokens: int = 4,
+                          clip_tokens: int = 16) -> DiffSwapIGFIPipeline:
+    """A DiffSwap-style from-scratch LDM: a new SFI UNet (``sfi.unet.ldm_sfi_unet``) on the VAE
+    and noise schedule of a local Stable Diffusion folder (its ``vae/`` and ``scheduler/``)."""
+    from diffswap_igfi.sfi.unet import ldm_sfi_unet
+
+    path = _sd_folder(vae_folder, "the from-scratch model takes the VAE of a local Stable "
+                                  "Diffusion folder")
+    return _assemble(path, ldm_sfi_unet(sample_size=crop_size // 8), arcface=arcface,
+                     clip_model=clip_model, clip_weights=clip_weights, crop_size=crop_size,
+                     id_tokens=id_tokens, clip_tokens=clip_tokens)
+
+
+def _sd_folder(folder: str | Path, hint: str) -> Path:
     path = Path(folder).expanduser()
     for sub in ("vae", "scheduler"):
         if not (path / sub).is_dir():
-            raise ModelNotFoundError(f"{path} has no {sub}/ folder: pass a Stable Diffusion "
-                                     f"inpainting model folder")
-    unet = sfi_unet_from_sd_inpaint(path)
+            raise ModelNotFoundError(f"{path} has no {sub}/ folder: {hint}")
+    return path
+
+
+def _assemble(path: Path, unet, *, arcface, clip_model, clip_weights, crop_size, id_tokens,
+              clip_tokens) -> DiffSwapIGFIPipeline:
+    """``unet`` with the VAE and schedule of the SD folder at ``path``, our encoders from local
+    weights, and new projectors sized to the UNet's cross-attention."""
     clip = ClipVisionEncoderModel.from_open_clip(clip_model, clip_weights)
     dim = unet.config.cross_attention_dim
     return DiffSwapIGFIPipeline(
@@ -61,28 +87,5 @@ def pipeline_from_sd_inpaint(folder: str | Path, *, arcface: str | Path, clip_mo
         id_projector=IdentityTokenProjector(num_tokens=id_tokens, cross_attention_dim=dim),
         clip_projector=ClipTokenProjector(clip_dim=clip.token_dim, num_tokens=clip_tokens,
                                           cross_attention_dim=dim),
-        identity_encoder=ArcFaceEncoderModel.from_iresnet_file(arcface),
-        clip_encoder=clip, crop_size=crop_size)
-
-
-def pipeline_from_scratch(vae_folder: str | Path, *, arcface: str | Path, clip_model: str,
-                          clip_weights: str | Path, crop_size: int = 512) -> DiffSwapIGFIPipeline:
-    """A DiffSwap-style from-scratch LDM: a new SFI UNet (``sfi.unet.ldm_sfi_unet``) on the VAE
-    and noise schedule of a local Stable Diffusion folder (its ``vae/`` and ``scheduler/``)."""
-    from diffswap_igfi.sfi.unet import ldm_sfi_unet
-
-    path = Path(vae_folder).expanduser()
-    for sub in ("vae", "scheduler"):
-        if not (path / sub).is_dir():
-            raise ModelNotFoundError(f"{path} has no {sub}/ folder: the from-scratch model "
-                                     f"takes the VAE of a local Stable Diffusion folder")
-    clip = ClipVisionEncoderModel.from_open_clip(clip_model, clip_weights)
-    unet = ldm_sfi_unet(sample_size=crop_size // 8)
-    dim = unet.config.cross_attention_dim
-    return DiffSwapIGFIPipeline(
-        vae=AutoencoderKL.from_pretrained(path / "vae"), unet=unet,
-        scheduler=DDIMScheduler.from_pretrained(path / "scheduler"),
-        id_projector=IdentityTokenProjector(cross_attention_dim=dim),
-        clip_projector=ClipTokenProjector(clip_dim=clip.token_dim, cross_attention_dim=dim),
         identity_encoder=ArcFaceEncoderModel.from_iresnet_file(arcface), clip_encoder=clip,
         crop_size=crop_size)

@@ -36,7 +36,8 @@ def build_sfi_pipeline(config: SFIConfig) -> DiffSwapIGFIPipeline:
         from diffswap_igfi.sfi.build import pipeline_from_scratch
 
         pipe = pipeline_from_scratch(m.sd_inpaint, arcface=m.arcface, clip_model=m.clip_model,
-                                     clip_weights=m.clip_weights, crop_size=m.crop_size)
+                                     clip_weights=m.clip_weights, crop_size=m.crop_size,
+                                     id_tokens=m.id_tokens, clip_tokens=m.clip_tokens)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,
                                                prediction_type=m.prediction_type)
     return pipe
