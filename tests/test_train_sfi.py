@@ -60,6 +60,7 @@ def _losses(run: Path) -> dict[int, float]:
     ("missing data", "preprocess"),
     ("empty data", "preprocess"),
     ("missing config", "config file not found"),
+    ("sd without weights", "needs model.arcface"),
 ])
 def test_bad_setups_fail_before_training_with_one_line(tmp_path, problem, expected, data_dir):
     config = _config(tmp_path)
@@ -73,6 +74,9 @@ def test_bad_setups_fail_before_training_with_one_line(tmp_path, problem, expect
         data.mkdir()
     elif problem == "missing config":
         config = tmp_path / "missing.yaml"
+    elif problem == "sd without weights":
+        config = _config(tmp_path, **{"model.kind": "sd_inpaint",
+                                      "model.sd_inpaint": str(tmp_path)})
     run = tmp_path / "run"
     proc = _train(["--config", str(config), "--data", str(data), "--output", str(run)],
                   timeout=120)

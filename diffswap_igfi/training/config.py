@@ -99,6 +99,12 @@ class SFIConfig:
              f"model.kind must be tiny, sd_inpaint or ldm, got {self.model.kind!r}"),
             (self.model.kind != "sd_inpaint" or self.model.sd_inpaint,
              "model.kind sd_inpaint needs model.sd_inpaint: a local SD inpainting folder"),
+            (self.model.kind == "tiny" or (self.model.arcface and self.model.clip_model
+                                           and self.model.clip_weights),
+             f"model.kind {self.model.kind} needs model.arcface, model.clip_model and "
+             f"model.clip_weights: local ArcFace and open_clip weights"),
+            (self.model.kind != "ldm" or self.model.sd_inpaint,
+             "model.kind ldm needs model.sd_inpaint: a local SD folder for its VAE"),
             (self.model.prediction_type in ("epsilon", "v_prediction"),
              f"model.prediction_type must be epsilon or v_prediction, got "
              f"{self.model.prediction_type!r}"),
