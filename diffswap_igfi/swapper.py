@@ -100,24 +100,35 @@ class Swapper:
         """Swap the identity of ``sources`` onto the selected faces of ``target``.
 
         With several source photos, each target face takes the source whose head pose is
-        closest to its own, which keeps the warp small.
+        closest to its own (``choose_source``), which keeps the warp small.
         """
         if not sources:
             raise ValueError("at least one source is needed")
         selection = selection or FaceSelection()
         chosen = self.select(target, self.faces(target), selection)
-        if hasattr(self.engine, "swap_faces"):  # engines that swap all faces in one batch
-            image, alpha = self.engine.swap_faces(list(sources), target.rgb, chosen)
-            return SwapOutput(image, alpha, chosen)
-        image = target.rgb
-        alpha = np.zeros(image.shape[:2], np.float32)
-        for face in chosen:
-            src = min(sources, key=lambda s: _pose_gap(s.face, face))
-            image, a = self.engine.swap_one(image, face, src.image.rgb, src.face)
-            alpha = np.maximum(alpha, a)
         if not chosen:  # select_faces raises before this; kept for engines that filter faces
             raise FaceNotFoundError(f"no face to swap in {target.path.name}")
-        return SwapOutput(image, alpha, chosen)
+        return self.swap_pairs(target.rgb, [(face, choose_source(face, sources))
+                                            for face in chosen])
+
+    def swap_pairs(self, target_rgb: np.ndarray,
+                   pairs: Sequence[tuple[FaceRecord, Source]]) -> SwapOutput:
+        """Swap already-detected target faces, each with the source given beside it.
+
+        target_rgb: [H,W,3] uint8; pairs: (target face, its source). Nothing is detected here:
+        front ends that track faces (video) or let the user pick them (UI) call this directly.
+        """
+        faces = [face for face, _ in pairs]
+        if hasattr(self.engine, "swap_faces"):  # engines that swap all faces in one batch
+            sources = list({id(s): s for _, s in pairs}.values())
+            image, alpha = self.engine.swap_faces(sources, target_rgb, faces)
+            return SwapOutput(image, alpha, faces)
+        image = target_rgb
+        alpha = np.zeros(image.shape[:2], np.float32)
+        for face, src in pairs:
+            image, a = self.engine.swap_one(image, face, src.image.rgb, src.face)
+            alpha = np.maximum(alpha, a)
+        return SwapOutput(image, alpha, faces)
 
     def close(self) -> None:
         self.detector.close()
@@ -127,6 +138,11 @@ class Swapper:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def choose_source(face: FaceRecord, sources: Sequence[Source]) -> Source:
+    """The one rule that picks a source for a target face: the closest head pose."""
+    return min(sources, key=lambda s: _pose_gap(s.face, face))
 
 
 def _pose_gap(a: FaceRecord, b: FaceRecord) -> float:
