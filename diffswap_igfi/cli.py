@@ -90,9 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--jpeg-quality", type=int, default=95, choices=range(1, 101),
                       metavar="1-100", help="quality of JPEG/WebP outputs (default: 95)")
     swap.add_argument("--quiet", action="store_true", help="no progress bar")
+    from diffswap_igfi.video.arguments import add_video_arguments
+
+    add_video_arguments(swap)
 
     verify = sub.add_parser("verify", help="report provenance marks in image(s)")
-    verify.add_argument("images", nargs="+", metavar="IMAGE")
+    verify.add_argument("images", nargs="+", metavar="FILE", help="images or videos")
     verify.add_argument("--json", action="store_true", help="print JSON")
 
     cond = sub.add_parser(
@@ -200,6 +203,12 @@ def cmd_swap(args: argparse.Namespace) -> int:
     if args.face_selector == "reference" and not args.reference_face:
         raise InputError("--face-selector reference needs --reference-face PATH")
     target_path = resolve_input_path(args.target)
+    from diffswap_igfi.video.arguments import is_video_target
+
+    if is_video_target(target_path):  # a video or a folder of videos: video/command.py
+        from diffswap_igfi.video.command import run_video_swap
+
+        return run_video_swap(args, _engine(args), target_path)
     output = Path(args.output).expanduser()
     source_paths = [resolve_input_path(s) for s in args.source]
     batch = target_path.is_dir()

@@ -178,16 +178,16 @@ def from_upright(rgb: np.ndarray, rotation: int) -> np.ndarray:
 
 
 def iter_frames(info: VideoInfo, *, start: float | None = None, end: float | None = None,
-                rgb: bool | Sequence[bool] = True, first_index: int = 0
-                ) -> Iterator[DecodedFrame]:
+                rgb=True, first_index: int = 0) -> Iterator[DecodedFrame]:
     """Decode the video stream in order, frames with ``start <= time < end`` (seconds).
 
-    rgb: convert every frame to upright RGB (True), none (False), or a callable-free per-index
-    mask (a sequence of bools by kept index). Frames before ``first_index`` (kept index) are
-    decoded but not converted nor yielded (resuming). Raises ImageReadError on a decoding error.
+    rgb: convert every frame to upright RGB (True), none (False), or a function of the kept
+    frame index saying which. Frames before ``first_index`` (a kept index) are decoded but
+    neither converted nor yielded (resuming). Raises ImageReadError on a decoding error.
     """
     import av
 
+    want = (lambda i: rgb) if isinstance(rgb, bool) else rgb
     with _open_input(info.path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -203,9 +203,8 @@ def iter_frames(info: VideoInfo, *, start: float | None = None, end: float | Non
                 if end is not None and t >= end - 1e-9:
                     break
                 if index >= first_index:
-                    want = rgb if isinstance(rgb, bool) else bool(rgb[index])
                     pixels = None
-                    if want:
+                    if want(index):
                         pixels = to_upright(frame_to_rgb(frame), info.rotation)
                     yield DecodedFrame(index, int(frame.pts), t, pixels, frame)
                 index += 1

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from diffswap_igfi.errors import ImageReadError, InputError
+from diffswap_igfi.io.video import is_video_path
 from diffswap_igfi.provenance.metadata import ProvenanceMetadata, read_metadata
 from diffswap_igfi.provenance.watermark import WatermarkResult, detect_watermark
 
@@ -109,7 +110,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def verify_image(path: str | Path) -> VerifyReport:
-    """Read ``path`` and report its provenance metadata and watermark detection."""
+    """Read ``path`` and report its provenance metadata and watermark detection (a video file
+    gets provenance.video's report, which has the same ``synthetic``/``lines``/``to_dict``)."""
     path = Path(path)
+    if is_video_path(path):
+        from diffswap_igfi.provenance.video import verify_video
+
+        return verify_video(path)
     rgb = load_rgb_as_stored(path)
     return VerifyReport(path=path, metadata=read_metadata(path), watermark=detect_watermark(rgb))

@@ -16,21 +16,25 @@ import numpy as np
 
 
 def camera_path(n_frames: int, photo_size: tuple[int, int], frame_size: tuple[int, int], *,
-                zoom: float = 0.15, pan: float = 0.08, rotate_deg: float = 4.0) -> np.ndarray:
+                zoom: float = 0.15, pan: float = 0.08, rotate_deg: float = 4.0,
+                center: tuple[float, float] | None = None, cover: float = 1.05) -> np.ndarray:
     """[n,2,3] float64 affines photo -> frame: a slow zoom in, a pan and a small rotation.
 
-    photo_size, frame_size: (height, width). At t=0 the photo is fitted into the frame
-    (cover), centred; the motion is smooth (half a sine period over the clip).
+    photo_size, frame_size: (height, width). At t=0 the photo point ``center`` (x, y; default
+    the photo's centre) sits in the middle of the frame at ``cover`` times the scale that
+    fills the frame with the photo; pan is a fraction of the photo's size. The motion is smooth
+    (eased over the clip).
     """
     ph, pw = photo_size
     fh, fw = frame_size
-    base = max(fw / pw, fh / ph) * 1.05
+    base = max(fw / pw, fh / ph) * cover
+    cx0, cy0 = center if center is not None else (pw / 2, ph / 2)
     out = np.zeros((n_frames, 2, 3))
     for i in range(n_frames):
         u = 0.5 - 0.5 * math.cos(math.pi * i / max(1, n_frames - 1))  # 0 -> 1, eased
         s = base * (1.0 + zoom * u)
         a = math.radians(rotate_deg * math.sin(math.pi * u))
-        cx, cy = pw / 2 + pan * pw * (u - 0.5), ph / 2 + 0.5 * pan * ph * (u - 0.5)
+        cx, cy = cx0 + pan * pw * (u - 0.5), cy0 + 0.5 * pan * ph * (u - 0.5)
         rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) * s
         out[i, :, :2] = rot
         out[i, :, 2] = np.array([fw / 2, fh / 2]) - rot @ np.array([cx, cy])
@@ -52,9 +56,14 @@ def write_test_video(path: Path, frames: list[np.ndarray], *, fps: int = 25,
     """Encode ``frames`` ([h,w,3] uint8 each) at ``fps`` with an AAC sine tone.
 
     timestamps: per-frame pts in units of 1/(fps*100) for a variable frame rate (default: even).
-    rotation: display rotation tag to store. Returns ``path``.
+    rotation: display rotation tag to store; ``frames`` are given as displayed (upright) and
+    stored turned back, as a phone does. Returns ``path``.
     """
     import av
+
+    from diffswap_igfi.io.video import from_upright
+
+    frames = [from_upright(f, rotation) for f in frames]
 
     h, w = frames[0].shape[:2]
     tb = Fraction(1, fps * 100)
