@@ -269,10 +269,12 @@ class ChunkWriter:
         cc.options = options
         self._stream = stream
         self._format = stream.pix_fmt
+        self._durations: dict[int, int] = {}
         self.frames = 0
 
-    def write_rgb(self, rgb: np.ndarray, pts: int) -> None:
-        """rgb: [H,W,3] uint8 upright (as from iter_frames); pts in the input time base."""
+    def write_rgb(self, rgb: np.ndarray, pts: int, duration: int | None = None) -> None:
+        """rgb: [H,W,3] uint8 upright (as from iter_frames); pts, duration: in the input time
+        base (the duration of the last frame sets the stream's length, so it is kept)."""
         import av
 
         stored = from_upright(rgb, self.info.rotation)
@@ -280,28 +282,41 @@ class ChunkWriter:
         rng = self.info.color_range or None
         frame = frame.reformat(format=self._format, dst_colorspace=self.info.colorspace or None,
                                dst_color_range=rng)
-        self._encode(frame, pts)
+        self._encode(frame, pts, duration)
 
     def write_raw(self, frame, pts: int) -> None:
         """Pass a decoded frame through without an RGB round trip (only a pixel-format change
         when the encoder needs one)."""
+        duration = frame.duration
         if frame.format.name != self._format:
             frame = frame.reformat(format=self._format)
-        self._encode(frame, pts)
+        self._encode(frame, pts, duration)
 
-    def _encode(self, frame, pts: int) -> None:
+    def _encode(self, frame, pts: int, duration: int | None) -> None:
         frame.pts = pts
         frame.time_base = self.info.time_base
         frame.pict_type = 0  # let the encoder choose (a decoded I-frame would force a keyframe)
-        for packet in self._stream.encode(frame):
-            self._container.mux(packet)
+        if duration:
+            self._durations[pts] = duration
+        self._mux(self._stream.encode(frame))
         self.frames += 1
 
-    def close(self) -> Path:
-        """Flush, close and move the chunk into place. Returns its path."""
-        for packet in self._stream.encode(None):
+    def _mux(self, packets) -> None:
+        for packet in packets:
             self._container.mux(packet)
+
+    def close(self) -> Path:
+        """Flush, close and move the chunk into place. Returns its path.
+
+        Encoders stamp every packet with 1/rate and NUT keeps no durations, so the input's own
+        frame durations (which set the last frame's length, hence the stream's duration and
+        average rate) go beside the chunk, in ``durations_path(path)``, first."""
+        self._mux(self._stream.encode(None))
         self._container.close()
+        durations = durations_path(self.path)
+        tmp = durations.with_name(f".{durations.name}.tmp.npy")
+        np.save(tmp, np.array(sorted(self._durations.items()), np.int64).reshape(-1, 2))
+        os.replace(tmp, durations)
         os.replace(self._tmp, self.path)
         return self.path
 
@@ -375,7 +390,7 @@ def mux_chunks(chunks: Sequence[Path], info: VideoInfo, output: Path, *,
                 else:
                     log(f"subtitle stream {index} ({in_stream.codec_context.name}) cannot go "
                         f"into {output.suffix}: dropped")
-            merged = heapq.merge(_chunk_packets(chunks, video),
+            merged = heapq.merge(_chunk_packets(chunks, video, info.time_base),
                                  _input_packets(src, copies, encoders, trim),
                                  key=lambda item: item[0])
             for _, packet, stream in merged:
@@ -399,15 +414,26 @@ def mux_chunks(chunks: Sequence[Path], info: VideoInfo, output: Path, *,
     return output
 
 
-def _chunk_packets(chunks: Sequence[Path], stream) -> Iterator[tuple[float, object, object]]:
+def durations_path(chunk: Path) -> Path:
+    """The [N,2] int64 (pts, duration) table written beside a chunk, input time base."""
+    return chunk.with_name(chunk.name + ".durations.npy")
+
+
+def _chunk_packets(chunks: Sequence[Path], stream, time_base: Fraction
+                   ) -> Iterator[tuple[float, object, object]]:
     import av
 
     for path in chunks:
+        table = np.load(durations_path(path))
+        durations = dict(zip(table[:, 0].tolist(), table[:, 1].tolist()))
         with av.open(str(path)) as chunk:
             src = chunk.streams.video[0]
             for packet in chunk.demux(src):
                 if packet.size == 0:
                     continue
+                pts = int(round(packet.pts * packet.time_base / time_base))
+                if pts in durations:
+                    packet.duration = int(round(durations[pts] * time_base / packet.time_base))
                 yield float(packet.dts * packet.time_base), packet, stream
 
 

@@ -26,6 +26,9 @@ def add_video_arguments(parser: argparse.ArgumentParser) -> None:
                        help="keep the video before this time")
     group.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from its last completed chunk")
+    group.add_argument("--chunk-frames", type=int, default=48, metavar="N",
+                       help="frames per resumable chunk: a killed run loses at most this many "
+                            "(default: 48)")
     group.add_argument("--map-faces", nargs="+", metavar="REF=SRC",
                        help="swap several people: each REF photo shows a person in the video, "
                             "SRC the face to give them (or one JSON file {\"REF\": \"SRC\"})")

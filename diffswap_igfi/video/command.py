@@ -68,7 +68,7 @@ def run_video_swap(args: argparse.Namespace, engine, target: Path) -> int:
         selector=args.face_selector, index=args.face_index,
         reference_distance=args.reference_distance,
         encode=EncodeSettings(codec=codec, crf=args.crf, preset=args.preset),
-        trim_start=args.trim_start, trim_end=args.trim_end,
+        trim_start=args.trim_start, trim_end=args.trim_end, chunk_frames=args.chunk_frames,
         smooth_landmarks=not args.no_smoothing, smooth_colour=not args.no_smoothing)
     if args.trim_start is not None and args.trim_end is not None \
             and args.trim_end <= args.trim_start:

@@ -119,8 +119,8 @@ def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output
     """
     options = options or VideoSwapOptions()
     if options.chunk_frames <= options.tracker.max_lost:
-        raise InputError(f"chunk_frames ({options.chunk_frames}) must exceed the bridged gap "
-                         f"({options.tracker.max_lost})")
+        raise InputError(f"--chunk-frames must be more than {options.tracker.max_lost} (the "
+                         f"longest bridged gap), got {options.chunk_frames}")
     engine = swapper.engine
     output = Path(output)
     info = probe_video(target)
@@ -296,7 +296,7 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
             faces = wanted.get(frame.index)
             if faces:
                 writer.write_rgb(_swap_frame(swapper, frame.rgb, faces, assignment, colour),
-                                 frame.pts - shift)
+                                 frame.pts - shift, frame.raw.duration)
             else:
                 writer.write_raw(frame.raw, frame.pts - shift)
             bar.update()

@@ -104,3 +104,33 @@ def write_test_video(path: Path, frames: list[np.ndarray], *, fps: int = 25,
             for packet in audio.encode(None):
                 out.mux(packet)
     return Path(path)
+
+
+def cartoon_face(size: tuple[int, int] = (192, 256), t: float = 0.0) -> np.ndarray:
+    """A flat drawn face (hair, oval, eyes, brows, nose, mouth) that moves with ``t``: it
+    sways sideways, nods a little and opens its mouth. MediaPipe's landmarker finds it.
+
+    size: (height, width). Returns [h,w,3] uint8 RGB.
+    """
+    h, w = size
+    k = min(h, w) / 384.0
+    img = np.full((h, w, 3), (240, 225, 200), np.uint8)
+    cx = int(w / 2 + 12 * k * math.sin(t))
+    cy = int(h / 2 + 4 * k * math.sin(1.7 * t))
+
+    def p(x: float, y: float) -> tuple[int, int]:
+        return int(round(cx + x * k)), int(round(cy + y * k))
+
+    def r(a: float, b: float) -> tuple[int, int]:
+        return max(1, int(round(a * k))), max(1, int(round(b * k)))
+
+    cv2.ellipse(img, p(0, -10), r(95, 120), 0, 0, 360, (60, 80, 120), -1)
+    cv2.ellipse(img, p(0, 10), r(80, 105), 0, 0, 360, (235, 200, 170), -1)
+    for dx in (-32, 32):
+        cv2.ellipse(img, p(dx, -10), r(16, 10), 0, 0, 360, (255, 255, 255), -1)
+        cv2.circle(img, p(dx, -10), r(7, 7)[0], (30, 40, 60), -1)
+        cv2.line(img, p(dx - 18, -32), p(dx + 18, -34), (30, 40, 60), r(4, 4)[0])
+    cv2.line(img, p(0, -5), p(-8, 25), (190, 150, 120), r(3, 3)[0])
+    cv2.line(img, p(-8, 25), p(6, 27), (190, 150, 120), r(3, 3)[0])
+    cv2.ellipse(img, p(0, 55), r(30, 6 + 6 * math.sin(2 * t)), 0, 0, 360, (170, 50, 60), -1)
+    return img
