@@ -38,6 +38,7 @@ from diffswap_igfi.io.video import (CHUNK_SUFFIX, OUTPUT_FORMATS, ChunkWriter, E
                                     probe_video, to_upright)
 from diffswap_igfi.provenance.video import container_metadata, watermark_frame
 from diffswap_igfi.swapper import Source, Swapper
+from diffswap_igfi.video.bounded import DEFAULT_MAX_IOD, swap_face_bounded
 from diffswap_igfi.video.plan import AnalysisChunk, Assignment, Planner, assign_sources
 from diffswap_igfi.video.smoothing import ColourSmoother, OneEuroSettings
 from diffswap_igfi.video.tracking import Track, Tracker, TrackerSettings
@@ -51,7 +52,8 @@ class VideoSwapOptions:
 
     selector/index/reference_distance: face selection over tracks (see plan.assign_sources);
     trim_start/trim_end: seconds of the input to keep (end excluded); chunk_frames: frames per
-    resumable chunk (at least max_gap + 1); smooth_landmarks / smooth_colour: stability filters.
+    resumable chunk (at least max_gap + 1); smooth_landmarks / smooth_colour: stability filters;
+    max_iod: faces are swapped at most this many pixels between the eyes (video/bounded.py).
     """
 
     selector: str = "largest"
@@ -66,6 +68,7 @@ class VideoSwapOptions:
     smooth_landmarks: bool = True
     smooth_colour: bool = True
     colour_rate: float = 0.3
+    max_iod: float = DEFAULT_MAX_IOD
 
 
 @dataclass
@@ -295,8 +298,9 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
                     frame.rgb = to_upright(frame_to_rgb(frame.raw), info.rotation)
             faces = wanted.get(frame.index)
             if faces:
-                writer.write_rgb(_swap_frame(swapper, frame.rgb, faces, assignment, colour),
-                                 frame.pts - shift, frame.raw.duration)
+                swapped_rgb = _swap_frame(swapper, frame.rgb, faces, assignment, colour,
+                                          options.max_iod)
+                writer.write_rgb(swapped_rgb, frame.pts - shift, frame.raw.duration)
             else:
                 writer.write_raw(frame.raw, frame.pts - shift)
             bar.update()
@@ -311,12 +315,15 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
 
 
 def _swap_frame(swapper: Swapper, rgb: np.ndarray, faces, assignment: Assignment,
-                colour: ColourSmoother) -> np.ndarray:
-    """Swap each planned face with its track's source, smooth its colour, watermark."""
-    image = rgb
+                colour: ColourSmoother, max_iod: float) -> np.ndarray:
+    """Swap each planned face with its track's source (on a crop, at a bounded resolution),
+    smooth its colour, and watermark the swapped pixels."""
+    image = rgb.copy()
     region = np.zeros(rgb.shape[:2], bool)
     for track, face in faces:
-        result = swapper.swap_pairs(image, [(face, assignment.sources[track])])
-        image = colour(track, result.image, image, result.alpha)
-        region |= result.alpha > 0
+        crop, alpha, (x0, y0, x1, y1) = swap_face_bounded(
+            swapper, image, face, assignment.sources[track], max_iod=max_iod)
+        crop = colour(track, crop, image[y0:y1, x0:x1], alpha)
+        image[y0:y1, x0:x1] = crop
+        region[y0:y1, x0:x1] |= alpha > 0
     return watermark_frame(image, region, [f for _, f in faces])

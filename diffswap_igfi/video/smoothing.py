@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 
@@ -91,27 +92,23 @@ class ColourSmoother:
 
     def __call__(self, track: int, swapped: np.ndarray, target: np.ndarray,
                  alpha: np.ndarray) -> np.ndarray:
-        """swapped, target: [H,W,3] uint8 (the frame after / before this face's swap); alpha:
+        """swapped, target: [H,W,3] uint8 (a crop after / before this face's swap); alpha:
         [H,W] float32 in [0,1] of this face. Returns swapped with the smoothed offset applied
         (pixels where alpha == 0 are returned bit for bit)."""
-        ys, xs = np.nonzero(alpha > 0)
-        if len(ys) == 0:
+        core = (alpha >= self.core).astype(np.uint8)
+        if cv2.countNonZero(core) < 16:
             return swapped
-        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        a = alpha[y0:y1, x0:x1]
-        core = a >= self.core
-        if core.sum() < 16:
-            return swapped
-        box = swapped[y0:y1, x0:x1].astype(np.float32)
-        offset = box[core].mean(0) - target[y0:y1, x0:x1][core].astype(np.float32).mean(0)
+        offset = (np.array(cv2.mean(swapped, core)[:3], np.float32)
+                  - np.array(cv2.mean(target, core)[:3], np.float32))
         previous = self.offsets.get(track)
         smoothed = offset if previous is None else previous + self.rate * (offset - previous)
         self.offsets[track] = smoothed
         shift = (smoothed - offset).astype(np.float32)
-        out = swapped.copy()
-        moved = np.clip(box + a[..., None] * shift + 0.5, 0, 255).astype(np.uint8)
-        out[y0:y1, x0:x1] = np.where(a[..., None] > 0, moved, swapped[y0:y1, x0:x1])
-        return out
+        if np.abs(shift).max() < 0.5:  # rounds to no change anywhere
+            return swapped
+        moved = swapped.astype(np.float32) + alpha[..., None] * shift + 0.5
+        moved = np.clip(moved, 0, 255).astype(np.uint8)
+        return np.where(alpha[..., None] > 0, moved, swapped)
 
     def state(self) -> dict:
         return {str(k): v.tolist() for k, v in self.offsets.items()}
