@@ -87,6 +87,10 @@ def test_audio_copied_bit_for_bit(clip, swapped):
     a, b = _packets(path, "audio"), _packets(swapped, "audio")
     assert len(a) > 10
     assert a == b
+    import av
+
+    with av.open(str(swapped)) as c:  # stream tags come along
+        assert c.streams.audio[0].metadata.get("language") == "eng"
 
 
 def test_far_from_face_pixels_kept(clip, swapped, faces):

@@ -364,10 +364,14 @@ def mux_chunks(chunks: Sequence[Path], info: VideoInfo, output: Path, *,
     try:
         with av.open(str(tmp), "w", format=out_format, options=options) as out, \
                 _open_input(info.path) as src:
+            # the input's own tags first (title, dates, ...), then ours, which win
+            out.metadata.update({k: v for k, v in src.metadata.items()
+                                 if k.lower() not in _MUXER_TAGS})
             out.metadata.update(metadata)
             first_chunk = av.open(str(chunks[0]))
             video = out.add_stream_from_template(first_chunk.streams.video[0])
             video.time_base = info.time_base
+            video.metadata.update(_stream_tags(src.streams.video[0]))
             first_chunk.close()
             if info.rotation:
                 video.set_display_rotation(info.rotation)
@@ -377,6 +381,7 @@ def mux_chunks(chunks: Sequence[Path], info: VideoInfo, output: Path, *,
                 in_stream = src.streams[index]
                 if encoder is None:
                     copies[index] = out.add_stream_from_template(in_stream)
+                    copies[index].metadata.update(_stream_tags(in_stream))
                 else:
                     log(f"audio stream {index} ({in_stream.codec_context.name}) cannot go into "
                         f"{output.suffix} as is: re-encoding it with {encoder}")
@@ -387,6 +392,7 @@ def mux_chunks(chunks: Sequence[Path], info: VideoInfo, output: Path, *,
                 in_stream = src.streams[index]
                 if in_stream.codec_context.name in out.supported_codecs:
                     copies[index] = out.add_stream_from_template(in_stream)
+                    copies[index].metadata.update(_stream_tags(in_stream))
                 else:
                     log(f"subtitle stream {index} ({in_stream.codec_context.name}) cannot go "
                         f"into {output.suffix}: dropped")
@@ -412,6 +418,17 @@ def mux_chunks(chunks: Sequence[Path], info: VideoInfo, output: Path, *,
         raise
     os.replace(tmp, output)
     return output
+
+
+_MUXER_TAGS = frozenset({"major_brand", "minor_version", "compatible_brands", "encoder",
+                         "creation_time", "duration"})
+
+
+def _stream_tags(stream) -> dict[str, str]:
+    """A stream's tags worth carrying over (language, title, handler), not the muxer's own."""
+    return {k: v for k, v in stream.metadata.items() if k.lower() not in _MUXER_TAGS
+            and k.lower() not in ("vendor_id", "_statistics_tags", "bps", "number_of_frames",
+                                  "number_of_bytes", "_statistics_writing_app")}
 
 
 def durations_path(chunk: Path) -> Path:

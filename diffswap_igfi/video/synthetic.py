@@ -79,6 +79,7 @@ def write_test_video(path: Path, frames: list[np.ndarray], *, fps: int = 25,
         if audio_hz:
             audio = out.add_stream("aac", rate=sample_rate)
             audio.layout = "mono"
+            audio.metadata["language"] = "eng"
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts = timestamps[i] if timestamps else i * 100
