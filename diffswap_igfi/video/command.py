@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from diffswap_igfi.errors import DiffSwapError, InputError, OutputError
@@ -62,12 +63,10 @@ def run_video_swap(args: argparse.Namespace, engine, target: Path) -> int:
     if target.is_file():
         # --resume: an output left by a finished run is still refused without --force
         check_video_output(output, inputs, force=args.force)
-    suffix = output.suffix.lower() if target.is_file() else ".mp4"
-    codec = args.video_codec or OUTPUT_FORMATS.get(suffix, ("", "libx264", ""))[1]
     options = VideoSwapOptions(
         selector=args.face_selector, index=args.face_index,
         reference_distance=args.reference_distance,
-        encode=EncodeSettings(codec=codec, crf=args.crf, preset=args.preset),
+        encode=EncodeSettings(crf=args.crf, preset=args.preset),
         trim_start=args.trim_start, trim_end=args.trim_end, chunk_frames=args.chunk_frames,
         smooth_landmarks=not args.no_smoothing, smooth_colour=not args.no_smoothing)
     if args.trim_start is not None and args.trim_end is not None \
@@ -93,7 +92,10 @@ def run_video_swap(args: argparse.Namespace, engine, target: Path) -> int:
             try:
                 if target.is_dir():
                     check_video_output(out, inputs, force=args.force)
-                result = swap_video(swapper, sources, video, out, options=options,
+                # the encoder follows each output's container unless --video-codec says
+                codec = args.video_codec or OUTPUT_FORMATS[out.suffix.lower()][1]
+                job = replace(options, encode=replace(options.encode, codec=codec))
+                result = swap_video(swapper, sources, video, out, options=job,
                                     reference=reference, face_map=face_map,
                                     resume=args.resume, progress=not args.quiet,
                                     log=lambda m: print(m, file=sys.stderr))
