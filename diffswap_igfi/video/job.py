@@ -212,18 +212,20 @@ def _track_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSwa
         tracker.load_state(summary["state"])
         return summary["frames"], list(tracker.tracks.values())
     done = sorted(folder.glob("*.npz"))
-    # chunks are complete files (atomic rename), so the last one on disk is whole
-    first_chunk = len(done)
+    # chunks are complete files (atomic rename), so the last one on disk is whole; every chunk
+    # but the video's last holds exactly chunk_frames frames
+    frames = 0
     if done:
-        tracker.load_state(AnalysisChunk.load(done[-1]).tracker_state)
+        last = AnalysisChunk.load(done[-1])
+        tracker.load_state(last.tracker_state)
+        frames = last.first + len(last.pts)
     c = options.chunk_frames
     bar = _Progress(info.frames, "tracking", progress)
-    bar.update(min(first_chunk * c, info.frames))
+    bar.update(min(frames, info.frames))
     pts: list[int] = []
     observations: list = []
-    frames = first_chunk * c
     for frame in iter_frames(info, start=options.trim_start, end=options.trim_end,
-                             first_index=first_chunk * c):
+                             first_index=frames):
         seen = tracker.step(frame.index, frame.rgb)
         pts.append(frame.pts)
         observations.extend((frame.index, tid, face) for tid, face in seen.faces)
@@ -264,16 +266,23 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
     def chunk_files(k: int) -> tuple[Path, Path]:
         return video / _chunk_name(k, CHUNK_SUFFIX), video / _chunk_name(k, ".colour.json")
 
-    # The planner carries filter state from chunk to chunk, so it runs over done chunks too.
-    plans: list[dict] = []
-    current = AnalysisChunk.load(track_files[0])
-    for k in range(len(track_files)):
-        following = AnalysisChunk.load(track_files[k + 1]) if k + 1 < len(track_files) else None
-        plans.append(planner.plan(current, following))
-        current = following
-    swapped = sum(len(p) for p in plans)
+    # The planner carries filter state from chunk to chunk, so it runs over the chunks already
+    # rendered too (cheap: no decoding). Plans are made one chunk ahead of use and dropped
+    # after, so memory does not grow with the video's length.
+    loaded = {0: AnalysisChunk.load(track_files[0])}
+
+    def plan(k: int) -> dict:
+        if k + 1 < len(track_files):
+            loaded[k + 1] = AnalysisChunk.load(track_files[k + 1])
+        result = planner.plan(loaded.pop(k), loaded.get(k + 1))
+        nonlocal swapped
+        swapped += len(result)
+        return result
+
+    swapped = 0
     first = 0
     while first < len(track_files) and all(f.exists() for f in chunk_files(first)):
+        plan(first)
         first += 1
     if first == len(track_files):
         return swapped
@@ -282,7 +291,7 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
     c = options.chunk_frames
     bar = _Progress(frames, "swapping", progress)
     bar.update(first * c)
-    wanted: dict = plans[first]
+    wanted: dict = plan(first)
     k = first
     writer = ChunkWriter(chunk_files(k)[0], info, options.encode)
     try:
@@ -292,7 +301,7 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
                 writer.close()
                 _write_json(chunk_files(k)[1], colour.state())
                 k += 1
-                wanted = plans[k]
+                wanted = plan(k)
                 writer = ChunkWriter(chunk_files(k)[0], info, options.encode)
                 if frame.rgb is None and frame.index in wanted:  # converted before the switch
                     frame.rgb = to_upright(frame_to_rgb(frame.raw), info.rotation)
@@ -306,6 +315,9 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
             bar.update()
         writer.close()
         _write_json(chunk_files(k)[1], colour.state())
+        if k + 1 < len(track_files):
+            raise InputError(f"{info.path} decoded to fewer frames the second time (chunk {k} "
+                             f"of {len(track_files)}): re-export it")
     except BaseException:
         writer.abort()
         raise
