@@ -180,7 +180,8 @@ def _make_faceless(path: Path) -> Path:
     return write_test_video(path, frames, audio_hz=None)
 
 
-@pytest.mark.parametrize("case", ["corrupt", "no_face", "bad_extension", "missing"])
+@pytest.mark.parametrize("case", ["corrupt", "no_face", "bad_extension", "missing",
+                                  "bad_codec"])
 def test_bad_inputs_one_line_nothing_written(case, clip, tmp_path, capsys):
     target = clip[0]
     out = tmp_path / "out.mp4"
@@ -194,11 +195,12 @@ def test_bad_inputs_one_line_nothing_written(case, clip, tmp_path, capsys):
     elif case == "bad_extension":
         out = tmp_path / "out.avi"
         expected = 3
-    else:
+    elif case == "missing":
         target = tmp_path / "nothere.mp4"
+    extra = ["--video-codec", "aac"] if case == "bad_codec" else []
     before = set(tmp_path.iterdir())
     code = main(["swap", "-s", "sample:grace_hopper", "-t", str(target), "-o", str(out),
-                 "--quiet"])
+                 "--quiet", *extra])
     assert code == expected
     assert_one_line(capsys.readouterr().err)
     assert set(tmp_path.iterdir()) == before  # no output, no work folder

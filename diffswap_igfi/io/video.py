@@ -230,6 +230,19 @@ class EncodeSettings:
     preset: str = "veryfast"
 
 
+def check_encoder(name: str) -> None:
+    """Raise InputError unless ``name`` is a video encoder this FFmpeg build has."""
+    import av
+
+    try:
+        kind = av.codec.Codec(name, "w").type
+    except ValueError:
+        kind = None
+    if kind != "video":
+        raise InputError(f"{name!r} is not a video encoder here: use libx264, libx265, "
+                         f"libvpx-vp9 or libsvtav1")
+
+
 class ChunkWriter:
     """Encodes a run of frames into one chunk file, written atomically on ``close``.
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from diffswap_igfi.errors import DiffSwapError, InputError, OutputError
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import resolve_input_path
-from diffswap_igfi.io.video import OUTPUT_FORMATS, VIDEO_EXTENSIONS, EncodeSettings
+from diffswap_igfi.io.video import (OUTPUT_FORMATS, VIDEO_EXTENSIONS, EncodeSettings,
+                                    check_encoder)
 from diffswap_igfi.swapper import Swapper
 from diffswap_igfi.video.job import VideoSwapOptions, check_video_output, swap_video, work_folder
 
@@ -63,6 +64,8 @@ def run_video_swap(args: argparse.Namespace, engine, target: Path) -> int:
     if target.is_file():
         # --resume: an output left by a finished run is still refused without --force
         check_video_output(output, inputs, force=args.force)
+    if args.video_codec:
+        check_encoder(args.video_codec)
     options = VideoSwapOptions(
         selector=args.face_selector, index=args.face_index,
         reference_distance=args.reference_distance,
