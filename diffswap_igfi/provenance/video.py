@@ -25,7 +25,9 @@ from diffswap_igfi.provenance.metadata import (ProvenanceMetadata, build_xmp,
 from diffswap_igfi.provenance.watermark import WatermarkResult, detect_watermark, embed_watermark
 
 VERIFY_SAMPLES = 16
-_EMBED_TAKES_FACES = "faces" in inspect.signature(embed_watermark).parameters
+# The face-anchored mark (another branch) adds ``faces=`` and ``payload=`` to embed_watermark;
+# they are passed when this build has them.
+_EMBED_PARAMETERS = inspect.signature(embed_watermark).parameters
 
 
 def container_metadata(*, digital_source_type: str, generator: str, engine: str) -> dict[str, str]:
@@ -42,13 +44,18 @@ def container_metadata(*, digital_source_type: str, generator: str, engine: str)
     }
 
 
-def watermark_frame(rgb: np.ndarray, region: np.ndarray, faces=None) -> np.ndarray:
+def watermark_frame(rgb: np.ndarray, region: np.ndarray, faces=None,
+                    payload: str | None = None) -> np.ndarray:
     """Mark one swapped frame. rgb: [H,W,3] uint8; region: [H,W] bool, the swapped pixels;
-    faces: the swapped FaceRecords (used by watermark schemes anchored to faces). Returns a new
+    faces: the swapped FaceRecords, in frame pixels; payload: 8 hex digits, the same on every
+    frame of a clip (both used by a face-anchored mark when this build has one). Returns a new
     [H,W,3] uint8; pixels outside ``region`` are unchanged."""
-    if _EMBED_TAKES_FACES and faces is not None:
-        return embed_watermark(rgb, region, faces=faces)
-    return embed_watermark(rgb, region)
+    kwargs = {}
+    if "faces" in _EMBED_PARAMETERS and faces is not None:
+        kwargs["faces"] = faces
+        if "payload" in _EMBED_PARAMETERS and payload is not None:
+            kwargs["payload"] = payload
+    return embed_watermark(rgb, region, **kwargs)
 
 
 def read_video_metadata(path: Path) -> ProvenanceMetadata | None:

@@ -262,6 +262,8 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
     colour = ColourSmoother(rate=options.colour_rate if options.smooth_colour else 1.0)
     trimmed = bool(options.trim_start or options.trim_end)
     shift = _first_kept_pts(work) if trimmed else 0
+    # one watermark payload per clip (same input, sources and options: same payload)
+    payload = hashlib.sha256((work / "manifest.json").read_bytes()).hexdigest()[:8]
 
     def chunk_files(k: int) -> tuple[Path, Path]:
         return video / _chunk_name(k, CHUNK_SUFFIX), video / _chunk_name(k, ".colour.json")
@@ -308,7 +310,7 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
             faces = wanted.get(frame.index)
             if faces:
                 swapped_rgb = _swap_frame(swapper, frame.rgb, faces, assignment, colour,
-                                          options.max_iod)
+                                          options.max_iod, payload)
                 writer.write_rgb(swapped_rgb, frame.pts - shift, frame.raw.duration)
             else:
                 writer.write_raw(frame.raw, frame.pts - shift)
@@ -327,7 +329,7 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
 
 
 def _swap_frame(swapper: Swapper, rgb: np.ndarray, faces, assignment: Assignment,
-                colour: ColourSmoother, max_iod: float) -> np.ndarray:
+                colour: ColourSmoother, max_iod: float, payload: str) -> np.ndarray:
     """Swap each planned face with its track's source (on a crop, at a bounded resolution),
     smooth its colour, and watermark the swapped pixels."""
     image = rgb.copy()
@@ -338,4 +340,4 @@ def _swap_frame(swapper: Swapper, rgb: np.ndarray, faces, assignment: Assignment
         crop = colour(track, crop, image[y0:y1, x0:x1], alpha)
         image[y0:y1, x0:x1] = crop
         region[y0:y1, x0:x1] |= alpha > 0
-    return watermark_frame(image, region, [f for _, f in faces])
+    return watermark_frame(image, region, [f for _, f in faces], payload)
