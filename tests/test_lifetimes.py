@@ -50,6 +50,6 @@ def test_landmarkers_dropped_in_cycles_never_deadlock_and_are_closed():
 
 
 def test_landmarker_has_no_finaliser_that_closes_it():
-    from diffswap_igfi.faces.landmarker import Landmarker, close_abandoned
+    from diffswap_igfi.faces.landmarker import Landmarker
 
     assert "__del__" not in vars(Landmarker)
