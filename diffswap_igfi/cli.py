@@ -293,12 +293,14 @@ def cmd_swap(args: argparse.Namespace) -> int:
     if args.face_selector == "reference" and not args.reference_face:
         raise InputError("--face-selector reference needs --reference-face PATH")
     target_path = resolve_input_path(args.target)
-    from diffswap_igfi.video.arguments import is_video_target
+    from diffswap_igfi.video.arguments import is_video_target, refuse_video_options
 
     if is_video_target(target_path):  # a video or a folder of videos: video/command.py
         from diffswap_igfi.video.command import run_video_swap
 
-        return run_video_swap(args, _engine(args), target_path)
+        failed = run_video_swap(args, _engine(args), target_path)
+        return EXIT_BATCH_FAILURES if failed else EXIT_OK
+    refuse_video_options(args)
     output = Path(args.output).expanduser()
     source_paths = [resolve_input_path(s) for s in args.source]
     batch = target_path.is_dir()

@@ -17,13 +17,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import assert_one_line
+
 from diffswap_igfi.cli import main
 from diffswap_igfi.io.video import iter_frames, probe_video
 from diffswap_igfi.provenance.video import verify_video
-from diffswap_igfi.video.synthetic import (camera_path, cartoon_face, render_frames,
-                                           write_test_video)
+from diffswap_igfi.video.synthetic import camera_path, cartoon_face, render_frames, write_test_video
 
 SIZE = (192, 256)  # (height, width) as displayed
 FACE_CENTER = (230.0, 150.0)  # astronaut photo, between the eyes and mouth
@@ -225,7 +224,8 @@ def test_resume_after_sigkill(clip, swapped, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists() and first_chunk.exists()
-    done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True)
+    done = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True,
+                          check=False)
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stderr
     assert not first_chunk.parent.parent.exists()  # work folder removed after success

@@ -69,7 +69,7 @@ def test_selection_over_tracks(faces):
               _track(2, face, 30.0, np.full(3, 5.0))]
     src, a, b = (SimpleNamespace(face=face) for _ in range(3))  # choose_source reads .face
     sources = [src]
-    pick = lambda **kw: sorted(assign_sources(tracks, sources, **kw).sources)  # noqa: E731
+    pick = lambda **kw: sorted(assign_sources(tracks, sources, **kw).sources)
     assert pick(selector="largest") == [1]
     assert pick(selector="all") == [0, 1, 2]
     assert pick(selector="index", index=2) == [0]

@@ -14,9 +14,9 @@ way.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
-import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from diffswap_igfi.errors import ImageReadError, InputError, OutputError
+from diffswap_igfi.io.atomic import remove_stale_temporaries, temporary_path
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg",
                               ".ts", ".mts", ".m2ts", ".wmv", ".flv", ".3gp", ".ogv", ".gif"})
@@ -117,12 +118,13 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             why = _one_line(err) if not isinstance(err, StopIteration) else "no frame"
             raise ImageReadError(f"{path} has no decodable video frame ({why}): re-export it"
                                  ) from None
-        rotation = int(round(first.rotation or 0)) % 360
+        rotation = round(first.rotation or 0) % 360
         if rotation % 90:
             rotation = 0  # only right angles are meaningful to keep; others are display hints
-        info = dict(width=first.width, height=first.height, rotation=rotation,
-                    color_range=int(first.color_range), colorspace=int(first.colorspace),
-                    color_primaries=int(first.color_primaries), color_trc=int(first.color_trc))
+        info = {"width": first.width, "height": first.height, "rotation": rotation,
+                "color_range": int(first.color_range), "colorspace": int(first.colorspace),
+                "color_primaries": int(first.color_primaries),
+                "color_trc": int(first.color_trc)}
         container.seek(0)
         frames, last = 0, None
         try:
@@ -255,7 +257,8 @@ class ChunkWriter:
 
         self.path = Path(path)
         self.info = info
-        self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
+        remove_stale_temporaries(self.path)
+        self._tmp = temporary_path(self.path)
         self._container = av.open(str(self._tmp), "w", format="nut")
         try:
             stream = self._container.add_stream(settings.codec, rate=info.rate)
@@ -334,10 +337,11 @@ class ChunkWriter:
         return self.path
 
     def _abort(self) -> None:
-        try:
+        import av
+
+        # a half-written container may fail to close; the temporary goes either way
+        with contextlib.suppress(av.FFmpegError, OSError, ValueError):
             self._container.close()
-        except Exception:  # closing a half-written container may itself fail; the file goes
-            pass
         self._tmp.unlink(missing_ok=True)
 
     def abort(self) -> None:
@@ -372,7 +376,8 @@ def mux_chunks(chunks: Sequence[Path], info: VideoInfo, output: Path, *,
 
     output = Path(output)
     out_format = OUTPUT_FORMATS[output.suffix.lower()][0]
-    tmp = output.with_name(f".{output.name}.{secrets.token_hex(8)}.tmp")
+    remove_stale_temporaries(output)
+    tmp = temporary_path(output)
     options = {"movflags": "+faststart+use_metadata_tags"} if out_format in ("mp4", "mov") else {}
     try:
         with av.open(str(tmp), "w", format=out_format, options=options) as out, \
@@ -429,6 +434,8 @@ def mux_chunks(chunks: Sequence[Path], info: VideoInfo, output: Path, *,
             raise OutputError(f"cannot write {output} ({_one_line(err)}): check free space "
                               f"and permissions") from None
         raise
+    with open(tmp, "rb") as handle:  # durable before it takes the output's name
+        os.fsync(handle.fileno())
     os.replace(tmp, output)
     return output
 
@@ -461,9 +468,9 @@ def _chunk_packets(chunks: Sequence[Path], stream, time_base: Fraction
             for packet in chunk.demux(src):
                 if packet.size == 0:
                     continue
-                pts = int(round(packet.pts * packet.time_base / time_base))
+                pts = round(packet.pts * packet.time_base / time_base)
                 if pts in durations:
-                    packet.duration = int(round(durations[pts] * time_base / packet.time_base))
+                    packet.duration = round(durations[pts] * time_base / packet.time_base)
                 yield float(packet.dts * packet.time_base), packet, stream
 
 
@@ -483,7 +490,7 @@ def _input_packets(src, copies: dict, encoders: dict, trim: tuple[float, float |
             continue
         index = packet.stream.index
         if index in copies:
-            shift = int(round(offset / tb)) if offset else 0
+            shift = round(offset / tb) if offset else 0
             packet.pts -= shift
             if packet.dts is not None:
                 packet.dts -= shift
@@ -493,12 +500,7 @@ def _input_packets(src, copies: dict, encoders: dict, trim: tuple[float, float |
         enc = encoders[index]
         for frame in packet.decode():
             rate = enc.codec_context.sample_rate
-            frame.pts = int(round((float(frame.pts * frame.time_base) - offset) * rate))
+            frame.pts = round((float(frame.pts * frame.time_base) - offset) * rate)
             frame.time_base = Fraction(1, rate)
             for out_packet in enc.encode(frame):
                 yield float(out_packet.pts * out_packet.time_base), out_packet, enc
-
-
-def temporary_sibling(path: Path, tag: str) -> Path:
-    """A hidden path beside ``path`` (same file system, so a rename is atomic)."""
-    return path.with_name(f".{path.name}.{tag}")

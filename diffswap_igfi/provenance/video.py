@@ -13,6 +13,7 @@ detector on each and reports how many carry the mark.
 from __future__ import annotations
 
 import inspect
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,12 @@ import numpy as np
 
 from diffswap_igfi.errors import InputError
 from diffswap_igfi.io.video import iter_frames, probe_video
-from diffswap_igfi.provenance.metadata import (ProvenanceMetadata, build_xmp,
-                                               is_synthetic_source_type, parse_xmp)
+from diffswap_igfi.provenance.metadata import (
+    ProvenanceMetadata,
+    build_xmp,
+    is_synthetic_source_type,
+    parse_xmp,
+)
 from diffswap_igfi.provenance.watermark import WatermarkResult, detect_watermark, embed_watermark
 
 VERIFY_SAMPLES = 16
@@ -71,7 +76,7 @@ def read_video_metadata(path: Path) -> ProvenanceMetadata | None:
     if tags.get("xmp"):
         try:
             fields = parse_xmp(tags["xmp"])
-        except Exception:  # malformed XMP in an untrusted file: use the plain tags instead
+        except (ET.ParseError, ValueError):  # malformed XMP: use the plain tags instead
             fields = {}
     dst = tags.get("digital_source_type") or fields.get("digital_source_type")
     if not dst and "synthetic" not in tags and not fields:

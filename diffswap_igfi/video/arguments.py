@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffswap_igfi.errors import InputError
 from diffswap_igfi.io.images import INPUT_EXTENSIONS
 from diffswap_igfi.io.video import is_video_path
 
@@ -45,3 +46,25 @@ def is_video_target(path: Path) -> bool:
     return is_video_path(path)
 
 
+
+
+VIDEO_OPTIONS = {"video_codec": "--video-codec", "crf": "--crf", "preset": "--preset",
+                 "trim_start": "--trim-start", "trim_end": "--trim-end", "resume": "--resume",
+                 "chunk_frames": "--chunk-frames", "map_faces": "--map-faces",
+                 "no_smoothing": "--no-smoothing"}
+PHOTO_OPTIONS = {"jpeg_quality": "--jpeg-quality"}
+
+
+def _refuse(args: argparse.Namespace, options: dict[str, str], why: str) -> None:
+    for dest in sorted(getattr(args, "given", set()) & options.keys()):
+        raise InputError(f"{options[dest]} has no effect here: {why}")
+
+
+def refuse_video_options(args: argparse.Namespace) -> None:
+    """An option for video targets, given with a photo target, is refused (never ignored)."""
+    _refuse(args, VIDEO_OPTIONS, "the target is a photo, and it is a video option")
+
+
+def refuse_photo_options(args: argparse.Namespace) -> None:
+    """The reverse: photo-only options given with a video target."""
+    _refuse(args, PHOTO_OPTIONS, "the target is a video (use --crf for its quality)")

@@ -15,9 +15,9 @@ from pathlib import Path
 from diffswap_igfi.errors import DiffSwapError, InputError, OutputError
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import resolve_input_path
-from diffswap_igfi.io.video import (OUTPUT_FORMATS, VIDEO_EXTENSIONS, EncodeSettings,
-                                    check_encoder)
+from diffswap_igfi.io.video import OUTPUT_FORMATS, VIDEO_EXTENSIONS, EncodeSettings, check_encoder
 from diffswap_igfi.swapper import Swapper
+from diffswap_igfi.video.arguments import refuse_photo_options
 from diffswap_igfi.video.job import VideoSwapOptions, check_video_output, swap_video, work_folder
 
 
@@ -42,7 +42,9 @@ def _map_pairs(values: list[str]) -> list[tuple[str, str]]:
 
 
 def run_video_swap(args: argparse.Namespace, engine, target: Path) -> int:
-    """Swap one video, or every video in a folder. Returns the exit code."""
+    """Swap one video, or every video in a folder. Returns how many videos of a folder failed
+    (each is listed on stderr); a single video's failure raises its DiffSwapError."""
+    refuse_photo_options(args)
     output = Path(args.output).expanduser()
     max_pixels = args.max_pixels
     source_paths = [resolve_input_path(s) for s in args.source]
@@ -119,5 +121,4 @@ def run_video_swap(args: argparse.Namespace, engine, target: Path) -> int:
         for line in failures:
             print(f"error: {line}", file=sys.stderr)
         print(f"wrote {len(jobs) - len(failures)} of {len(jobs)} video(s) to {output}")
-        return 1 if failures else 0
-    return 0
+    return len(failures)

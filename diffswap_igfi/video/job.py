@@ -32,10 +32,19 @@ from pathlib import Path
 import numpy as np
 
 from diffswap_igfi import __version__
-from diffswap_igfi.errors import DiffSwapError, InputError, OutputError
-from diffswap_igfi.io.video import (CHUNK_SUFFIX, OUTPUT_FORMATS, ChunkWriter, EncodeSettings,
-                                    VideoInfo, frame_to_rgb, iter_frames, mux_chunks,
-                                    probe_video, to_upright)
+from diffswap_igfi.errors import DiffSwapError, InputError
+from diffswap_igfi.io.video import (
+    CHUNK_SUFFIX,
+    OUTPUT_FORMATS,
+    ChunkWriter,
+    EncodeSettings,
+    VideoInfo,
+    frame_to_rgb,
+    iter_frames,
+    mux_chunks,
+    probe_video,
+    to_upright,
+)
 from diffswap_igfi.provenance.video import container_metadata, watermark_frame
 from diffswap_igfi.swapper import Source, Swapper
 from diffswap_igfi.video.bounded import DEFAULT_MAX_IOD, swap_face_bounded
@@ -244,7 +253,7 @@ def _track_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSwa
 
 
 def _first_kept_pts(work: Path) -> int:
-    first = sorted((work / "track").glob("*.npz"))[0]
+    first = min((work / "track").glob("*.npz"))
     with np.load(first) as z:
         return int(z["pts"][0]) if len(z["pts"]) else 0
 
@@ -295,10 +304,14 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
     bar.update(first * c)
     wanted: dict = plan(first)
     k = first
+
+    def needs_rgb(index: int) -> bool:  # reads ``wanted`` as it is when the frame is decoded
+        return index in wanted
+
     writer = ChunkWriter(chunk_files(k)[0], info, options.encode)
     try:
         for frame in iter_frames(info, start=options.trim_start, end=options.trim_end,
-                                 first_index=first * c, rgb=lambda i: i in wanted):
+                                 first_index=first * c, rgb=needs_rgb):
             if frame.index >= (k + 1) * c:
                 writer.close()
                 _write_json(chunk_files(k)[1], colour.state())

@@ -120,10 +120,10 @@ def cartoon_face(size: tuple[int, int] = (192, 256), t: float = 0.0) -> np.ndarr
     cy = int(h / 2 + 4 * k * math.sin(1.7 * t))
 
     def p(x: float, y: float) -> tuple[int, int]:
-        return int(round(cx + x * k)), int(round(cy + y * k))
+        return round(cx + x * k), round(cy + y * k)
 
     def r(a: float, b: float) -> tuple[int, int]:
-        return max(1, int(round(a * k))), max(1, int(round(b * k)))
+        return max(1, round(a * k)), max(1, round(b * k))
 
     cv2.ellipse(img, p(0, -10), r(95, 120), 0, 0, 360, (60, 80, 120), -1)
     cv2.ellipse(img, p(0, 10), r(80, 105), 0, 0, 360, (235, 200, 170), -1)
