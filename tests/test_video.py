@@ -260,3 +260,14 @@ def test_map_faces_two_people(photos, faces, recognizer, detector, tmp_path):
         d_left, desc["astronaut"])
     assert recognizer.distance(d_right, desc["astronaut"]) < recognizer.distance(
         d_right, desc["grace_hopper"])
+
+
+def test_options_of_the_other_mode_are_refused(clip, tmp_path, capsys):
+    photo_out, video_out = tmp_path / "out.png", tmp_path / "out.mp4"
+    code = main(["swap", "-s", "sample:grace_hopper", "-t", "sample:astronaut", "-o",
+                 str(photo_out), "--crf", "20"])
+    assert code == 2 and "--crf has no effect" in capsys.readouterr().err
+    code = main(["swap", "-s", "sample:grace_hopper", "-t", str(clip[0]), "-o", str(video_out),
+                 "--jpeg-quality", "80"])
+    assert code == 2 and "--jpeg-quality has no effect" in capsys.readouterr().err
+    assert not photo_out.exists() and not video_out.exists()
