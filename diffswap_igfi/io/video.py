@@ -471,6 +471,8 @@ def _chunk_packets(chunks: Sequence[Path], stream, time_base: Fraction
                 pts = round(packet.pts * packet.time_base / time_base)
                 if pts in durations:
                     packet.duration = round(durations[pts] * time_base / packet.time_base)
+                if packet.dts is None:  # NUT leaves it unset on short streams; no B-frames
+                    packet.dts = packet.pts
                 yield float(packet.dts * packet.time_base), packet, stream
 
 
