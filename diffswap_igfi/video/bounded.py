@@ -21,6 +21,7 @@ from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.swapper import Source, Swapper
 
 DEFAULT_MAX_IOD = 64.0
+MIN_WORK_IOD = 32.0  # the landmark warp needs this much room between the eyes
 MARGIN_IOD = 1.1  # crop margin past the face box: the engine's mask + feather reach ~0.9
 
 

@@ -47,7 +47,7 @@ from diffswap_igfi.io.video import (
 )
 from diffswap_igfi.provenance.video import container_metadata, watermark_frame
 from diffswap_igfi.swapper import Source, Swapper
-from diffswap_igfi.video.bounded import DEFAULT_MAX_IOD, swap_face_bounded
+from diffswap_igfi.video.bounded import DEFAULT_MAX_IOD, MIN_WORK_IOD, swap_face_bounded
 from diffswap_igfi.video.plan import AnalysisChunk, Assignment, Planner, assign_sources
 from diffswap_igfi.video.smoothing import ColourSmoother, OneEuroSettings
 from diffswap_igfi.video.tracking import Track, Tracker, TrackerSettings
@@ -62,7 +62,8 @@ class VideoSwapOptions:
     selector/index/reference_distance: face selection over tracks (see plan.assign_sources);
     trim_start/trim_end: seconds of the input to keep (end excluded); chunk_frames: frames per
     resumable chunk (at least max_gap + 1); smooth_landmarks / smooth_colour: stability filters;
-    max_iod: faces are swapped at most this many pixels between the eyes (video/bounded.py).
+    max_iod: faces are swapped at most this many pixels between the eyes (video/bounded.py),
+    and no finer than the source face (down to MIN_WORK_IOD).
     """
 
     selector: str = "largest"
@@ -348,8 +349,11 @@ def _swap_frame(swapper: Swapper, rgb: np.ndarray, faces, assignment: Assignment
     image = rgb.copy()
     region = np.zeros(rgb.shape[:2], bool)
     for track, face in faces:
-        crop, alpha, (x0, y0, x1, y1) = swap_face_bounded(
-            swapper, image, face, assignment.sources[track], max_iod=max_iod)
+        source = assignment.sources[track]
+        # no finer than the source face itself: its texture holds no more detail than that
+        work_iod = min(max_iod, max(MIN_WORK_IOD, source.face.interocular))
+        crop, alpha, (x0, y0, x1, y1) = swap_face_bounded(swapper, image, face, source,
+                                                          max_iod=work_iod)
         crop = colour(track, crop, image[y0:y1, x0:x1], alpha)
         image[y0:y1, x0:x1] = crop
         region[y0:y1, x0:x1] |= alpha > 0
