@@ -292,3 +292,25 @@ def test_diffusion_engine_on_video(clip, tmp_path):
     assert _pts(out) == pytest.approx(kept, abs=1e-9)
     report = verify_video(out)
     assert report.metadata.digital_source_type == COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
+
+
+def test_person_who_leaves_and_returns_keeps_one_track(photos, tmp_path):
+    """Gone for longer than any bridged gap and back elsewhere in the frame: no box overlaps,
+    so only identity (dlib) links the two appearances into one track, with one source."""
+    from diffswap_igfi.swapper import Swapper
+    from diffswap_igfi.video.job import swap_video
+
+    photo = photos["astronaut"].rgb
+    here = camera_path(5, photo.shape[:2], SIZE, center=(300.0, 150.0), cover=1.4, zoom=0.0,
+                       pan=0.0, rotate_deg=0.0)
+    there = camera_path(5, photo.shape[:2], SIZE, center=(160.0, 150.0), cover=1.4, zoom=0.0,
+                        pan=0.0, rotate_deg=0.0)
+    blank = [np.full((*SIZE, 3), 128, np.uint8)] * 12
+    frames = render_frames(photo, here, SIZE) + blank + render_frames(photo, there, SIZE)
+    path = write_test_video(tmp_path / "away.mp4", frames, audio_hz=None)
+    with Swapper() as swapper:
+        source = swapper.source(photos["grace_hopper"])
+        result = swap_video(swapper, [source], path, tmp_path / "away_out.mp4", progress=False,
+                            log=lambda m: None)
+    assert result.tracks == 1
+    assert result.swapped_frames == 10  # the blank frames pass through
