@@ -90,7 +90,7 @@ def run_ui(args: argparse.Namespace) -> int:
 
         sessions = root / "sessions"
         sessions.mkdir()
-        service = SwapService(sessions, max_pixels=args.max_pixels,
+        service = SwapService(sessions, upload_root=root, max_pixels=args.max_pixels,
                               concurrency=args.concurrency)
         demo = build_app(service)
         demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)

@@ -107,10 +107,13 @@ def parse_indices(text: str | Sequence[int] | None) -> tuple[int, ...]:
 class Session:
     """One browser tab or API client: a private folder for its results, removed at its end.
 
-    ``uploads`` are the upload paths this session handed in; they are removed with it.
+    ``uploads`` are the paths this session handed in; those inside ``upload_root`` (the
+    server's upload folder) are removed with it. Nothing outside ``upload_root`` is ever
+    deleted: an in-process caller may hand in the user's own photos.
     """
 
     folder: Path
+    upload_root: Path | None = None
     uploads: set[str] = field(default_factory=set)
     count: int = 0
 
@@ -121,8 +124,11 @@ class Session:
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        root = self.upload_root.resolve() if self.upload_root is not None else None
         for upload in self.uploads:
-            path = Path(upload)
+            path = Path(upload).resolve()
+            if root is None or root == path or root not in path.parents:
+                continue
             path.unlink(missing_ok=True)
             try:  # Gradio keeps each upload alone in a folder named by its hash
                 path.parent.rmdir()
@@ -154,9 +160,12 @@ class SwapService:
     """Shared by all sessions: a pool of Swappers (one per concurrent request, since a MediaPipe
     graph serves one caller at a time), loaded diffusion pipelines, and the limits."""
 
-    def __init__(self, root: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 concurrency: int = 2) -> None:
+    def __init__(self, root: Path, *, upload_root: Path | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, concurrency: int = 2) -> None:
+        """root: where session folders go; upload_root: the server's upload folder, whose
+        files a closing session may delete (None: delete no upload)."""
         self.root = Path(root)
+        self.upload_root = upload_root
         self.max_pixels = max_pixels
         self.concurrency = concurrency
         self._idle: queue.LifoQueue[Swapper] = queue.LifoQueue()
@@ -169,7 +178,7 @@ class SwapService:
     # sessions ---------------------------------------------------------------------------------
     def new_session(self) -> Session:
         folder = Path(tempfile.mkdtemp(prefix="session-", dir=self.root))
-        return Session(folder)
+        return Session(folder, self.upload_root)
 
     # the pool -----------------------------------------------------------------------------------
     @contextmanager
@@ -274,7 +283,6 @@ class SwapService:
         """The diffusion engine of a checkpoint, loaded once per (folder, device); the request's
         options are set on it while ``_diffusion_lock`` is held by the caller's swap."""
         from diffswap_igfi.engines.diffusion import DiffusionEngine
-        from diffswap_igfi.sfi.pipeline import IdMix
 
         key = (str(Path(options.checkpoint).expanduser().resolve()) if options.checkpoint
                else "", options.device)
@@ -284,6 +292,8 @@ class SwapService:
                 engine = DiffusionEngine(options.checkpoint or None, device=options.device,
                                          progress=False)
                 self._diffusion = {key: engine}  # keep one pipeline in memory, not one per folder
+        from diffswap_igfi.sfi.pipeline import IdMix
+
         id_mix = IdMix(mix, options.mix_mode, options.mix_weight) if mix else None
         return _EngineView(engine, options.steps, options.guidance, options.seed,
                            options.warm_start, options.refine, id_mix)
