@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -233,6 +234,16 @@ def test_a_browser_uploads_two_photos_swaps_and_gets_the_marked_result(server, b
     if os.environ.get("DIFFSWAP_UI_SCREENSHOT"):  # how docs/ui.png is made
         shutil.copyfile(_screenshot(browser, tempfile.mkdtemp()),
                         os.environ["DIFFSWAP_UI_SCREENSHOT"])
+
+    # closing the tab ends the session: its folder goes at once
+    served = Path(urllib.parse.unquote(link.get_attribute("href").split("file=", 1)[1]))
+    folder = served.parent
+    assert folder.parent == server[2] / "sessions" and served.is_file()
+    browser.get("about:blank")
+    deadline = time.monotonic() + 30
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not folder.exists(), "the session folder outlived its tab"
 
 
 def _screenshot(browser, folder: str) -> str:

@@ -123,6 +123,23 @@ def test_closing_a_session_removes_its_results_and_uploads_but_nothing_else(tmp_
     assert users_own.read_bytes() == b"z"
 
 
+def test_an_upload_another_live_session_uses_is_kept_until_that_one_ends(tmp_path):
+    uploads = tmp_path / "gradio"
+    service = SwapService(tmp_path / "sessions", upload_root=uploads)
+    (tmp_path / "sessions").mkdir()
+    shared = uploads / "same-content-hash" / "photo.png"  # Gradio stores equal uploads once
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(b"x")
+    a, b = service.new_session("tab-a"), service.new_session("tab-b")
+    a.uploads.add(str(shared))
+    b.uploads.add(str(shared))
+    service.end_session("tab-a")
+    assert not a.folder.exists() and shared.exists() and b.folder.exists()
+    service.end_session("tab-b")
+    assert not b.folder.exists() and not shared.exists()
+    service.end_session("tab-b")  # ending twice is harmless
+
+
 def test_a_session_without_an_upload_folder_deletes_no_input(service, session):
     service.swap(session, [HOPPER], ASTRONAUT, SwapOptions())
     assert session.uploads == {HOPPER, ASTRONAUT}

@@ -55,12 +55,6 @@ def one_line_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def close_session(session: Session | None) -> None:
-    """State delete callback: the tab closed (or the API client went quiet for the TTL)."""
-    if session is not None:
-        session.close()
-
-
 def preview(path: str) -> np.ndarray:
     """[h,w,3] uint8 picture of a photo for display, at most PREVIEW_SIDE on its long side."""
     import cv2
@@ -173,14 +167,14 @@ def image_tab(service: SwapService, session: gr.State) -> None:
                        blend=None, keep_mouth_interior=None, checkpoint=None, steps=None,
                        guidance=None, seed=None, device=None, warm_start=None, refine=None,
                        mix_sources=None, mix_mode=None, mix_weight=None, output_format=None,
-                       session=None, detected=None):
+                       session=None, detected=None, request: gr.Request = None):
             """Swap the face(s) of the source photo(s) onto the target photo.
 
             Returns the written file (marked as synthetic: metadata and invisible watermark)
             and the verify summary of that file. Options left out (None) take the defaults
             of SwapOptions, which are the CLI's.
             """
-            session = session or service.new_session()
+            session = session or service.new_session(request.session_hash if request else None)
             given = {"engine": engine, "face_selector": face_selector,
                      "face_indices": parse_indices(face_indices),
                      "reference_distance": reference_distance, "blend": blend,
@@ -246,9 +240,22 @@ def build_app(service: SwapService) -> gr.Blocks:
     with gr.Blocks(title="diffswap-igfi", analytics_enabled=False,
                    delete_cache=(600, SESSION_TTL_S)) as demo:
         gr.Markdown("## diffswap-igfi: identity-guided face swapping\n" + RESPONSIBLE_USE)
+
+        def close_session(session: Session | None) -> None:
+            """State delete callback: an API client was quiet for the TTL (or a closed tab's
+            state expired)."""
+            if session is not None and session.key is None:
+                session.close()
+            elif session is not None:
+                service.end_session(session.key)
+
+        def tab_closed(request: gr.Request) -> None:
+            service.end_session(request.session_hash)
+
         session = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=close_session)
         for tab in TABS:
             tab(service, session)
+        demo.unload(tab_closed)  # Gradio itself drops a closed tab's state only an hour later
     return demo
 
 

@@ -114,6 +114,7 @@ class Session:
 
     folder: Path
     upload_root: Path | None = None
+    key: str | None = None
     uploads: set[str] = field(default_factory=set)
     count: int = 0
 
@@ -122,10 +123,12 @@ class Session:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:60] or "image"
         return self.folder / f"{safe}_swapped_{self.count}.{suffix}"
 
-    def close(self) -> None:
+    def close(self, keep: set[str] = frozenset()) -> None:
+        """Remove the folder and the uploads, except those in ``keep`` (uploads other live
+        sessions use: Gradio stores identical uploads once, under their content hash)."""
         shutil.rmtree(self.folder, ignore_errors=True)
         root = self.upload_root.resolve() if self.upload_root is not None else None
-        for upload in self.uploads:
+        for upload in self.uploads - set(keep):
             path = Path(upload).resolve()
             if root is None or root == path or root not in path.parents:
                 continue
@@ -172,13 +175,29 @@ class SwapService:
         self._all: list[Swapper] = []
         self._pool_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(concurrency)
+        self._sessions: dict[str, Session] = {}
+        self._sessions_lock = threading.Lock()
         self._diffusion: dict[tuple[str, str], object] = {}
         self._diffusion_lock = threading.Lock()
 
     # sessions ---------------------------------------------------------------------------------
-    def new_session(self) -> Session:
+    def new_session(self, key: str | None = None) -> Session:
+        """A session with a fresh folder; with ``key`` (Gradio's session hash) it can be ended
+        by key when its browser tab closes."""
         folder = Path(tempfile.mkdtemp(prefix="session-", dir=self.root))
-        return Session(folder, self.upload_root)
+        session = Session(folder, self.upload_root, key)
+        if key is not None:
+            with self._sessions_lock:
+                self._sessions[key] = session
+        return session
+
+    def end_session(self, key: str | None) -> None:
+        """Remove a session's folder and uploads (a no-op for an unknown or ended one)."""
+        with self._sessions_lock:
+            session = self._sessions.pop(key, None) if key is not None else None
+            in_use = set().union(*(s.uploads for s in self._sessions.values()))
+        if session is not None:
+            session.close(keep=in_use)
 
     # the pool -----------------------------------------------------------------------------------
     @contextmanager
@@ -197,6 +216,10 @@ class SwapService:
                 self._idle.put(swapper)
 
     def close(self) -> None:
+        with self._sessions_lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()
         with self._pool_lock:
             for swapper in self._all:
                 swapper.close()
