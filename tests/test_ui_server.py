@@ -5,11 +5,9 @@ browser (Debian's chromium through Selenium). One server serves the whole module
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -203,8 +201,8 @@ def browser(tmp_path):
         driver.quit()
 
 
-def test_a_browser_uploads_two_photos_swaps_and_gets_the_marked_result(server, browser,
-                                                                       tmp_path):
+def test_a_browser_uploads_two_photos_picks_faces_swaps_and_gets_the_marked_result(
+        server, browser, tmp_path, faces):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -215,10 +213,20 @@ def test_a_browser_uploads_two_photos_swaps_and_gets_the_marked_result(server, b
     browser.get(server[0])
     element("#swap")
     element("#sources input[type=file]").send_keys(str(sample_path("grace_hopper")))
-    element("#target input[type=file]").send_keys(str(sample_path("astronaut")))
-    element("#faces img")  # the target's faces were detected and shown
+    element("#target input[type=file]").send_keys(str(sample_path("group")))
+    # the target's faces were detected and shown as thumbnails, largest first; click two
+    WebDriverWait(browser, 60).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#faces button.thumbnail-item")) >= 4)
+    thumbnails = browser.find_elements(By.CSS_SELECTOR, "#faces button.thumbnail-item")
+    assert len(thumbnails) == len(faces["group"])
+    thumbnails[1].click()
+    WebDriverWait(browser, 10).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#picked textarea").get_attribute("value"))
+    thumbnails[3].click()
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(
+        By.CSS_SELECTOR, "#picked textarea").get_attribute("value") == "1, 3")
     element("#swap").click()
-    link = element("#result a[href*='astronaut_swapped']", timeout=120)
+    link = element("#result a[href*='t1_swapped']", timeout=120)
     shown = element("#comparison img")
     WebDriverWait(browser, 30).until(
         lambda d: d.execute_script("return arguments[0].naturalWidth", shown) > 0)
@@ -229,11 +237,15 @@ def test_a_browser_uploads_two_photos_swaps_and_gets_the_marked_result(server, b
     with urllib.request.urlopen(link.get_attribute("href"), timeout=30) as response:
         downloaded.write_bytes(response.read())
     assert verify_image(downloaded).watermark.found
-    result, target = load_image(downloaded).rgb, load_image(sample_path("astronaut")).rgb
-    assert result.shape == target.shape and not np.array_equal(result, target)
+    result, target = load_image(downloaded).rgb, load_image(sample_path("group")).rgb
+    assert result.shape == target.shape
+    for i, face in enumerate(faces["group"][:4]):
+        x0, y0, x1, y1 = (int(round(v)) for v in face.box)
+        # PNG is lossless and the engine leaves pixels outside its mask exactly as they were
+        same = np.array_equal(result[y0:y1, x0:x1], target[y0:y1, x0:x1])
+        assert same == (i not in (1, 3)), f"face {i}"
     if os.environ.get("DIFFSWAP_UI_SCREENSHOT"):  # how docs/ui.png is made
-        shutil.copyfile(_screenshot(browser, tempfile.mkdtemp()),
-                        os.environ["DIFFSWAP_UI_SCREENSHOT"])
+        _save_marked_screenshot(browser, tmp_path, Path(os.environ["DIFFSWAP_UI_SCREENSHOT"]))
 
     # closing the tab ends the session: its folder goes at once
     served = Path(urllib.parse.unquote(link.get_attribute("href").split("file=", 1)[1]))
@@ -246,7 +258,15 @@ def test_a_browser_uploads_two_photos_swaps_and_gets_the_marked_result(server, b
     assert not folder.exists(), "the session folder outlived its tab"
 
 
-def _screenshot(browser, folder: str) -> str:
-    path = os.path.join(folder, "ui.png")
-    browser.save_screenshot(path)
-    return path
+def _save_marked_screenshot(browser, tmp_path: Path, dest: Path) -> None:
+    """The screenshot shows swapped faces, so it is written with provenance like any result."""
+    from PIL import Image
+
+    from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
+    from diffswap_igfi.provenance.write import write_synthetic_image
+
+    raw = tmp_path / "screenshot.png"
+    browser.save_screenshot(str(raw))
+    rgb = np.asarray(Image.open(raw).convert("RGB"))
+    write_synthetic_image(dest, rgb, None, digital_source_type=COMPOSITE_SYNTHETIC,
+                          engine="web UI screenshot")

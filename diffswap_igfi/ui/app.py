@@ -78,7 +78,7 @@ def image_tab(service: SwapService, session: gr.State) -> None:
                 target = gr.File(label="Target photo: the picture to change",
                                  file_types=["image"], type="filepath", elem_id="target")
                 faces = gr.Gallery(label="Faces found in the target (click to pick)",
-                                   columns=6, height=190, object_fit="contain",
+                                   columns=6, height=170, object_fit="contain",
                                    allow_preview=False, elem_id="faces")
                 selector = gr.Radio(list(UI_SELECTORS), value="largest", label="Faces to swap",
                                     info="picked: the thumbnails you clicked; reference: every "
@@ -127,7 +127,7 @@ def image_tab(service: SwapService, session: gr.State) -> None:
                                              label="Output format")
                 swap = gr.Button("Swap", variant="primary", elem_id="swap")
             with gr.Column(scale=1):
-                comparison = gr.ImageSlider(label="Before / after", type="numpy",
+                comparison = gr.ImageSlider(label="Before / after", type="numpy", slider_position=25,
                                             elem_id="comparison")
                 result = gr.File(label="Marked result (download)", elem_id="result")
                 report = gr.Textbox(label="Provenance of the written file (verify)", lines=3,
@@ -257,6 +257,13 @@ def build_app(service: SwapService) -> gr.Blocks:
             tab(service, session)
         demo.unload(tab_closed)  # Gradio itself drops a closed tab's state only an hour later
     return demo
+
+
+# Gradio stretches a gallery of one or two pictures across its width; thumbnails stay small.
+CSS = """
+#faces .grid-container { grid-template-columns: repeat(auto-fill, 112px) !important; }
+#faces .thumbnail-item { width: 112px; height: 112px; }
+"""
 
 
 def theme() -> gr.themes.Base:

@@ -85,7 +85,7 @@ def run_ui(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     demo = service = None
     try:
-        from diffswap_igfi.ui.app import build_app, theme
+        from diffswap_igfi.ui.app import CSS, build_app, theme
         from diffswap_igfi.ui.service import SwapService
 
         sessions = root / "sessions"
@@ -98,7 +98,7 @@ def run_ui(args: argparse.Namespace) -> int:
             _, url, share_url = demo.launch(
                 server_name=args.host, server_port=args.port, share=args.share,
                 prevent_thread_lock=True, max_file_size=f"{args.max_upload_mb}mb",
-                ssr_mode=False, quiet=True, theme=theme(), show_error=False)
+                ssr_mode=False, quiet=True, theme=theme(), css=CSS, show_error=False)
         except OSError as err:
             raise InputError(f"cannot listen on {args.host}:{args.port} ({err}): choose another "
                              f"--port") from None
