@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow  # one server start (~10-20 s here) shared by ever
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+MAX_UPLOAD_MB = 2  # the shipped photos are under 1 MB
 
 
 def _free_port() -> int:
@@ -48,7 +49,8 @@ def server():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "diffswap_igfi", "ui", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "diffswap_igfi", "ui", "--port", str(port),
+                             "--max-upload-mb", str(MAX_UPLOAD_MB)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     lines: list[str] = []
@@ -136,6 +138,20 @@ def test_an_error_reaches_the_api_client_as_one_line(client):
         _swap(client, "grace_hopper", "astronaut", face_selector="picked", face_indices="4")
     message = str(err.value)
     assert "out of range" in message and "\n" not in message.strip()
+
+
+def test_uploads_over_the_size_cap_are_refused_by_server_and_client(client, server, tmp_path):
+    import httpx
+    from gradio_client import handle_file
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(MAX_UPLOAD_MB * 2**20))
+    response = httpx.post(server[0] + "gradio_api/upload",
+                          files={"files": (big.name, big.read_bytes(), "image/png")}, timeout=60)
+    assert response.status_code == 413, response.text
+    with pytest.raises(ValueError, match="maximum file size"):  # the client checks first
+        client.predict(sources=[handle_file(str(sample_path("grace_hopper")))],
+                       target=handle_file(str(big)), api_name="/swap_image")
 
 
 def test_eight_concurrent_requests_all_finish_and_a_bad_upload_fails_alone(server, tmp_path):

@@ -196,3 +196,39 @@ def test_ui_defaults_are_local_without_a_share_link():
     assert (args.host, args.port, args.share, args.allow_remote) == ("127.0.0.1", 7860, False,
                                                                      False)
     assert args.max_pixels == 40_000_000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from diffswap_igfi.sfi.build import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny") / "pipeline"
+    tiny_pipeline().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.slow  # builds, saves and loads a tiny pipeline (~30 s on 2 loaded cores)
+def test_diffusion_options_reach_the_engine_and_the_pipeline_is_loaded_once(service, session,
+                                                                          checkpoint):
+    from diffswap_igfi.provenance.metadata import COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
+
+    def run(**options):
+        done = service.swap(session, [HOPPER], ASTRONAUT, SwapOptions(
+            engine="diffusion", checkpoint=checkpoint, steps=2, **options))
+        return done, load_image(done.path).rgb
+
+    first, a = run(seed=1)
+    engine = next(iter(service._diffusion.values()))
+    _, b = run(seed=2, warm_start=0.5, guidance=1.0)
+    assert list(service._diffusion.values()) == [engine]  # loaded once, kept for the next
+    assert (engine.steps, engine.seed, engine.warm_start_strength) == (30, 0, None)  # untouched
+    assert first.report.metadata.digital_source_type == COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+def test_photos_over_the_pixel_limit_are_refused_in_one_line(tmp_path):
+    small = SwapService(tmp_path, max_pixels=100_000)  # astronaut is 512x512 = 262144 pixels
+    with pytest.raises(InputError, match="over the limit of 100000 pixels") as err:
+        small.swap(small.new_session(), [HOPPER], ASTRONAUT, SwapOptions())
+    assert_one_line(str(err.value))
+    small.close()
