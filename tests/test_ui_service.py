@@ -7,15 +7,14 @@ import argparse
 
 import numpy as np
 import pytest
-
 from conftest import assert_one_line
+
 from diffswap_igfi.errors import AmbiguousFaceError, DiffSwapError, InputError, ModelNotFoundError
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
 from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
 from diffswap_igfi.ui.server import add_ui_arguments, check_host, is_loopback
-from diffswap_igfi.ui.service import (Session, SwapOptions, SwapService, parse_indices,
-                                      thumbnail)
+from diffswap_igfi.ui.service import Session, SwapOptions, SwapService, parse_indices, thumbnail
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,7 @@ HOPPER, ASTRONAUT, GROUP = (str(sample_path(n)) for n in ("grace_hopper", "astro
 
 
 def _inside(box, shape):
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    x0, y0, x1, y1 = (round(float(v)) for v in box)
     return slice(max(0, y0), min(shape[0], y1)), slice(max(0, x0), min(shape[1], x1))
 
 
@@ -232,3 +231,13 @@ def test_photos_over_the_pixel_limit_are_refused_in_one_line(tmp_path):
         small.swap(small.new_session(), [HOPPER], ASTRONAUT, SwapOptions())
     assert_one_line(str(err.value))
     small.close()
+
+
+def test_the_reference_selector_swaps_matching_faces_and_names_a_miss(service, session):
+    done = service.swap(session, [HOPPER], ASTRONAUT,
+                        SwapOptions(face_selector="reference"), reference_path=ASTRONAUT)
+    assert done.faces == 1
+    with pytest.raises(InputError, match="matches the reference") as err:
+        service.swap(session, [HOPPER], ASTRONAUT,
+                     SwapOptions(face_selector="reference"), reference_path=HOPPER)
+    assert_one_line(str(err.value))

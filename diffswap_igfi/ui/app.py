@@ -22,8 +22,17 @@ import numpy as np
 from diffswap_igfi.engines.geometric import BLENDS
 from diffswap_igfi.errors import DiffSwapError
 from diffswap_igfi.io.images import load_image
-from diffswap_igfi.ui.service import (ENGINES, OUTPUT_FORMATS, UI_SELECTORS, DetectedFaces,
-                                      Session, SwapOptions, SwapService, parse_indices, verify)
+from diffswap_igfi.ui.service import (
+    ENGINES,
+    OUTPUT_FORMATS,
+    UI_SELECTORS,
+    DetectedFaces,
+    Session,
+    SwapOptions,
+    SwapService,
+    parse_indices,
+    verify,
+)
 
 RESPONSIBLE_USE = ("Swap only faces of people who consented. Every image written is marked as "
                    "synthetic (metadata and an invisible watermark); this cannot be turned off.")
@@ -55,11 +64,11 @@ def one_line_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def preview(path: str) -> np.ndarray:
+def preview(path: str, max_pixels: int) -> np.ndarray:
     """[h,w,3] uint8 picture of a photo for display, at most PREVIEW_SIDE on its long side."""
     import cv2
 
-    rgb = load_image(path).rgb
+    rgb = load_image(path, max_pixels=max_pixels).rgb
     scale = PREVIEW_SIDE / max(rgb.shape[:2])
     if scale < 1:
         rgb = cv2.resize(rgb, (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)),
@@ -196,7 +205,7 @@ def image_tab(service: SwapService, session: gr.State) -> None:
         def show_comparison(target, result):
             if not target or not result:
                 return None
-            return preview(target), preview(result)
+            return preview(target, service.max_pixels), preview(result, service.max_pixels)
 
         swap.click(swap_image,
                    [sources, target, engine, selector, picked, reference, reference_distance,

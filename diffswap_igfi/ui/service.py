@@ -27,7 +27,7 @@ from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.io.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
 from diffswap_igfi.provenance.verify import VerifyReport, verify_image
 from diffswap_igfi.provenance.write import write_synthetic_image
-from diffswap_igfi.swapper import FaceSelection, Source, Swapper, choose_source
+from diffswap_igfi.swapper import FaceSelection, Swapper, choose_source
 
 ENGINES = ("geometric", "diffusion")
 # "picked" = the faces clicked in the UI (API: face_indices); the others as in the CLI
