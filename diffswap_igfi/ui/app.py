@@ -136,8 +136,8 @@ def image_tab(service: SwapService, session: gr.State) -> None:
                                              label="Output format")
                 swap = gr.Button("Swap", variant="primary", elem_id="swap")
             with gr.Column(scale=1):
-                comparison = gr.ImageSlider(label="Before / after", type="numpy", slider_position=25,
-                                            elem_id="comparison")
+                comparison = gr.ImageSlider(label="Before / after", type="numpy",
+                                            slider_position=25, elem_id="comparison")
                 result = gr.File(label="Marked result (download)", elem_id="result")
                 report = gr.Textbox(label="Provenance of the written file (verify)", lines=3,
                                     elem_id="report")

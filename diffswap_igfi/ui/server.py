@@ -98,7 +98,9 @@ def run_ui(args: argparse.Namespace) -> int:
             _, url, share_url = demo.launch(
                 server_name=args.host, server_port=args.port, share=args.share,
                 prevent_thread_lock=True, max_file_size=f"{args.max_upload_mb}mb",
-                ssr_mode=False, quiet=True, theme=theme(), css=CSS, show_error=False)
+                ssr_mode=False, quiet=True, theme=theme(), css=CSS, show_error=False,
+                # no run history: it keeps results in the browser and offers to upload them
+                run_history=False, mcp_server=False, footer_links=["api"])
         except OSError as err:
             raise InputError(f"cannot listen on {args.host}:{args.port} ({err}): choose another "
                              f"--port") from None
