@@ -13,7 +13,14 @@ from diffswap_igfi.errors import AmbiguousFaceError, DiffSwapError, InputError, 
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
 from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
-from diffswap_igfi.ui.server import add_ui_arguments, check_host, is_loopback
+from diffswap_igfi.ui.server import (
+    PID_FILE,
+    ROOT_PREFIX,
+    add_ui_arguments,
+    check_host,
+    is_loopback,
+    remove_stale_roots,
+)
 from diffswap_igfi.ui.service import Session, SwapOptions, SwapService, parse_indices, thumbnail
 
 
@@ -241,3 +248,21 @@ def test_the_reference_selector_swaps_matching_faces_and_names_a_miss(service, s
         service.swap(session, [HOPPER], ASTRONAUT,
                      SwapOptions(face_selector="reference"), reference_path=HOPPER)
     assert_one_line(str(err.value))
+
+
+def test_folders_of_dead_servers_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid now names no process
+    dead, live, starting = (tmp_path / f"{ROOT_PREFIX}{n}" for n in ("a", "b", "c"))
+    other = tmp_path / "something-else"
+    for folder in (dead, live, starting, other):
+        folder.mkdir()
+    (dead / PID_FILE).write_text(str(gone.pid))
+    (live / PID_FILE).write_text(str(os.getpid()))
+    (other / PID_FILE).write_text(str(gone.pid))
+    assert remove_stale_roots(tmp_path) == [dead]
+    assert not dead.exists() and live.exists() and starting.exists() and other.exists()

@@ -21,6 +21,8 @@ from diffswap_igfi.errors import InputError
 from diffswap_igfi.io.images import DEFAULT_MAX_PIXELS
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+ROOT_PREFIX = "diffswap-igfi-ui-"
+PID_FILE = "server.pid"
 
 
 def _positive_int(text: str) -> int:
@@ -71,13 +73,34 @@ def check_host(host: str, allow_remote: bool) -> None:
           f"swap faces here; there is no login", file=sys.stderr)
 
 
+def remove_stale_roots(parent: Path) -> list[Path]:
+    """Remove the temporary folders of servers that died without cleaning up (SIGKILL, power
+    loss): those whose PID_FILE names a process that no longer exists. Returns them."""
+    removed = []
+    for folder in Path(parent).glob(ROOT_PREFIX + "*"):
+        try:
+            pid = int((folder / PID_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or a server still starting
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except PermissionError:
+            pass  # another user's live process
+    return removed
+
+
 def run_ui(args: argparse.Namespace) -> int:
     """Serve until interrupted (Ctrl-C or SIGTERM); then remove every temporary file."""
     check_host(args.host, args.allow_remote)
     if args.share:
         print("warning: --share publishes this UI on a public gradio.live address",
               file=sys.stderr)
-    root = Path(tempfile.mkdtemp(prefix="diffswap-igfi-ui-")).resolve()
+    remove_stale_roots(Path(tempfile.gettempdir()))
+    root = Path(tempfile.mkdtemp(prefix=ROOT_PREFIX)).resolve()
+    (root / PID_FILE).write_text(str(os.getpid()))
     # Before Gradio is imported: its upload folder and cache then live in our folder.
     os.environ["GRADIO_TEMP_DIR"] = str(root)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
