@@ -1,5 +1,5 @@
 """Command line: ``diffswap-igfi swap | verify | conditions | preprocess | eval | samples |
-demo | build-dictionaries``.
+demo | build-dictionaries | ui``.
 
 Every failure prints one ``error:`` line on stderr (usage text only with ``--help``) and exits
 with a documented code (EXIT_CODES); ``--debug`` adds the traceback and keeps the code.
@@ -192,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "DIR, e.g. as a tiny training set for diffswap-igfi preprocess.")
     samples.add_argument("dir", nargs="?", metavar="DIR", help="folder to copy them into")
     samples.add_argument("--force", action="store_true", help="overwrite existing copies")
+
+    ui = sub.add_parser("ui", help="start the web UI (local only by default)",
+                        description="A Gradio web UI with /swap_image and /verify API "
+                                    "endpoints. " + RESPONSIBLE_USE)
+    from diffswap_igfi.ui.server import add_ui_arguments
+
+    add_ui_arguments(ui)
 
     demo = sub.add_parser("demo", help="swap two photos that ship with our dependencies")
     demo.add_argument("-o", "--output", default="demo", metavar="DIR",
@@ -479,6 +486,12 @@ def _run_build_dictionaries(args: argparse.Namespace) -> int:
     return run_build_dictionaries(args)
 
 
+def _run_ui(args: argparse.Namespace) -> int:
+    from diffswap_igfi.ui.server import run_ui
+
+    return run_ui(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output)
     pairs = [("grace_hopper", "astronaut"), ("astronaut", "grace_hopper")]
@@ -505,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"swap": cmd_swap, "verify": cmd_verify, "demo": cmd_demo,
                 "conditions": cmd_conditions, "samples": cmd_samples,
                 "preprocess": _run_preprocess, "eval": _run_eval,
-                "build-dictionaries": _run_build_dictionaries}
+                "build-dictionaries": _run_build_dictionaries, "ui": _run_ui}
     try:
         return handlers[args.command](args)
     except DiffSwapError as err:
