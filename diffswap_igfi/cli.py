@@ -1,4 +1,4 @@
-"""Command line: ``diffswap-igfi swap | verify | conditions | preprocess | eval | samples |
+"""Command line: ``diffswap-igfi swap | verify | keys | conditions | preprocess | eval | samples |
 demo | build-dictionaries``.
 
 Errors from the library are DiffSwapErrors; they print as one ``error:`` line on stderr with a
@@ -90,10 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--jpeg-quality", type=int, default=95, choices=range(1, 101),
                       metavar="1-100", help="quality of JPEG/WebP outputs (default: 95)")
     swap.add_argument("--quiet", action="store_true", help="no progress bar")
+    swap.add_argument("--c2pa-cert", metavar="PEM", help="sign the C2PA manifest with this "
+                      "certificate chain (with --c2pa-key; default: the local keys)")
+    swap.add_argument("--c2pa-key", metavar="PEM", help="the private key of --c2pa-cert")
 
     verify = sub.add_parser("verify", help="report provenance marks in image(s)")
     verify.add_argument("images", nargs="+", metavar="IMAGE")
     verify.add_argument("--json", action="store_true", help="print JSON")
+    from diffswap_igfi.provenance.keys import add_keys_arguments
+
+    add_keys_arguments(sub.add_parser("keys", help="C2PA signing keys (keys init | keys show)"))
 
     cond = sub.add_parser(
         "conditions", help="compute the SFI conditions of a pair and draw them",
@@ -239,7 +245,9 @@ def cmd_swap(args: argparse.Namespace) -> int:
                                       digital_source_type=engine.digital_source_type,
                                       engine=engine.name, alpha=target.alpha,
                                       icc_profile=target.icc_profile,
-                                      jpeg_quality=args.jpeg_quality)
+                                      jpeg_quality=args.jpeg_quality, faces=result.faces,
+                                      parent_path=target_file, c2pa_cert=args.c2pa_cert,
+                                      c2pa_key=args.c2pa_key)
             except DiffSwapError as err:
                 if not batch:
                     raise
@@ -366,6 +374,12 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     return run_preprocess(args)
 
 
+def _run_keys(args: argparse.Namespace) -> int:
+    from diffswap_igfi.provenance.keys import run_keys
+
+    return run_keys(args)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from diffswap_igfi.eval.run import run_eval
 
@@ -398,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"swap": cmd_swap, "verify": cmd_verify, "demo": cmd_demo,
                 "conditions": cmd_conditions, "samples": cmd_samples,
                 "preprocess": _run_preprocess, "eval": _run_eval,
-                "build-dictionaries": _run_build_dictionaries}
+                "build-dictionaries": _run_build_dictionaries, "keys": _run_keys}
     try:
         return handlers[args.command](args)
     except DiffSwapError as err:
