@@ -49,6 +49,9 @@ CRC_BITS = 8
 FALSE_ALARM_RATE = 1e-6  # per face, any content
 MIN_FACE_PX = 20  # smallest interocular distance (px) the mark is embedded on and read from
 _ELLIPSE = ((128.0, 144.0), (88.0, 112.0))  # centre (x, y), radii (x, y) in the frame
+# An expected payload "matches" at this z over the code chips: an unrelated payload (whose
+# signs are independent of the mark) gets there with probability under exp(-z^2/2) = 1e-3.
+MATCH_Z = 3.72
 _JITTER = ((0.0, 0.0),)  # (dx, dy) frame shifts searched at detection (measured: no gain)
 
 
@@ -90,7 +93,7 @@ class FaceMarkResult:
     @property
     def payload_matches(self) -> bool | None:
         """True/False when an expected payload was tested on a found mark, else None."""
-        return None if self.match is None else self.match >= threshold(1)
+        return None if self.match is None else self.match >= MATCH_Z
 
     def to_dict(self) -> dict:
         return {"found": self.found, "score": round(self.score, 3),
@@ -178,7 +181,8 @@ def frame_affine(kps: np.ndarray) -> np.ndarray:
     return similarity_transform(np.asarray(kps, np.float64), template_points(FRAME, "arcface"))
 
 
-def _luma(rgb: np.ndarray) -> np.ndarray:
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """[H,W,3] uint8 -> [H,W] float32 BT.601 luma in [0,255]."""
     r, g, b = (np.float32(c) for c in (0.299, 0.587, 0.114))
     return rgb[..., 0] * r + rgb[..., 1] * g + rgb[..., 2] * b
 
@@ -197,14 +201,14 @@ def embed_face_mark(rgb: np.ndarray, faces_kps: Sequence[np.ndarray], region: np
     goes to R, G and B. Faces with an interocular distance under MIN_FACE_PX are skipped.
     """
     h, w = rgb.shape[:2]
-    luma = _luma(rgb)
+    y = luma(rgb)
     wanted = _wanted(key, payload)
     total = np.zeros((h, w), np.float32)
     for kps in faces_kps:
         if interocular(kps) < MIN_FACE_PX:
             continue
         affine = frame_affine(kps)
-        change = frame_delta(_to_frame(luma, affine), wanted, strength)
+        change = frame_delta(_to_frame(y, affine), wanted, strength)
         delta = cv2.warpAffine(change, affine, (w, h),
                                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
@@ -242,8 +246,8 @@ def _draw_layer(values: np.ndarray, index: int) -> np.ndarray:
     return frame.swapaxes(1, 2).reshape(FRAME, FRAME)
 
 
-def _to_frame(luma: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    return cv2.warpAffine(luma, affine, (FRAME, FRAME), flags=cv2.INTER_LINEAR,
+def _to_frame(plane: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    return cv2.warpAffine(plane, affine, (FRAME, FRAME), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REFLECT101)
 
 
@@ -282,7 +286,7 @@ def score_face(rgb_or_luma: np.ndarray, kps: np.ndarray, *, key: int,
     test (e.g. the one a C2PA manifest records); the match z-score correlates every code chip
     with the signs that payload would give, far stronger evidence than blind decoding.
     """
-    luma = _luma(rgb_or_luma) if rgb_or_luma.ndim == 3 else rgb_or_luma
+    y = luma(rgb_or_luma) if rgb_or_luma.ndim == 3 else rgb_or_luma
     chips, roles = _layout(key)
     pilot = roles < 0
     base = frame_affine(kps)
@@ -291,7 +295,7 @@ def score_face(rgb_or_luma: np.ndarray, kps: np.ndarray, *, key: int,
         affine = base.copy()
         affine[:, 2] += (dx, dy)
         # Each chip in units of its layer's target, clipped: content cannot outvote the mark.
-        r = np.clip(_coefficients(_to_frame(luma, affine)) / _TARGETS, -1.0, 1.0)
+        r = np.clip(_coefficients(_to_frame(y, affine)) / _TARGETS, -1.0, 1.0)
         cr = chips * r
         z = float(cr[pilot].sum() / math.sqrt(max(float((r[pilot] ** 2).sum()), 1e-12)))
         if z > best:
@@ -311,13 +315,13 @@ def detect_face_mark(rgb: np.ndarray, faces_kps: Sequence[np.ndarray], *, key: i
     """Score every face (its [5,2] keypoints in ``rgb``: [H,W,3] uint8); found when any face
     passes the threshold. ``expect``: a payload to test against (see :func:`score_face`)."""
     t = threshold()
-    luma = _luma(rgb)
+    y = luma(rgb)
     scores, best, payload, match, small = [], -math.inf, None, None, 0
     for kps in faces_kps:
         if interocular(kps) < MIN_FACE_PX:
             small += 1
             continue
-        z, p, m = score_face(luma, kps, key=key, expect=expect)
+        z, p, m = score_face(y, kps, key=key, expect=expect)
         scores.append(z)
         if z > best:
             best, payload, match = z, p, m

@@ -1,0 +1,201 @@
+"""The face-anchored watermark: survives resizing, crops, rotations and JPEG as long as the face
+is found; never fires on clean photos; pixels outside the region untouched; the payload links
+to the manifest; video frames aggregate into a clip verdict."""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffswap_igfi.provenance import face_mark
+from diffswap_igfi.provenance.keys import DEFAULT_WATERMARK_KEY
+from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
+from diffswap_igfi.provenance.verify import detect_faces_for_mark, verify_image
+from diffswap_igfi.provenance.video_mark import clip_payload, detect_clip, mark_frame
+from diffswap_igfi.provenance.watermark import embed_watermark
+from diffswap_igfi.provenance.write import write_synthetic_image
+
+
+def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def resize(rgb: np.ndarray, scale: float) -> np.ndarray:
+    size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BICUBIC))
+
+
+def crop_width(rgb: np.ndarray, fraction: float) -> np.ndarray:
+    cut = int(rgb.shape[1] * fraction)
+    return np.ascontiguousarray(rgb[:, cut // 2: rgb.shape[1] - (cut - cut // 2)])
+
+
+def rotate(rgb: np.ndarray, degrees: float) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+    return cv2.warpAffine(rgb, matrix, (w, h), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REFLECT101)
+
+
+def screenshot(rgb: np.ndarray) -> np.ndarray:
+    """Shown at 137% on a screen, captured, saved at 83% of that, as PNG (lossless)."""
+    shown = resize(rgb, 1.37)
+    size = (round(shown.shape[1] * 0.83), round(shown.shape[0] * 0.83))
+    return np.asarray(Image.fromarray(shown).resize(size, Image.Resampling.BILINEAR))
+
+
+ATTACKS = {
+    "png": lambda x: x,
+    "jpeg75": lambda x: jpeg(x, 75),
+    "half+jpeg75": lambda x: jpeg(resize(x, 0.5), 75),
+    "crop10": lambda x: crop_width(x, 0.10),
+    "crop25": lambda x: crop_width(x, 0.25),
+    "rotate5": lambda x: rotate(x, 5),
+    "screenshot": screenshot,
+}
+
+
+def face_region(shape, face) -> np.ndarray:
+    x0, y0, x1, y1 = face.box
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+
+
+@pytest.fixture(scope="module")
+def marked(photos, faces):
+    """name -> (original, region, marked, payload) for the largest face of two photos."""
+    out = {}
+    for name in ("grace_hopper", "astronaut"):
+        rgb, face = photos[name].rgb, faces[name][0]
+        region = face_region(rgb.shape, face)
+        image, payload = embed_watermark(rgb, region, faces=[face], return_payload=True)
+        out[name] = (rgb, region, image, payload)
+    return out
+
+
+def test_outside_the_region_nothing_changes_and_the_same_call_gives_the_same_image(marked,
+                                                                                   faces):
+    rgb, region, image, payload = marked["grace_hopper"]
+    assert np.array_equal(image[~region], rgb[~region]) and not np.array_equal(image, rgb)
+    again = embed_watermark(rgb, region, faces=[faces["grace_hopper"][0]])
+    assert np.array_equal(again, image)
+    assert payload == face_mark.payload_for(rgb)
+    mse = np.mean((image[region].astype(float) - rgb[region]) ** 2)
+    assert 10 * np.log10(255**2 / mse) > 36.0  # both marks together, measured ~38.5 dB
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_face_mark_survives_what_keeps_the_face(marked, detector, attack):
+    _, _, image, payload = marked["grace_hopper"]
+    result = detect_faces_for_mark(ATTACKS[attack](image), expect=payload, detector=detector)
+    assert result.found and result.score >= result.threshold
+    if attack != "half+jpeg75":  # there the presence survives, the payload link does not
+        assert result.payload_matches
+
+
+@pytest.mark.parametrize("attack", ["jpeg75", "crop10", "rotate5", "screenshot"])
+def test_small_face_survives_too(marked, detector, attack):
+    # The astronaut's face: 43 px between the eyes.
+    _, _, image, _ = marked["astronaut"]
+    assert detect_faces_for_mark(ATTACKS[attack](image), detector=detector).found
+
+
+def test_halving_a_small_face_goes_below_the_stated_minimum(marked, detector):
+    _, _, image, _ = marked["astronaut"]
+    result = detect_faces_for_mark(resize(image, 0.4), detector=detector)
+    assert not result.found
+    assert result.faces_too_small >= 1 or not result.faces
+
+
+@pytest.mark.parametrize("name", ["astronaut", "grace_hopper", "group", "tom_hanks"])
+def test_clean_photos_are_never_flagged(photos, detector, name):
+    rgb = photos[name].rgb
+    for attack in ("png", "jpeg75", "half+jpeg75", "rotate5"):
+        result = detect_faces_for_mark(ATTACKS[attack](rgb), detector=detector)
+        assert not result.found
+        assert all(z < result.threshold - 1.0 for z in result.faces)  # a margin, not a near miss
+
+
+def test_a_wrong_payload_does_not_match(marked, faces):
+    _, _, image, payload = marked["grace_hopper"]
+    kps = faces["grace_hopper"][0].kps
+    z, decoded, match = face_mark.score_face(image, kps, key=DEFAULT_WATERMARK_KEY,
+                                             expect=payload)
+    _, _, wrong = face_mark.score_face(image, kps, key=DEFAULT_WATERMARK_KEY,
+                                       expect=f"{int(payload, 16) ^ 0xFFFF:08x}")
+    assert z > face_mark.threshold() and match > face_mark.MATCH_Z > wrong
+    assert decoded in (payload, None)  # blind decoding may fail (CRC), never decode wrong
+
+
+def test_written_file_links_mark_and_manifest_and_survives_stripping(tmp_path, photos, faces,
+                                                                     detector):
+    rgb, face = photos["grace_hopper"].rgb, faces["grace_hopper"][0]
+    out = write_synthetic_image(tmp_path / "swap.png", rgb, face_region(rgb.shape, face),
+                                digital_source_type=COMPOSITE_SYNTHETIC, engine="geometric",
+                                faces=[face])
+    report = verify_image(out, detector=detector)
+    assert report.c2pa.watermark_payload == face_mark.payload_for(rgb)
+    assert report.face_mark.found and report.face_mark.payload_matches
+    assert any("payload matches the manifest" in line for line in report.lines())
+    # An upload path: metadata and manifest stripped, shrunk to 75%, JPEG q75.
+    shrunk = tmp_path / "upload.jpg"
+    Image.fromarray(jpeg(resize(np.asarray(Image.open(out).convert("RGB")), 0.75), 90)).save(
+        shrunk, quality=75)
+    stripped = verify_image(shrunk, detector=detector)
+    assert stripped.metadata is None and not stripped.c2pa.present
+    assert not stripped.watermark.found  # the block mark does not survive a resize
+    assert stripped.face_mark.found and stripped.synthetic
+
+
+def _frames(rgb: np.ndarray, n: int) -> list[np.ndarray]:
+    """n frames of a slow zoom and pan over the photo (a moving camera)."""
+    h, w = rgb.shape[:2]
+    out = []
+    for i in range(n):
+        s = 1.0 + 0.01 * i
+        matrix = np.array([[s, 0, -2.0 * i], [0, s, -1.0 * i]])
+        out.append(cv2.warpAffine(rgb, matrix, (w - w % 2, h - h % 2),
+                                  borderMode=cv2.BORDER_REFLECT101))
+    return out
+
+
+def _h264_round_trip(frames: list[np.ndarray], crf: int = 28) -> list[np.ndarray]:
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10, options={"crf": str(crf)})
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    buffer.seek(0)
+    with av.open(buffer) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def test_video_clip_marked_after_h264_and_clean_clip_not(photos, detector):
+    clean = _frames(photos["grace_hopper"].rgb, 8)
+    payload = clip_payload(clean[0])
+    marked = []
+    for frame in clean:
+        found = detector.detect(frame)[:1]
+        marked.append(mark_frame(frame, found, face_region(frame.shape, found[0]),
+                                 payload=payload))
+    result = detect_clip(_h264_round_trip(marked), detector=detector, expect=payload)
+    assert result.found and result.frames == 8 and result.agreeing >= result.needed
+    assert result.match_fraction is not None and result.match_fraction > 0.5
+    assert "found" in result.summary()
+    untouched = detect_clip((f, detector.detect(f)) for f in _h264_round_trip(clean))
+    assert not untouched.found and untouched.frames_with_faces == 8
