@@ -247,7 +247,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
                                       icc_profile=target.icc_profile,
                                       jpeg_quality=args.jpeg_quality, faces=result.faces,
                                       parent_path=target_file, c2pa_cert=args.c2pa_cert,
-                                      c2pa_key=args.c2pa_key)
+                                      c2pa_key=args.c2pa_key, detector=swapper.detector)
             except DiffSwapError as err:
                 if not batch:
                     raise

@@ -47,6 +47,8 @@ FRAME = 256  # aligned frame side (px): the ArcFace 5-point template scaled from
 PAYLOAD_BITS = 32
 CRC_BITS = 8
 FALSE_ALARM_RATE = 1e-6  # per face, any content
+STRENGTH = 1.5  # scales every layer's target and moves (measured: face PSNR ~37 dB)
+PEAK = 5.5  # largest change of one pixel's luma, times the strength
 MIN_FACE_PX = 20  # smallest interocular distance (px) the mark is embedded on and read from
 _ELLIPSE = ((128.0, 144.0), (88.0, 112.0))  # centre (x, y), radii (x, y) in the frame
 # An expected payload "matches" at this z over the code chips: an unrelated payload (whose
@@ -69,10 +71,13 @@ class _Layer:
     moves: tuple[float, float]
 
 
-# A fine layer (8-px cells: many chips, little face content at these frequencies) and a coarse
-# one (16-px cells, what is left of a face after a 0.5x resize and JPEG).
-LAYERS = (_Layer(16, ((1, 1), (0, 2), (2, 0)), 12.0, (4.0, 24.0)),
+# Three scales of cells: fine 8-px cells carry many chips where the face is large; 16- and
+# 32-px cells carry what is left of a small or downscaled face after JPEG. Reading weights each
+# layer by how many image pixels its cells span (see _layer_weights).
+LAYERS = (_Layer(32, ((1, 1), (0, 2), (2, 0), (1, 2), (2, 1), (2, 2)), 48.0, (12.0, 96.0)),
+          _Layer(16, ((1, 1), (0, 2), (2, 0)), 12.0, (4.0, 24.0)),
           _Layer(8, ((1, 1), (0, 2), (2, 0), (1, 2), (2, 1)), 8.0, (3.0, 14.0)))
+FRAME_IOD = float(np.linalg.norm(template_points(FRAME)[1] - template_points(FRAME)[0]))
 
 @dataclass(frozen=True)
 class FaceMarkResult:
@@ -116,6 +121,16 @@ def _cells(cell: int) -> tuple[np.ndarray, np.ndarray]:
     return np.nonzero(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0)
 
 
+def _fade() -> np.ndarray:
+    """[FRAME,FRAME] float32: 1 well inside the face ellipse, falling smoothly to 0 at its
+    edge (over about 12% of its radius), so the mark has no visible outline."""
+    (cx, cy), (rx, ry) = _ELLIPSE
+    yy, xx = np.mgrid[:FRAME, :FRAME] + 0.5
+    radius = np.sqrt(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2)
+    t = np.clip((1.0 - radius) / 0.12, 0.0, 1.0)
+    return (t * t * (3 - 2 * t)).astype(np.float32)
+
+
 def _basis(cell: int, coeffs: tuple[tuple[int, int], ...]) -> np.ndarray:
     """[K, cell*cell] float32 orthonormal DCT basis images of ``coeffs``."""
     n = np.arange(cell)
@@ -128,6 +143,19 @@ _GEOMETRY = [(_cells(layer.cell), _basis(layer.cell, layer.coeffs)) for layer in
 _SIZES = [rows.size * len(layer.coeffs) for layer, ((rows, _), _) in zip(LAYERS, _GEOMETRY)]
 N_CHIPS = sum(_SIZES)
 _TARGETS = np.concatenate([np.full(n, layer.target) for layer, n in zip(LAYERS, _SIZES)])
+_FADE = _fade()
+_LAYER_OF = np.concatenate([np.full(n, i) for i, n in enumerate(_SIZES)])
+
+
+def _layer_weights(iod: float) -> np.ndarray:
+    """[N_CHIPS] weight of each chip when reading a face with ``iod`` px between the eyes.
+
+    A layer whose cells span under 2 image pixels is noise there (resampling and JPEG removed
+    it): weight 0; from 4 px on, weight 1; linear in between. The weights depend on the face
+    size only, never on the key, so the false-alarm bound still holds.
+    """
+    cell_px = np.array([layer.cell for layer in LAYERS]) * iod / FRAME_IOD
+    return np.clip((cell_px - 2.0) / 2.0, 0.0, 1.0)[_LAYER_OF]
 
 
 def _layout(key: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,8 +220,40 @@ def interocular(kps: np.ndarray) -> float:
     return float(np.linalg.norm(kps[1] - kps[0]))
 
 
+def reader_kps(rgb: np.ndarray, kps: np.ndarray, detector) -> np.ndarray:
+    """The [5,2] keypoints a reader will find for the face near ``kps`` in ``rgb``.
+
+    After a swap the eyes and mouth are not where the target's were; anchoring the mark to
+    the target's keypoints would misalign it for every reader. This re-detects the face on a
+    crop around ``kps`` (upscaled to >= 384 px, as a reader's tile pass would see it) with
+    ``detector`` (a faces.detect.FaceDetector) and returns the detected keypoints, or ``kps``
+    when no face is found within half an eye distance.
+    """
+    kps = np.asarray(kps, np.float64)
+    h, w = rgb.shape[:2]
+    iod = max(interocular(kps), 1.0)
+    cx, cy = kps.mean(axis=0)
+    half = 2.5 * iod
+    x0, y0 = int(max(0, cx - half)), int(max(0, cy - half))
+    x1, y1 = int(min(w, cx + half)), int(min(h, cy + half))
+    if x1 - x0 < 8 or y1 - y0 < 8:
+        return kps
+    crop = rgb[y0:y1, x0:x1]
+    scale = max(1.0, 384 / max(crop.shape[:2]))
+    if scale > 1.0:
+        crop = cv2.resize(crop, (round(crop.shape[1] * scale), round(crop.shape[0] * scale)),
+                          interpolation=cv2.INTER_CUBIC)
+    best, best_d = kps, 0.5 * iod
+    for face in detector.detect(np.ascontiguousarray(crop), tiles=False):
+        found = face.kps.astype(np.float64) / scale + (x0, y0)
+        d = float(np.linalg.norm(found - kps, axis=1).mean())
+        if d < best_d:
+            best, best_d = found, d
+    return best
+
+
 def embed_face_mark(rgb: np.ndarray, faces_kps: Sequence[np.ndarray], region: np.ndarray | None,
-                    *, key: int, payload: str, strength: float = 1.0) -> np.ndarray:
+                    *, key: int, payload: str, strength: float = STRENGTH) -> np.ndarray:
     """Add the face mark to every face in ``faces_kps`` ([5,2] keypoints each).
 
     rgb: [H,W,3] uint8; region: [H,W] bool (None = anywhere). Returns a new [H,W,3] uint8
@@ -264,17 +324,28 @@ def frame_delta(frame: np.ndarray, wanted: np.ndarray, strength: float = 1.0) ->
     must be there even where the content agrees by chance) and at most its max move (a chip
     on an eyebrow edge that strongly disagrees is left to the error correction rather than
     painted over). Layers are embedded coarse first, each seeing the previous one's change.
+    Each layer's change is blurred by an eighth of its cell (DCT cells end in steps at their
+    borders, which the eye sees as tiles) and the whole change fades out at the ellipse edge.
     """
     delta = np.zeros((FRAME, FRAME), np.float32)
     start = 0
     for i, (layer, n) in enumerate(zip(LAYERS, _SIZES)):
         w = wanted[start:start + n]
-        c0 = _layer_coefficients(frame + delta, i)
         lo, hi = layer.moves
-        need = np.clip(layer.target * strength - w * c0, lo * strength, hi * strength)
-        delta += _draw_layer(w * need, i)
+        used = np.zeros(n)
+        # Two passes: the blur and the fade take part of each move, and neighbouring cells
+        # leak into each other through the blur; the second pass tops up what fell short.
+        for floor in (lo, 0.0):
+            c = _layer_coefficients(frame + delta, i)
+            need = np.clip(layer.target * strength - w * c, floor * strength,
+                           np.maximum(hi * strength - used, 0.0))
+            used += need
+            delta += _FADE * cv2.GaussianBlur(_draw_layer(w * need, i), (0, 0), layer.cell / 8)
         start += n
-    return delta
+    # No pixel moves more than this: a chip that needed a big move would otherwise show as
+    # a pale or dark spot on the skin.
+    limit = PEAK * strength
+    return np.clip(delta, -limit, limit)
 
 
 def score_face(rgb_or_luma: np.ndarray, kps: np.ndarray, *, key: int,
@@ -290,12 +361,14 @@ def score_face(rgb_or_luma: np.ndarray, kps: np.ndarray, *, key: int,
     chips, roles = _layout(key)
     pilot = roles < 0
     base = frame_affine(kps)
+    weights = _layer_weights(interocular(kps))
     best, payload, match = -math.inf, None, None
     for dx, dy in _JITTER:
         affine = base.copy()
         affine[:, 2] += (dx, dy)
-        # Each chip in units of its layer's target, clipped: content cannot outvote the mark.
-        r = np.clip(_coefficients(_to_frame(y, affine)) / _TARGETS, -1.0, 1.0)
+        # Each chip in units of its layer's target, clipped (content cannot outvote the
+        # mark), weighted by how well its layer survives at this face size.
+        r = weights * np.clip(_coefficients(_to_frame(y, affine)) / _TARGETS, -1.0, 1.0)
         cr = chips * r
         z = float(cr[pilot].sum() / math.sqrt(max(float((r[pilot] ** 2).sum()), 1e-12)))
         if z > best:

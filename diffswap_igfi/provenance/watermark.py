@@ -141,6 +141,7 @@ def _check_rgb(rgb: np.ndarray) -> None:
 def embed_watermark(
     rgb: np.ndarray, region: np.ndarray | None = None, *, strength: float = DEFAULT_STRENGTH,
     faces: Sequence | None = None, payload: str | None = None, return_payload: bool = False,
+    detector=None,
 ) -> np.ndarray | tuple[np.ndarray, str | None]:
     """Mark the synthetic region: the face-anchored mark on ``faces``, then the block mark.
 
@@ -149,7 +150,10 @@ def embed_watermark(
     faces: FaceRecords (or anything with a ``kps`` [5,2] attribute, or [5,2] arrays) of the
     swapped faces; each face with an interocular distance >= face_mark.MIN_FACE_PX also gets
     the face-anchored mark (see face_mark.py), keyed by keys.watermark_key() and carrying
-    ``payload`` (8 hex digits; default face_mark.payload_for(rgb)).
+    ``payload`` (8 hex digits; default face_mark.payload_for(rgb)). The mark is anchored
+    where a reader will find the face in ``rgb`` (face_mark.reader_kps, with ``detector``, a
+    faces.detect.FaceDetector; one is opened for the call when None), not where the target's
+    face was before the swap.
     Returns a new [H,W,3] uint8 array (with ``return_payload``: the array and the payload, None
     when no face mark was embedded); pixels where ``region`` is False are bit-identical to
     ``rgb``. The same luma change goes to R, G and B, so chroma is untouched.
@@ -161,8 +165,16 @@ def embed_watermark(
         raise InputError(f"watermark region is {np.shape(region)}, image is {rgb.shape[:2]}")
     payload_used = None
     kps = [_kps(f) for f in faces or ()]
-    if any(face_mark.interocular(k) >= face_mark.MIN_FACE_PX for k in kps):
+    kps = [k for k in kps if face_mark.interocular(k) >= face_mark.MIN_FACE_PX]
+    if kps:
         payload_used = payload or face_mark.payload_for(rgb)
+        if detector is None:
+            from diffswap_igfi.faces.detect import FaceDetector
+
+            with FaceDetector() as own:
+                kps = [face_mark.reader_kps(rgb, k, own) for k in kps]
+        else:
+            kps = [face_mark.reader_kps(rgb, k, detector) for k in kps]
         rgb = face_mark.embed_face_mark(rgb, kps, region, key=watermark_key(),
                                         payload=payload_used)
     out = _embed_blocks(rgb, region, strength)

@@ -25,7 +25,7 @@ def write_synthetic_image(path: Path, rgb: np.ndarray, region: np.ndarray | None
                           jpeg_quality: int = 95, faces: Sequence | None = None,
                           parent_path: str | Path | None = None,
                           c2pa_cert: str | Path | None = None,
-                          c2pa_key: str | Path | None = None) -> Path:
+                          c2pa_key: str | Path | None = None, detector=None) -> Path:
     """Write a generated or edited photo with its provenance.
 
     rgb: [H,W,3] uint8; region: [H,W] bool, the synthetic pixels that carry the watermark (None =
@@ -34,10 +34,13 @@ def write_synthetic_image(path: Path, rgb: np.ndarray, region: np.ndarray | None
     FaceRecords of the swapped faces (their 5-point kps anchor the face watermark; without
     them only the block watermark is embedded). parent_path: the target photo the edit started
     from (the C2PA parent ingredient, by hash). c2pa_cert/c2pa_key: an organisation's PEM chain
-    and key instead of the local ones. Every format but BMP gets a signed C2PA manifest.
+    and key instead of the local ones. detector: a faces.detect.FaceDetector to reuse for
+    anchoring the face mark (one is opened for the call otherwise). Every format but BMP gets
+    a signed C2PA manifest.
     """
     path = Path(path)
-    marked, payload = embed_watermark(rgb, region, faces=faces, return_payload=True)
+    marked, payload = embed_watermark(rgb, region, faces=faces, return_payload=True,
+                                      detector=detector)
     fmt = _FORMATS.get(path.suffix.lower(), "PNG")
     details = {"engine": engine, "synthetic": "face swap"}
     if payload is not None:
