@@ -164,6 +164,30 @@ def robustness(swaps: list[dict], detector: FaceDetector, verbose: bool = False)
     print(f"(face-mark threshold {face_mark.threshold():.2f}, a false alarm <= 1e-6 per face)")
 
 
+def face_size_sweep(swaps: list[dict], detector: FaceDetector) -> None:
+    """Shrink the swaps with the largest faces until the face mark is lost: the smallest face
+    (eye distance in the file being checked) it can be read from, lossless and after JPEG."""
+    big = sorted(swaps, key=lambda s: -min(f.interocular for f in s["faces"]))[:2]
+    sizes = (16, 20, 24, 28, 32, 36, 40, 48, 64)
+    print(f"\nFace mark vs face size in the checked file (eye distance, px), "
+          f"{' and '.join(s['name'] for s in big)}: z per image (+ = found)")
+    print(f"{'eye distance':12}" + "".join(f"{d:>12}" for d in sizes))
+    for label, codec in (("PNG", png), ("JPEG q90", lambda x: jpeg(x, 90)),
+                         ("JPEG q75", lambda x: jpeg(x, 75))):
+        cells = []
+        for size in sizes:
+            zs = []
+            for swap in big:
+                written = np.asarray(Image.open(swap["path"]).convert("RGB"))
+                scale = size / max(f.interocular for f in swap["faces"])
+                result = detect_faces_for_mark(codec(resize(written, scale,
+                                                            Image.Resampling.LANCZOS)),
+                                               detector=detector)
+                zs.append(f"{result.score:.1f}{'+' if result.found else ' '}")
+            cells.append("/".join(zs))
+        print(f"{label:12}" + "".join(f"{c:>12}" for c in cells))
+
+
 def quality(swaps: list[dict]) -> None:
     print("\nPSNR inside the swapped region (dB)")
     print(f"{'image':28} {'both marks':>10} {'face mark':>10} {'block mark':>11}")
@@ -263,6 +287,7 @@ def main() -> None:
         swaps = make_swaps(Path(tmp), args.quick)
         with FaceDetector() as detector:
             robustness(swaps, detector, args.verbose)
+            face_size_sweep(swaps, detector)
             quality(swaps)
             if not args.only_images:
                 false_alarms(detector)

@@ -89,7 +89,8 @@ class VerifyReport:
 
 
 def _face_line(fm: FaceMarkResult) -> str:
-    need = f"needs a detected face with >= {face_mark.MIN_FACE_PX} px between the eyes"
+    need = (f"reads faces with >= {face_mark.MIN_FACE_PX} px between the eyes, reliably from "
+            f"{face_mark.RELIABLE_FACE_PX} px after JPEG q75")
     if not fm.faces:
         small = f"{fm.faces_too_small} face(s) too small; " if fm.faces_too_small else ""
         return f"face watermark: no face to read ({small}{need})"
