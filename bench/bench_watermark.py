@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import math
 import os
 import sys
@@ -23,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -31,6 +29,7 @@ from diffswap_igfi.faces.detect import FaceDetector
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
 from diffswap_igfi.provenance import face_mark
+from diffswap_igfi.provenance.attacks import ATTACKS, h264, jpeg, pan_zoom, png, resize
 from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
 from diffswap_igfi.provenance.verify import detect_faces_for_mark
 from diffswap_igfi.provenance.video_mark import clip_payload, detect_clip, mark_frame
@@ -40,61 +39,6 @@ from diffswap_igfi.swapper import FaceSelection, Swapper
 
 SOURCES = ("grace_hopper", "astronaut", "tom_hanks")
 TARGETS = ("astronaut", "grace_hopper", "group")
-
-
-def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
-    buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("RGB"))
-
-
-def png(rgb: np.ndarray) -> np.ndarray:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("RGB"))
-
-
-def resize(rgb: np.ndarray, scale: float, method=Image.Resampling.BICUBIC) -> np.ndarray:
-    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
-    return np.asarray(Image.fromarray(rgb).resize(size, method))
-
-
-def crop_width(rgb: np.ndarray, fraction: float) -> np.ndarray:
-    """Cut ``fraction`` of the width, split between left and right (the face stays)."""
-    cut = int(rgb.shape[1] * fraction)
-    return np.ascontiguousarray(rgb[:, cut // 2: rgb.shape[1] - (cut - cut // 2)])
-
-
-def rotate(rgb: np.ndarray, degrees: float) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
-    return cv2.warpAffine(rgb, matrix, (w, h), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REFLECT101)
-
-
-def screenshot(rgb: np.ndarray) -> np.ndarray:
-    """Shown at 137% (bicubic), captured, saved at 83% of that (bilinear) as PNG."""
-    shown = resize(rgb, 1.37)
-    return png(resize(shown, 0.83, Image.Resampling.BILINEAR))
-
-
-ATTACKS = {
-    "PNG": png,
-    "JPEG q90": lambda x: jpeg(x, 90),
-    "JPEG q75": lambda x: jpeg(x, 75),
-    "JPEG q50": lambda x: jpeg(x, 50),
-    "0.75x": lambda x: resize(x, 0.75),
-    "0.75x+q75": lambda x: jpeg(resize(x, 0.75), 75),
-    "0.5x": lambda x: resize(x, 0.5),
-    "0.5x+q75": lambda x: jpeg(resize(x, 0.5), 75),
-    "crop 10%": lambda x: crop_width(x, 0.10),
-    "crop 25%": lambda x: crop_width(x, 0.25),
-    "rotate 2deg": lambda x: rotate(x, 2),
-    "rotate 5deg": lambda x: rotate(x, 5),
-    "screenshot": screenshot,
-}
 
 
 def psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
@@ -217,38 +161,8 @@ def false_alarms(detector: FaceDetector) -> None:
           f"{block_hits}; highest face z {worst:.2f} (threshold {face_mark.threshold():.2f})")
 
 
-def frames_of(rgb: np.ndarray, n: int) -> list[np.ndarray]:
-    """A slow zoom and pan over a photo: n frames of a moving camera."""
-    h, w = rgb.shape[:2]
-    out = []
-    for i in range(n):
-        s = 1.0 + 0.008 * i
-        matrix = np.array([[s, 0, -1.5 * i], [0, s, -1.0 * i]])
-        out.append(cv2.warpAffine(rgb, matrix, (w - w % 2, h - h % 2),
-                                  borderMode=cv2.BORDER_REFLECT101))
-    return out
-
-
-def h264(frames: list[np.ndarray], crf: int) -> list[np.ndarray]:
-    import av
-
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=24, options={"crf": str(crf)})
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    buffer.seek(0)
-    with av.open(buffer) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-
-
 def video(detector: FaceDetector, n: int) -> None:
-    clean = frames_of(load_image(sample_path("grace_hopper")).rgb, n)
+    clean = pan_zoom(load_image(sample_path("grace_hopper")).rgb, n)
     marked, payload = [], None
     start = time.perf_counter()
     with Swapper() as swapper:

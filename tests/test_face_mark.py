@@ -4,14 +4,12 @@ to the manifest; video frames aggregate into a clip verdict."""
 
 from __future__ import annotations
 
-import io
-
-import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from diffswap_igfi.provenance import face_mark
+from diffswap_igfi.provenance.attacks import ATTACKS, h264, jpeg, pan_zoom, resize
 from diffswap_igfi.provenance.keys import DEFAULT_WATERMARK_KEY
 from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
 from diffswap_igfi.provenance.verify import detect_faces_for_mark, verify_image
@@ -19,47 +17,9 @@ from diffswap_igfi.provenance.video_mark import clip_payload, detect_clip, mark_
 from diffswap_igfi.provenance.watermark import embed_watermark
 from diffswap_igfi.provenance.write import write_synthetic_image
 
-
-def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
-    buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("RGB"))
-
-
-def resize(rgb: np.ndarray, scale: float) -> np.ndarray:
-    size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BICUBIC))
-
-
-def crop_width(rgb: np.ndarray, fraction: float) -> np.ndarray:
-    cut = int(rgb.shape[1] * fraction)
-    return np.ascontiguousarray(rgb[:, cut // 2: rgb.shape[1] - (cut - cut // 2)])
-
-
-def rotate(rgb: np.ndarray, degrees: float) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
-    return cv2.warpAffine(rgb, matrix, (w, h), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REFLECT101)
-
-
-def screenshot(rgb: np.ndarray) -> np.ndarray:
-    """Shown at 137% on a screen, captured, saved at 83% of that, as PNG (lossless)."""
-    shown = resize(rgb, 1.37)
-    size = (round(shown.shape[1] * 0.83), round(shown.shape[0] * 0.83))
-    return np.asarray(Image.fromarray(shown).resize(size, Image.Resampling.BILINEAR))
-
-
-ATTACKS = {
-    "png": lambda x: x,
-    "jpeg75": lambda x: jpeg(x, 75),
-    "half+jpeg75": lambda x: jpeg(resize(x, 0.5), 75),
-    "crop10": lambda x: crop_width(x, 0.10),
-    "crop25": lambda x: crop_width(x, 0.25),
-    "rotate5": lambda x: rotate(x, 5),
-    "screenshot": screenshot,
-}
+ATTACKS = {name: ATTACKS[label] for name, label in (
+    ("png", "PNG"), ("jpeg75", "JPEG q75"), ("half+jpeg75", "0.5x+q75"), ("crop10", "crop 10%"),
+    ("crop25", "crop 25%"), ("rotate5", "rotate 5deg"), ("screenshot", "screenshot"))}
 
 
 def face_region(shape, face) -> np.ndarray:
@@ -157,47 +117,17 @@ def test_written_file_links_mark_and_manifest_and_survives_stripping(tmp_path, p
     assert stripped.face_mark.found and stripped.synthetic
 
 
-def _frames(rgb: np.ndarray, n: int) -> list[np.ndarray]:
-    """n frames of a slow zoom and pan over the photo (a moving camera)."""
-    h, w = rgb.shape[:2]
-    out = []
-    for i in range(n):
-        s = 1.0 + 0.01 * i
-        matrix = np.array([[s, 0, -2.0 * i], [0, s, -1.0 * i]])
-        out.append(cv2.warpAffine(rgb, matrix, (w - w % 2, h - h % 2),
-                                  borderMode=cv2.BORDER_REFLECT101))
-    return out
-
-
-def _h264_round_trip(frames: list[np.ndarray], crf: int = 28) -> list[np.ndarray]:
-    import av
-
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=10, options={"crf": str(crf)})
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    buffer.seek(0)
-    with av.open(buffer) as container:
-        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-
-
 def test_video_clip_marked_after_h264_and_clean_clip_not(photos, detector):
-    clean = _frames(photos["grace_hopper"].rgb, 8)
+    clean = pan_zoom(photos["grace_hopper"].rgb, 8, zoom=0.01, pan=(2.0, 1.0))
     payload = clip_payload(clean[0])
     marked = []
     for frame in clean:
         found = detector.detect(frame)[:1]
         marked.append(mark_frame(frame, found, face_region(frame.shape, found[0]),
                                  payload=payload))
-    result = detect_clip(_h264_round_trip(marked), detector=detector, expect=payload)
+    result = detect_clip(h264(marked, 28, fps=10), detector=detector, expect=payload)
     assert result.found and result.frames == 8 and result.agreeing >= result.needed
     assert result.match_fraction is not None and result.match_fraction > 0.5
     assert "found" in result.summary()
-    untouched = detect_clip((f, detector.detect(f)) for f in _h264_round_trip(clean))
+    untouched = detect_clip((f, detector.detect(f)) for f in h264(clean, 28, fps=10))
     assert not untouched.found and untouched.frames_with_faces == 8
