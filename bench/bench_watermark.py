@@ -171,9 +171,8 @@ def video(detector: FaceDetector, n: int) -> None:
             target = dataclasses.replace(load_image(sample_path("grace_hopper")), rgb=frame)
             result = swapper.swap([source], target)
             payload = payload or clip_payload(result.image)
-            kps = [face_mark.reader_kps(result.image, f.kps, swapper.detector)
-                   for f in result.faces]
-            marked.append(mark_frame(result.image, kps, result.alpha > 0, payload=payload))
+            marked.append(mark_frame(result.image, result.faces, result.alpha > 0,
+                                     payload=payload, detector=swapper.detector))
     swap_s = time.perf_counter() - start
     for crf in (23, 28):
         decoded = h264(marked, crf)

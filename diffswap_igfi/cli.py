@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "certificate chain (with --c2pa-key; default: the local keys)")
     swap.add_argument("--c2pa-key", metavar="PEM", help="the private key of --c2pa-cert")
 
-    verify = sub.add_parser("verify", help="report provenance marks in image(s)")
-    verify.add_argument("images", nargs="+", metavar="IMAGE")
+    verify = sub.add_parser("verify", help="report provenance marks in image(s) and video(s)")
+    verify.add_argument("images", nargs="+", metavar="FILE")
     verify.add_argument("--json", action="store_true", help="print JSON")
     from diffswap_igfi.provenance.keys import add_keys_arguments
 
@@ -265,9 +265,9 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from diffswap_igfi.provenance.verify import verify_image
+    from diffswap_igfi.provenance.verify import verify_files
 
-    reports = [verify_image(Path(p).expanduser()) for p in args.images]
+    reports = verify_files([Path(p).expanduser() for p in args.images])
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     else:

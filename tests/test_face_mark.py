@@ -4,12 +4,23 @@ to the manifest; video frames aggregate into a clip verdict."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from diffswap_igfi.cli import main
 from diffswap_igfi.provenance import face_mark
-from diffswap_igfi.provenance.attacks import ATTACKS, h264, jpeg, pan_zoom, resize
+from diffswap_igfi.provenance.attacks import (
+    ATTACKS,
+    h264,
+    jpeg,
+    pan_zoom,
+    resize,
+    write_h264,
+)
+from diffswap_igfi.provenance.c2pa_sign import sign_file
 from diffswap_igfi.provenance.keys import DEFAULT_WATERMARK_KEY
 from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
 from diffswap_igfi.provenance.verify import detect_faces_for_mark, verify_image
@@ -117,17 +128,31 @@ def test_written_file_links_mark_and_manifest_and_survives_stripping(tmp_path, p
     assert stripped.face_mark.found and stripped.synthetic
 
 
-def test_video_clip_marked_after_h264_and_clean_clip_not(photos, detector):
+def test_video_clip_marked_after_h264_and_clean_clip_not(photos, detector, tmp_path, capsys):
     clean = pan_zoom(photos["grace_hopper"].rgb, 8, zoom=0.01, pan=(2.0, 1.0))
     payload = clip_payload(clean[0])
     marked = []
     for frame in clean:
         found = detector.detect(frame)[:1]
         marked.append(mark_frame(frame, found, face_region(frame.shape, found[0]),
-                                 payload=payload))
+                                 payload=payload, detector=detector))
     result = detect_clip(h264(marked, 28, fps=10), detector=detector, expect=payload)
     assert result.found and result.frames == 8 and result.agreeing >= result.needed
     assert result.match_fraction is not None and result.match_fraction > 0.5
     assert "found" in result.summary()
     untouched = detect_clip((f, detector.detect(f)) for f in h264(clean, 28, fps=10))
     assert not untouched.found and untouched.frames_with_faces == 8
+
+    # The file a video writer makes: H.264 MP4, signed; `verify` reads both marks.
+    video = tmp_path / "clip.mp4"
+    write_h264(marked, video, 28, fps=10)
+    sign_file(video, digital_source_type=COMPOSITE_SYNTHETIC, engine="geometric",
+              watermark_payload=payload)
+    assert main(["verify", str(video), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)[0]
+    assert report["synthetic"] and report["c2pa"]["binding_ok"]
+    assert report["face_mark_clip"]["found"] and report["face_mark_clip"]["match_fraction"] > 0.5
+    plain = tmp_path / "plain.mp4"
+    write_h264(clean, plain, 28, fps=10)
+    assert main(["verify", str(plain)]) == 1
+    assert "no synthetic-media marker found" in capsys.readouterr().out

@@ -7,6 +7,7 @@ Plain functions, [H,W,3] uint8 RGB in and out; used by bench/bench_watermark.py 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -84,12 +85,13 @@ def pan_zoom(rgb: np.ndarray, n: int, *, zoom: float = 0.008, pan: tuple[float, 
     return frames
 
 
-def h264(frames: list[np.ndarray], crf: int, fps: int = 24) -> list[np.ndarray]:
-    """Encode frames with libx264 at ``crf`` into an in-memory MP4 and decode them again."""
+def write_h264(frames: list[np.ndarray], target, crf: int, fps: int = 24) -> None:
+    """Encode [H,W,3] uint8 frames (even sides) with libx264 at ``crf`` into an MP4 at
+    ``target`` (a path or a writable binary file object)."""
     import av
 
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
+    with av.open(target if not isinstance(target, Path) else str(target), "w",
+                 format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
@@ -98,6 +100,14 @@ def h264(frames: list[np.ndarray], crf: int, fps: int = 24) -> list[np.ndarray]:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def h264(frames: list[np.ndarray], crf: int, fps: int = 24) -> list[np.ndarray]:
+    """Encode frames with libx264 at ``crf`` into an in-memory MP4 and decode them again."""
+    import av
+
+    buffer = io.BytesIO()
+    write_h264(frames, buffer, crf, fps)
     buffer.seek(0)
     with av.open(buffer) as container:
         return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]

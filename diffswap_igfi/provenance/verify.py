@@ -179,3 +179,15 @@ def detect_faces_for_mark(rgb: np.ndarray, *, expect: str | None = None, detecto
     else:
         records = detector.detect(rgb)
     return detect_face_mark(rgb, [f.kps for f in records], key=watermark_key(), expect=expect)
+
+
+def verify_files(paths: list[str | Path]) -> list:
+    """Verify images and videos (by extension) with one face detector for all of them.
+    Returns a VerifyReport or VideoVerifyReport per path, in order."""
+    from diffswap_igfi.faces.detect import FaceDetector
+    from diffswap_igfi.provenance.verify_video import VIDEO_SUFFIXES, verify_video
+
+    with FaceDetector() as detector:
+        return [verify_video(p, detector=detector)
+                if Path(p).suffix.lower() in VIDEO_SUFFIXES
+                else verify_image(p, detector=detector) for p in map(Path, paths)]

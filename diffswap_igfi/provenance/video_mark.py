@@ -7,7 +7,7 @@ payload, so the manifest and the mark point at each other)::
 
     payload = clip_payload(first_frame)
     for frame, faces, region in swapped_frames:
-        encoder.write(mark_frame(frame, faces, region, payload=payload))
+        encoder.write(mark_frame(frame, faces, region, payload=payload, detector=detector))
     sign_file(mp4, digital_source_type=..., engine=..., parent_path=source_video,
               watermark_payload=payload)
 
@@ -50,14 +50,21 @@ def _kps_list(faces: Sequence | None) -> list[np.ndarray]:
 
 
 def mark_frame(rgb: np.ndarray, faces: Sequence, region: np.ndarray | None = None, *,
-               payload: str, key: int | None = None) -> np.ndarray:
+               payload: str, key: int | None = None, detector=None) -> np.ndarray:
     """The face mark on one swapped frame.
 
-    rgb: [H,W,3] uint8; faces: the swapped faces' FaceRecords (or [5,2] keypoints); region:
-    [H,W] bool swapped pixels (None = anywhere). Returns a new [H,W,3] uint8 frame, identical
-    to ``rgb`` outside ``region``. The block mark is not added: H.264 removes it anyway.
+    rgb: [H,W,3] uint8 swapped frame; faces: the swapped faces' FaceRecords (or [5,2]
+    keypoints) as the swap saw them in the target frame; region: [H,W] bool swapped pixels
+    (None = anywhere); detector: a faces.detect.FaceDetector (pass the one the video pipeline
+    already holds): with it the mark is anchored where a reader will find each swapped face
+    (face_mark.reader_kps), without it at ``faces`` as given, which after a swap is a few
+    pixels off and costs much of the mark's strength. Returns a new [H,W,3] uint8 frame,
+    identical to ``rgb`` outside ``region``. The block mark is not added: H.264 removes it.
     """
-    return face_mark.embed_face_mark(rgb, _kps_list(faces), region,
+    kps = _kps_list(faces)
+    if detector is not None:
+        kps = [face_mark.reader_kps(rgb, k, detector) for k in kps]
+    return face_mark.embed_face_mark(rgb, kps, region,
                                      key=watermark_key() if key is None else key,
                                      payload=payload)
 
