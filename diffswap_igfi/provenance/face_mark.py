@@ -2,9 +2,12 @@
 
 The mark lives in the same 5-point aligned frame the swap uses (the ArcFace template scaled to
 ``FRAME`` = 256 px), not on the pixel grid. Embedding computes, over an ellipse on the inner
-face, DCT coefficients of square cells of the aligned luma (two layers: 16-px and 8-px cells,
-a few low/mid frequencies each, orthogonal to flat and linearly shaded skin), moves each to a
-keyed sign (informed embedding: just enough, within bounds), warps the change back into the
+face, DCT coefficients of square cells of the aligned luma (three layers: 32-, 16- and 8-px
+cells, a few low/mid frequencies each, orthogonal to flat and linearly shaded skin), moves each
+to a keyed sign (informed embedding: just enough, within bounds; the coarse layers of faces
+under 72 px between the eyes get up to 1.6x more, since only they survive such a face being
+shrunk), blurs and fades the change so it shows no tiles, caps every pixel's change (8 luma
+levels, 13 on boosted small faces), warps the change back into the
 photo with the inverse of the face's alignment, and adds it to the swapped pixels only
 (``region``): everything else keeps its value to the last bit. Reading detects the faces,
 aligns each the same way and correlates. Because the frame follows the face, the mark
@@ -13,7 +16,7 @@ survives what keeps the face: resizing, cropping, small rotations, re-encoding.
 Chips: every (cell, coefficient) has a key-derived sign ``c_j = ±1``. Three quarters of them
 (the pilot) carry ``c_j``; the rest carry ``c_j * (2 b - 1)`` for a code bit ``b``: a 32-bit
 payload (a hash prefix that the C2PA manifest also records) plus an 8-bit CRC, each bit repeated
-over ~17 chips spread over the face and both layers (a soft-decision repetition code: losing
+over ~18 chips spread over the face and the layers (a soft-decision repetition code: losing
 part of the face costs votes, not bits). Blind decoding needs a clean copy; testing a known
 payload (from a manifest) uses all code chips at once and is far stronger.
 
@@ -50,6 +53,7 @@ CRC_BITS = 8
 FALSE_ALARM_RATE = 1e-6  # per face, any content
 STRENGTH = 1.5  # scales every layer's target and moves (measured: face PSNR ~37 dB)
 PEAK = 5.5  # largest change of one pixel's luma, times the strength
+BOOST_FROM, BOOST_MAX = 72.0, 1.6  # coarse layers of faces under 72 px eye distance: stronger
 MIN_FACE_PX = 20  # smallest interocular distance (px) the mark is embedded on and read from
 # Measured (bench/bench_watermark.py, face-size sweep): read reliably from 28 px between the
 # eyes in a lossless file, 32 px after JPEG q90, 36 px after JPEG q75.
@@ -272,7 +276,8 @@ def embed_face_mark(rgb: np.ndarray, faces_kps: Sequence[np.ndarray], region: np
         if interocular(kps) < MIN_FACE_PX:
             continue
         affine = frame_affine(kps)
-        change = frame_delta(_to_frame(y, affine), wanted, strength)
+        change = frame_delta(_to_frame(y, affine), wanted, strength,
+                             boost=_coarse_boost(interocular(kps)))
         delta = cv2.warpAffine(change, affine, (w, h),
                                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
@@ -320,7 +325,14 @@ def _coefficients(frame: np.ndarray) -> np.ndarray:
     return np.concatenate([_layer_coefficients(frame, i) for i in range(len(LAYERS))])
 
 
-def frame_delta(frame: np.ndarray, wanted: np.ndarray, strength: float = 1.0) -> np.ndarray:
+def _coarse_boost(iod: float) -> float:
+    """Extra strength for the coarse layers of a small face (its fine layer will not survive
+    the face being shrunk): 1 from BOOST_FROM px between the eyes up, up to BOOST_MAX."""
+    return float(np.clip(BOOST_FROM / max(iod, 1.0), 1.0, BOOST_MAX))
+
+
+def frame_delta(frame: np.ndarray, wanted: np.ndarray, strength: float = 1.0,
+                boost: float = 1.0) -> np.ndarray:
     """Informed embedding in the frame: [FRAME,FRAME] luma change for an aligned luma frame.
 
     Each chip's coefficient moves just enough to have the wanted sign with margin ``target``,
@@ -335,20 +347,21 @@ def frame_delta(frame: np.ndarray, wanted: np.ndarray, strength: float = 1.0) ->
     start = 0
     for i, (layer, n) in enumerate(zip(LAYERS, _SIZES)):
         w = wanted[start:start + n]
+        gain = strength * (boost if layer.cell > 8 else 1.0)
         lo, hi = layer.moves
         used = np.zeros(n)
         # Two passes: the blur and the fade take part of each move, and neighbouring cells
         # leak into each other through the blur; the second pass tops up what fell short.
         for floor in (lo, 0.0):
             c = _layer_coefficients(frame + delta, i)
-            need = np.clip(layer.target * strength - w * c, floor * strength,
-                           np.maximum(hi * strength - used, 0.0))
+            need = np.clip(layer.target * gain - w * c, floor * gain,
+                           np.maximum(hi * gain - used, 0.0))
             used += need
             delta += _FADE * cv2.GaussianBlur(_draw_layer(w * need, i), (0, 0), layer.cell / 8)
         start += n
     # No pixel moves more than this: a chip that needed a big move would otherwise show as
     # a pale or dark spot on the skin.
-    limit = PEAK * strength
+    limit = PEAK * strength * boost
     return np.clip(delta, -limit, limit)
 
 
