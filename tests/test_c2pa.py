@@ -218,3 +218,20 @@ def test_keys_command(capsys):
     assert "C2PA signing keys" in out and str(config_dir()) in out
     assert main(["keys", "show"]) == 0
     assert "sha256:" in capsys.readouterr().out
+
+
+def test_swap_signs_with_the_organisation_key_from_the_command_line(tmp_path, capsys):
+    chain, key, _ = make_certificate_chain("Example Newsroom signer")
+    (tmp_path / "org.pem").write_bytes(chain)
+    (tmp_path / "org.key").write_bytes(key)
+    out = tmp_path / "swap.jpg"
+    assert main(["swap", "-s", "sample:grace_hopper", "-t", "sample:astronaut", "-o", str(out),
+                 "--quiet", "--c2pa-cert", str(tmp_path / "org.pem"),
+                 "--c2pa-key", str(tmp_path / "org.key")]) == 0
+    report = read_c2pa(out)
+    assert report.signer == "Example Newsroom signer" and report.binding_ok
+    assert report.actions == ["c2pa.opened", "c2pa.edited"] and report.parent == "astronaut.png"
+    assert main(["swap", "-s", "sample:grace_hopper", "-t", "sample:astronaut", "-o",
+                 str(tmp_path / "other.jpg"), "--c2pa-cert", str(tmp_path / "org.pem")]) == 2
+    assert "--c2pa-key" in capsys.readouterr().err
+    assert not (tmp_path / "other.jpg").exists()
