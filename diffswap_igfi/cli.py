@@ -1,4 +1,4 @@
-"""Command line: ``diffswap-igfi swap | verify | conditions | preprocess | eval | samples |
+"""Command line: ``diffswap-igfi swap | verify | keys | conditions | preprocess | eval | samples |
 demo | build-dictionaries | ui``.
 
 Every failure prints one ``error:`` line on stderr (usage text only with ``--help``) and exits
@@ -127,13 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--jpeg-quality", type=_int_in(1, 100), default=95, metavar="1-100",
                       help="quality of JPEG/WebP outputs (default: 95)")
     swap.add_argument("--quiet", action="store_true", help="no progress bar")
+    swap.add_argument("--c2pa-cert", metavar="PEM", help="sign the C2PA manifest with this "
+                      "certificate chain (with --c2pa-key; default: the local keys)")
+    swap.add_argument("--c2pa-key", metavar="PEM", help="the private key of --c2pa-cert")
     from diffswap_igfi.video.arguments import add_video_arguments
 
     add_video_arguments(swap)
 
-    verify = sub.add_parser("verify", help="report provenance marks in image(s)")
+    verify = sub.add_parser("verify", help="report provenance marks in image(s) and video(s)")
     verify.add_argument("images", nargs="+", metavar="FILE", help="images or videos")
     verify.add_argument("--json", action="store_true", help="print JSON")
+    from diffswap_igfi.provenance.keys import add_keys_arguments
+
+    add_keys_arguments(sub.add_parser("keys", help="C2PA signing keys (keys init | keys show)"))
 
     cond = sub.add_parser(
         "conditions", help="compute the SFI conditions of a pair and draw them",
@@ -347,7 +353,9 @@ def cmd_swap(args: argparse.Namespace) -> int:
                                       digital_source_type=engine.digital_source_type,
                                       engine=engine.name, alpha=target.alpha,
                                       icc_profile=target.icc_profile,
-                                      jpeg_quality=args.jpeg_quality)
+                                      jpeg_quality=args.jpeg_quality, faces=result.faces,
+                                      parent_path=target_file, c2pa_cert=args.c2pa_cert,
+                                      c2pa_key=args.c2pa_key, detector=swapper.detector)
             except DiffSwapError as err:
                 if not batch:
                     raise
@@ -365,9 +373,9 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from diffswap_igfi.provenance.verify import verify_image
+    from diffswap_igfi.provenance.verify import verify_files
 
-    reports = [verify_image(Path(p).expanduser()) for p in args.images]
+    reports = verify_files([Path(p).expanduser() for p in args.images])
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     else:
@@ -474,6 +482,12 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     return run_preprocess(args)
 
 
+def _run_keys(args: argparse.Namespace) -> int:
+    from diffswap_igfi.provenance.keys import run_keys
+
+    return run_keys(args)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from diffswap_igfi.eval.run import run_eval
 
@@ -518,7 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"swap": cmd_swap, "verify": cmd_verify, "demo": cmd_demo,
                 "conditions": cmd_conditions, "samples": cmd_samples,
                 "preprocess": _run_preprocess, "eval": _run_eval,
-                "build-dictionaries": _run_build_dictionaries, "ui": _run_ui}
+                "build-dictionaries": _run_build_dictionaries, "ui": _run_ui,
+                "keys": _run_keys}
     try:
         return handlers[args.command](args)
     except DiffSwapError as err:
