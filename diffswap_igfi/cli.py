@@ -190,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("dir", nargs="?", metavar="DIR", help="folder to copy them into")
     samples.add_argument("--force", action="store_true", help="overwrite existing copies")
 
+    conv = sub.add_parser("convert", help="convert a released checkpoint (REFace's last.ckpt) "
+                          "to a pipeline folder that swap --checkpoint loads")
+    conv.add_argument("--from", dest="source_format", required=True, choices=["reface"])
+    conv.add_argument("checkpoint", metavar="CKPT")
+    conv.add_argument("out", metavar="OUT", help="new folder to write")
+    conv.add_argument("--allow-pickle", action="store_true",
+                      help="unpickle CKPT (it can run code: only for a file from a trusted source)")
+    conv.add_argument("--config", metavar="JSON", help="overrides of the model configuration")
+
     demo = sub.add_parser("demo", help="swap two photos that ship with our dependencies")
     demo.add_argument("-o", "--output", default="demo", metavar="DIR",
                       help="folder for the results (default: ./demo)")
@@ -468,6 +477,12 @@ def _run_build_dictionaries(args: argparse.Namespace) -> int:
     return run_build_dictionaries(args)
 
 
+def _run_convert(args: argparse.Namespace) -> int:
+    from diffswap_igfi.convert.reface import run_convert
+
+    return run_convert(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output)
     pairs = [("grace_hopper", "astronaut"), ("astronaut", "grace_hopper")]
@@ -494,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"swap": cmd_swap, "verify": cmd_verify, "demo": cmd_demo,
                 "conditions": cmd_conditions, "samples": cmd_samples,
                 "preprocess": _run_preprocess, "eval": _run_eval,
-                "build-dictionaries": _run_build_dictionaries}
+                "build-dictionaries": _run_build_dictionaries, "convert": _run_convert}
     try:
         return handlers[args.command](args)
     except DiffSwapError as err:

@@ -263,6 +263,46 @@ def build_pipeline(state: dict, config: dict | None = None):
                           crop_size=config["sample_size"])
 
 
+def layout_check(shapes: dict[str, list[int]], config: dict | None = None) -> dict[str, dict]:
+    """Convert a key layout without weights (meta tensors) and compare it with our models.
+
+    shapes: checkpoint key -> shape. Returns, per component, ``{"converted": {key: shape},
+    "expected": {key: shape}}`` (expected: the state dict of the configured model, built on the
+    meta device); equal dicts mean every weight has a place and every place gets a weight."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from diffswap_igfi.conditions.irse50 import IRSEBackbone
+    from diffswap_igfi.sfi.reface_models import RefaceConditioner
+
+    config = _merged(config)
+    state = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    plan = plan_keys(state)
+    size = config["sample_size"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unet_cfg = create_unet_diffusers_config_from_ldm(config, state, image_size=size)
+        vae_cfg = create_vae_diffusers_config_from_ldm(config, state, image_size=size)
+    converted = {"unet": convert_ldm_unet_checkpoint(state, unet_cfg),
+                 "vae": convert_ldm_vae_checkpoint(state, vae_cfg)}
+    for name in ("clip_encoder", "conditioner", "identity_encoder"):
+        converted[name] = _component_state(state, plan, name)
+    with torch.device("meta"):
+        models = {"unet": UNet2DConditionModel(**unet_cfg), "vae": AutoencoderKL(**vae_cfg),
+                  "clip_encoder": CLIPVisionModelWithProjection(
+                      CLIPVisionConfig(**config["clip_vision"])),
+                  "conditioner": RefaceConditioner(**config["conditioner"]),
+                  "identity_encoder": IRSEBackbone(**config["identity"])}
+    return {name: {"converted": {k: list(v.shape) for k, v in converted[name].items()},
+                   "expected": {k: list(v.shape) for k, v in models[name].state_dict().items()
+                                if "position_ids" not in k}}
+            for name in models}
+
+
 def convert_reface(checkpoint: str | Path, out_dir: str | Path, *, allow_pickle: bool = False,
                    config: dict | None = None) -> Path:
     """Write a RefacePipeline folder (model_index.json, configs, safetensors) to ``out_dir``.
@@ -286,3 +326,20 @@ def convert_reface(checkpoint: str | Path, out_dir: str | Path, *, allow_pickle:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def run_convert(args) -> int:
+    """``diffswap-igfi convert --from reface CKPT OUT [--allow-pickle] [--config JSON]``."""
+    config = None
+    if args.config:
+        try:
+            config = json.loads(Path(args.config).expanduser().read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read --config {args.config} ({exc})") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the pickle warning: --allow-pickle said it
+        out = convert_reface(args.checkpoint, args.out, allow_pickle=args.allow_pickle,
+                             config=config)
+    print(f"wrote {out} (swap with: diffswap-igfi swap --checkpoint {out} --steps 50 "
+          f"--guidance 3.5 ...)")
+    return 0
