@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line
 from PIL import Image
 
-from conftest import assert_one_line
 from diffswap_igfi.cli import main
 from diffswap_igfi.conditions.irse50 import IRSEBackbone, read_state_dict
-from diffswap_igfi.convert.reface import (SCHEDULE_BUFFERS, build_scheduler, layout_check,
-                                          plan_keys)
-from diffswap_igfi.errors import ConfigError, ModelNotFoundError
+from diffswap_igfi.convert.reface import SCHEDULE_BUFFERS, build_scheduler, layout_check, plan_keys
+from diffswap_igfi.errors import ConfigError, InputError, ModelNotFoundError
+from diffswap_igfi.sfi.reface_models import RefaceConditioner
 
 DATA = Path(__file__).parent / "data"
 REAL = json.loads((DATA / "reface_keys.json").read_text())["keys"]
@@ -151,3 +151,21 @@ def test_a_tiny_reface_checkpoint_converts_and_swaps_through_the_cli(tmp_path, p
     assert np.array_equal(written[outside], target[outside])
     assert not np.array_equal(written[~outside], target[~outside])
     assert verify_image(out).watermark.found
+    with pytest.raises(InputError, match="warm-start"):
+        pipe(photos["grace_hopper"].rgb, target, source_faces=[faces["grace_hopper"][0]],
+             target_faces=[faces["astronaut"][:1]], warm_start="geometric", strength=0.5)
+
+
+def test_the_conditioner_token_is_the_weighted_mean_of_its_three_features():
+    torch.manual_seed(0)
+    cond = RefaceConditioner(context_dim=16, clip_dim=8, mapper_layers=1)
+    for p in cond.parameters():
+        p.data.normal_()
+    src, tgt, ident, marks = torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 512), \
+        torch.rand(2, 68, 2) * 512
+    clip = (cond.proj_out_source(cond.map_clip(src)) + cond.proj_out_target(cond.map_clip(tgt)))
+    expected = (clip + 10 * cond.ID_proj_out(ident)[:, None]
+                + 0.05 * cond.landmark_proj_out(marks.reshape(2, 136))[:, None]) / 11.05
+    # same operations in another grouping: equal up to float rounding
+    assert torch.allclose(cond(src, tgt, ident, marks), expected, rtol=1e-5, atol=1e-4)
+    assert cond.null(3).shape == (3, 1, 16)

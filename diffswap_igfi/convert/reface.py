@@ -78,6 +78,7 @@ CONDITIONER_NAMES = ("proj_out_source.", "proj_out_target.", "ID_proj_out.",
                      "landmark_proj_out.", "learnable_vector")
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.model."
+CLIP_KEPT = (CLIP_PREFIX + "vision_model.", CLIP_PREFIX + "visual_projection.")
 ID_PREFIX = "face_ID_model.facenet."
 
 
@@ -91,9 +92,7 @@ def plan_keys(keys) -> dict[str, tuple[str | None, str]]:
             plan[key] = ("unet", "diffusers convert_ldm_unet_checkpoint")
         elif key.startswith(VAE_PREFIX):
             plan[key] = ("vae", "diffusers convert_ldm_vae_checkpoint")
-        elif key.startswith(CLIP_PREFIX + "vision_model.") and "position_ids" not in key:
-            plan[key] = ("clip_encoder", key[len(CLIP_PREFIX):])
-        elif key.startswith(CLIP_PREFIX + "visual_projection."):
+        elif key.startswith(CLIP_KEPT) and "position_ids" not in key:
             plan[key] = ("clip_encoder", key[len(CLIP_PREFIX):])
         elif key.startswith("cond_stage_model.mapper2."):
             plan[key] = ("conditioner", "mapper." + key[len("cond_stage_model.mapper2."):])
@@ -179,10 +178,12 @@ def _merged(config: dict | None) -> dict:
 def convert_unet_vae(state: dict, config: dict):
     """(UNet2DConditionModel, AutoencoderKL) through diffusers' single-file helpers."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint,
-                                                     create_unet_diffusers_config_from_ldm,
-                                                     create_vae_diffusers_config_from_ldm)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
 
     size = config["sample_size"]
     with warnings.catch_warnings():
@@ -270,10 +271,12 @@ def layout_check(shapes: dict[str, list[int]], config: dict | None = None) -> di
     "expected": {key: shape}}`` (expected: the state dict of the configured model, built on the
     meta device); equal dicts mean every weight has a place and every place gets a weight."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint,
-                                                     create_unet_diffusers_config_from_ldm,
-                                                     create_vae_diffusers_config_from_ldm)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from diffswap_igfi.conditions.irse50 import IRSEBackbone

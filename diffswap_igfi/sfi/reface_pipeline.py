@@ -29,6 +29,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPVisionModelWithProjection
 
 from diffswap_igfi.conditions.irse50 import IRSEBackbone
+from diffswap_igfi.errors import InputError
 from diffswap_igfi.faces.align import align_face
 from diffswap_igfi.faces.blend import composite
 from diffswap_igfi.faces.masks import dilate, feather, region_mask
@@ -175,10 +176,12 @@ class RefacePipeline(DiffusionPipeline):
         target: [H,W,3] uint8; source_faces: the source face per source photo; target_faces:
         one list of faces (of ``target``). Steps and guidance default to REFace's (50, 3.5).
         Warm start and ID mixing are DiffSwap-IGFI features this model was not trained for;
-        they are refused. ``refine`` is accepted for the engine's sake (no refiner here).
+        they are refused (InputError). ``refine`` is accepted for the engine's sake (there is
+        no refiner).
         """
         if warm_start is not None or strength != 1.0 or id_mix is not None:
-            raise ValueError("REFace models support neither warm start nor ID mixing")
+            raise InputError("REFace models support neither --warm-start nor --mix-source "
+                             "(they were not trained for them); drop those options")
         start = time.perf_counter()
         stats: dict = {"unet_calls": 0, "unet_seconds": 0.0}
         steps = num_inference_steps or self.config.default_steps
