@@ -87,6 +87,15 @@ def test_convert_refuses_a_pickle_without_allow_pickle(tmp_path, capsys):
     assert_one_line(err)
     assert "--allow-pickle" in err
     assert not (tmp_path / "out").exists()
+    # with the flag, an old-format (non-zip) pickle is read, and a foreign one refused by name
+    torch.save({"state_dict": {"head.weight": torch.ones(2)}}, ckpt,
+               _use_new_zipfile_serialization=False)
+    code = main(["convert", "--from", "reface", str(ckpt), str(tmp_path / "out"),
+                 "--allow-pickle"])
+    err = capsys.readouterr().err
+    assert code == 2 and "head.weight" in err
+    assert_one_line(err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_engine_picks_the_pipeline_class_from_model_index(tmp_path):

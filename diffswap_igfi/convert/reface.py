@@ -156,11 +156,17 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str
                           f"--allow-pickle for a file from a trusted source (REFace's release)")
     warnings.warn(f"unpickling {path.name} runs code from that file; only do this with files "
                   "from a trusted source", UserWarning, stacklevel=2)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False,
-                         pickle_module=_TOLERANT_PICKLE)
-    except Exception as exc:  # a truncated file, not a torch file, ...
-        raise InputError(f"cannot read {path} ({type(exc).__name__}: {exc})") from exc
+    obj, error = None, None
+    for mmap in (True, False):  # mmap keeps the tensors in the file; older formats cannot
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap,
+                             pickle_module=_TOLERANT_PICKLE)
+            break
+        except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            # a legacy format (for mmap), a truncated or foreign file
+            error = exc
+    if obj is None:
+        raise InputError(f"cannot read {path} ({type(error).__name__}: {error})") from error
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise InputError(f"{path} holds no state dict")
@@ -192,23 +198,39 @@ def convert_unet_vae(state: dict, config: dict):
         vae_cfg = create_vae_diffusers_config_from_ldm(config, state, image_size=size)
     unet_sd = convert_ldm_unet_checkpoint(state, unet_cfg)
     vae_sd = convert_ldm_vae_checkpoint(state, vae_cfg)
-    unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
-    for model, sd, prefix in ((unet, unet_sd, UNET_PREFIX), (vae, vae_sd, VAE_PREFIX)):
-        _load_exact(model, sd, prefix, state)
+    for converted, prefix in ((unet_sd, UNET_PREFIX), (vae_sd, VAE_PREFIX)):
+        before = sum(v.numel() for k, v in state.items() if k.startswith(prefix))
+        after = sum(v.numel() for v in converted.values())
+        if before != after:
+            raise ConfigError(f"converting {prefix!r} kept {after} of {before} weights")
+    unet = _materialise(lambda: UNet2DConditionModel(**unet_cfg), unet_sd, "unet")
+    vae = _materialise(lambda: AutoencoderKL(**vae_cfg), vae_sd, "vae")
     return unet, vae
 
 
-def _load_exact(model: torch.nn.Module, converted: dict, prefix: str, state: dict) -> None:
-    """Load strictly, and check no weight was lost on the way (same number of elements)."""
+def _materialise(build, weights: dict, name: str) -> torch.nn.Module:
+    """``build()`` with empty parameters, then given ``weights`` (as float32): no random
+    initialisation and no second copy of a 1.3-billion-parameter checkpoint. Every parameter
+    must come from ``weights`` and every weight must have a place."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = build()
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     try:
-        model.load_state_dict(converted, strict=True)
-    except RuntimeError as exc:
-        raise ConfigError(f"the {prefix!r} weights do not fit the configured model "
-                          f"({str(exc).splitlines()[0]})") from exc
-    before = sum(v.numel() for k, v in state.items() if k.startswith(prefix))
-    after = sum(v.numel() for v in converted.values())
-    if before != after:
-        raise ConfigError(f"converting {prefix!r} kept {after} of {before} weights")
+        result = model.load_state_dict(weights, strict=False, assign=True)
+    except RuntimeError as exc:  # a shape that does not fit
+        raise ConfigError(f"{name}: the weights do not fit the configured model "
+                          f"({str(exc).splitlines()[-1].strip()})") from exc
+    missing = [k for k in result.missing_keys if "position_ids" not in k]
+    if missing or result.unexpected_keys:
+        first = (missing or result.unexpected_keys)[0]
+        raise ConfigError(f"{name}: {len(missing)} weights missing and "
+                          f"{len(result.unexpected_keys)} unexpected (first: {first})")
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise ConfigError(f"{name}: {empty[0]} got no weight")
+    return model.eval()
 
 
 def build_scheduler(config: dict):
@@ -248,17 +270,15 @@ def build_pipeline(state: dict, config: dict | None = None):
     unet, vae = convert_unet_vae(state, config)
     scheduler = build_scheduler(config)
     _check_schedule(state, scheduler)
-    clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**config["clip_vision"]))
-    conditioner = RefaceConditioner(**config["conditioner"])
-    identity = IRSEBackbone(**config["identity"])
-    for name, model in (("clip_encoder", clip), ("conditioner", conditioner),
-                        ("identity_encoder", identity)):
-        sd = _component_state(state, plan, name)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if "position_ids" not in k]
-        if missing or unexpected:
-            raise ConfigError(f"{name}: {len(missing)} weights missing (first: "
-                              f"{(missing or unexpected)[0]}), {len(unexpected)} unexpected")
+    builders = {
+        "clip_encoder": lambda: CLIPVisionModelWithProjection(
+            CLIPVisionConfig(**config["clip_vision"])),
+        "conditioner": lambda: RefaceConditioner(**config["conditioner"]),
+        "identity_encoder": lambda: IRSEBackbone(**config["identity"]),
+    }
+    clip, conditioner, identity = (
+        _materialise(build, _component_state(state, plan, name), name)
+        for name, build in builders.items())
     return RefacePipeline(vae=vae, unet=unet, scheduler=scheduler, conditioner=conditioner,
                           clip_encoder=clip, identity_encoder=identity,
                           crop_size=config["sample_size"])
