@@ -206,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ui_arguments(ui)
 
+    conv = sub.add_parser("convert", help="convert a released checkpoint (REFace's last.ckpt) "
+                          "to a pipeline folder that swap --checkpoint loads")
+    conv.add_argument("--from", dest="source_format", required=True, choices=["reface"])
+    conv.add_argument("checkpoint", metavar="CKPT")
+    conv.add_argument("out", metavar="OUT", help="new folder to write")
+    conv.add_argument("--allow-pickle", action="store_true",
+                      help="unpickle CKPT (it can run code: only for a file from a trusted source)")
+    conv.add_argument("--config", metavar="JSON", help="overrides of the model configuration")
+
     demo = sub.add_parser("demo", help="swap two photos that ship with our dependencies")
     demo.add_argument("-o", "--output", default="demo", metavar="DIR",
                       help="folder for the results (default: ./demo)")
@@ -505,6 +514,11 @@ def _run_ui(args: argparse.Namespace) -> int:
 
     return run_ui(args)
 
+def _run_convert(args: argparse.Namespace) -> int:
+    from diffswap_igfi.convert.reface import run_convert
+
+    return run_convert(args)
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output)
@@ -533,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "conditions": cmd_conditions, "samples": cmd_samples,
                 "preprocess": _run_preprocess, "eval": _run_eval,
                 "build-dictionaries": _run_build_dictionaries, "ui": _run_ui,
-                "keys": _run_keys}
+                "keys": _run_keys, "convert": _run_convert}
     try:
         return handlers[args.command](args)
     except DiffSwapError as err:

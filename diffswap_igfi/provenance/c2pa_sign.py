@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffswap_igfi import __version__
 from diffswap_igfi.errors import ConfigError, InputError, OutputError
+from diffswap_igfi.io.atomic import temporary_path
 from diffswap_igfi.provenance.keys import SigningKeys, signing_keys
 
 TOOL = "diffswap-igfi"
@@ -115,7 +115,7 @@ def sign_file(path: str | Path, *, digital_source_type: str, engine: str,
     manifest = build_manifest(digital_source_type=digital_source_type, engine=engine,
                               title=dest.name, has_parent=parent_path is not None,
                               watermark_payload=watermark_payload, details=details)
-    temporary = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.c2pa.tmp")
+    temporary = temporary_path(dest, keep_suffix=True)
     try:
         signer = c2pa.Signer.from_info(
             c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, chain, private, None))
