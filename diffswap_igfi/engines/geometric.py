@@ -1,101 +1,72 @@
 """The geometric swap engine: the embedded default that runs anywhere, with no trained weights.
 
-Classical landmark-warp swap: the source face is warped onto the target's 478 landmarks by a
-piecewise-affine map over a Delaunay triangulation, its colour and low-frequency lighting are
-matched to the target, and it is blended in (Laplacian pyramid or Poisson) under a feathered
-mask of the target's face oval. Pixels where that mask is zero are the target's, bit for bit.
-It is also the baseline the diffusion stage is measured against and its optional warm start.
+A 3D-aware texture transfer on MediaPipe's 478-point mesh. The source face's texture is carried
+onto the target's mesh triangle by triangle (the mesh's own triangles, painted nearest-last so a
+turned head's nose hides what it hides). Each source triangle counts only as far as it is
+visible in the source photo (facing the camera, not hidden by nearer ones); what the source does
+not show is taken from the mirrored triangle on the other side of the face (the mesh is left/right
+symmetric), and what neither shows stays the target's. Nothing is ever sampled outside the
+source's mesh, so no source background reaches the result.
+
+The texture is then relit (second-order spherical harmonics fitted on mesh normals, target
+lighting over source lighting) and colour matched region by region in Lab, and blended in under a
+mask that stays inside the target's face oval, leaving the target's mouth interior and eyes
+(teeth, tongue, gaze) and any user-given occlusion mask to the target. Pixels where the mask is
+zero are the target's, bit for bit.
+
+All of this runs at a bounded working resolution (the face scaled to ``work_iod`` pixels between
+the eyes, never up); only the final composite runs at the photo's resolution, so the cost of a
+swap hardly grows with the size of the face.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from scipy.spatial import Delaunay
 
-from diffswap_igfi.faces import masks, topology
-from diffswap_igfi.faces.blend import (composite, laplacian_blend, match_color, match_shading,
-                                       poisson_blend)
+from diffswap_igfi.errors import InputError
+from diffswap_igfi.faces import masks, mesh, topology
+from diffswap_igfi.faces.blend import composite, laplacian_blend, poisson_blend
+from diffswap_igfi.faces.lighting import (fit_sh, relative_shading, rgb_to_lab, sample,
+                                          transfer_color)
 from diffswap_igfi.faces.record import FaceRecord
+from diffswap_igfi.geometry.canonical import canonical_face
 from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
 
 BLENDS = ("laplacian", "poisson", "alpha")
+N = topology.NUM_MESH_POINTS
 
 
-def triangulate(points: np.ndarray) -> np.ndarray:
-    """Delaunay triangles of the mesh vertices. points: [478,2]. Returns [T,3] int indices."""
-    return Delaunay(points[: topology.NUM_MESH_POINTS].astype(np.float64)).simplices
+@dataclass(frozen=True)
+class MeshTopology:
+    """What the engine needs from MediaPipe's canonical face, computed once.
 
-
-def piecewise_affine_maps(src_points: np.ndarray, dst_points: np.ndarray, triangles: np.ndarray,
-                          roi: tuple[int, int, int, int], *, extend: bool = True
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel sampling maps that carry each destination triangle onto its source triangle.
-
-    src_points, dst_points: [N,2] pixels in their photos; triangles: [T,3] indices; roi:
-    (x0, y0, x1, y1) of the destination region; extend: give pixels outside every triangle the
-    map of the nearest one. Returns (map_xy [h,w,2] float32 source pixel
-    for every ROI pixel, covered [h,w] bool: pixels inside some triangle, before extension).
+    triangles: [T,3] int32 (front faces counter-clockwise in model space); mirror: [468] int,
+    each vertex's left/right twin; skin: [468] float in [0,1], 0 on eyes, brows and lips (the
+    vertices whose shading says nothing about lighting); rim: [468] bool, the face-oval vertices
+    (their texture in a photo is half background).
     """
-    x0, y0, x1, y1 = roi
-    h, w = y1 - y0, x1 - x0
-    dst = dst_points[triangles].astype(np.float64) - (x0, y0)  # [T,3,2]
-    src = src_points[triangles].astype(np.float64)
-    ones = np.ones((len(triangles), 3, 1))
-    dst_h = np.concatenate([dst, ones], axis=2)  # [T,3,3]
-    # Solve dst_h @ M = src for each triangle's 3x2 affine M; skip degenerate triangles.
-    det = np.linalg.det(dst_h)
-    ok = np.abs(det) > 1e-9
-    affines = np.zeros((len(triangles), 3, 2))
-    affines[ok] = np.linalg.solve(dst_h[ok], src[ok])
-    index = np.zeros((h, w), np.int32)  # 0 = no triangle; k = triangle k-1
-    fixed = np.round(dst * 16).astype(np.int32)
-    for k in np.nonzero(ok)[0]:
-        cv2.fillConvexPoly(index, fixed[k], int(k) + 1, lineType=cv2.LINE_8, shift=4)
-    covered = index > 0
-    if extend and covered.any() and not covered.all():
-        # Pixels outside the mesh take the affine of the nearest triangle, so a mask may reach
-        # a little past the outermost landmarks without sampling garbage.
-        _, labels = cv2.distanceTransformWithLabels((~covered).astype(np.uint8), cv2.DIST_L2, 3,
-                                                    labelType=cv2.DIST_LABEL_PIXEL)
-        nearest = np.zeros(labels.max() + 1, np.int32)
-        nearest[labels[covered]] = index[covered]
-        index = nearest[labels]
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
-    m = affines[np.maximum(index - 1, 0)]  # [h,w,3,2]
-    map_x = xs * m[..., 0, 0] + ys * m[..., 1, 0] + m[..., 2, 0]
-    map_y = xs * m[..., 0, 1] + ys * m[..., 1, 1] + m[..., 2, 1]
-    return np.stack([map_x, map_y], axis=-1).astype(np.float32), covered
+
+    triangles: np.ndarray
+    mirror: np.ndarray
+    skin: np.ndarray
+    rim: np.ndarray
 
 
-def face_roi(face: FaceRecord, shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
-    """Integer (x0, y0, x1, y1) around a face's mesh with ``margin`` pixels, inside the photo."""
-    x0, y0, x1, y1 = face.box
-    h, w = shape
-    return (int(max(0, np.floor(x0 - margin))), int(max(0, np.floor(y0 - margin))),
-            int(min(w, np.ceil(x1 + margin))), int(min(h, np.ceil(y1 + margin))))
-
-
-def swap_mask(face: FaceRecord, roi: tuple[int, int, int, int], *, grow: int = 0,
-              keep_mouth_interior: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Hard swap mask of the target face inside ``roi``: the face oval grown by ``grow`` pixels,
-    less the open mouth.
-
-    The target's own mouth interior (teeth, tongue) is kept: a closed source mouth warped onto
-    an open one would smear lips over it. Returns (mask, oval), both [h,w] uint8 {0,255} in
-    ROI coordinates; ``oval`` is the ungrown face oval.
-    """
-    x0, y0, x1, y1 = roi
-    pts = face.points - (x0, y0)
-    oval = masks.region_mask(pts, (y1 - y0, x1 - x0), ("face",))
-    mask = masks.dilate(oval, grow)
-    if keep_mouth_interior:
-        inner = masks.region_mask(pts, mask.shape, ("mouth_inner",))
-        mask[inner > 0] = 0
-        oval = np.where(inner > 0, 0, oval).astype(np.uint8)
-    return mask, oval
+@functools.lru_cache(maxsize=1)
+def mesh_topology() -> MeshTopology:
+    """The canonical mesh's triangles, mirror map and vertex classes (cached)."""
+    vertices, triangles = canonical_face()
+    features = list(topology.LEFT_EYE + topology.RIGHT_EYE + topology.LEFT_EYEBROW
+                    + topology.RIGHT_EYEBROW + topology.LIPS_OUTER + topology.LIPS_INNER)
+    dist = np.linalg.norm(vertices[:, None, :] - vertices[None, features, :], axis=2).min(1)
+    skin = np.clip((dist - 0.3) / 0.5, 0.0, 1.0)  # cm from the nearest feature vertex
+    rim = np.zeros(N, bool)
+    rim[list(topology.FACE_OVAL)] = True
+    return MeshTopology(triangles, mesh.mirror_indices(vertices), skin, rim)
 
 
 def mouth_opening(face: FaceRecord) -> float:
@@ -109,27 +80,114 @@ def mouth_opening(face: FaceRecord) -> float:
 OPEN_MOUTH = 0.02  # mouth_opening above this shows teeth or tongue
 
 
+def face_roi(face: FaceRecord, shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
+    """Integer (x0, y0, x1, y1) around a face's mesh with ``margin`` pixels, inside the photo."""
+    x0, y0, x1, y1 = face.box
+    h, w = shape
+    return (int(max(0, np.floor(x0 - margin))), int(max(0, np.floor(y0 - margin))),
+            int(min(w, np.ceil(x1 + margin))), int(min(h, np.ceil(y1 + margin))))
+
+
+@dataclass
+class WorkFrame:
+    """A photo region resampled to the engine's working resolution.
+
+    roi: (x0, y0, x1, y1) in the photo; image: [h,w,3] uint8, the region resized (or the region
+    itself at scale 1); face: the face's record in this frame; scale: work pixels per photo
+    pixel (<= 1).
+    """
+
+    roi: tuple[int, int, int, int]
+    image: np.ndarray
+    face: FaceRecord
+    scale: float
+
+
+def work_frame(photo: np.ndarray, face: FaceRecord, margin: float, max_iod: float) -> WorkFrame:
+    """Cut the ROI around ``face`` (``margin`` photo pixels) and scale it down so the face's
+    inter-ocular distance is at most ``max_iod`` pixels. photo: [H,W,3] uint8."""
+    roi = face_roi(face, photo.shape[:2], margin)
+    x0, y0, x1, y1 = roi
+    patch = photo[y0:y1, x0:x1]
+    scale = min(1.0, max_iod / max(face.interocular, 1e-6))
+    w, h = x1 - x0, y1 - y0
+    ww, wh = max(1, round(w * scale)), max(1, round(h * scale))
+    if (ww, wh) == (w, h):
+        image, sx, sy = patch, 1.0, 1.0
+    else:
+        image = cv2.resize(patch, (ww, wh), interpolation=cv2.INTER_AREA)
+        sx, sy = ww / w, wh / h
+    # pixel centres: x_work = (x_photo - x0 + 0.5) * sx - 0.5
+    affine = np.array([[sx, 0.0, (0.5 - x0) * sx - 0.5], [0.0, sy, (0.5 - y0) * sy - 0.5]])
+    return WorkFrame(roi, np.ascontiguousarray(image), face.transformed(affine, (wh, ww)),
+                     float(np.sqrt(sx * sy)))
+
+
+@dataclass
+class PreparedSource:
+    """Everything about a source face that does not depend on the target, computed once.
+
+    frame: the source face at working resolution (its own photo's background around it is
+    never sampled); image: [h,w,3] float32 [0,255] of frame.image; vertex_weight: [468] float
+    in [0,1], how well each vertex's texture is seen (0 on the face rim); shading: [468] float,
+    the source photo's lighting at each vertex relative to its mean (spherical harmonics on the
+    mesh normals).
+    """
+
+    frame: WorkFrame
+    image: np.ndarray
+    vertex_weight: np.ndarray
+    shading: np.ndarray
+
+
+def _vertex_lighting(frame: WorkFrame, topo: MeshTopology) -> tuple[np.ndarray, np.ndarray]:
+    """(visibility per vertex [468], relative SH shading per vertex [468]) of a face in its
+    work frame."""
+    lm = frame.face.landmarks[:N]
+    vis = mesh.vertex_mean(mesh.triangle_visibility(lm, topo.triangles), topo.triangles, N)
+    normals = mesh.vertex_normals(lm, topo.triangles)
+    iod = frame.face.interocular
+    luma = rgb_to_lab(frame.image.astype(np.float32))[..., 0]
+    sigma = max(0.5, 0.04 * iod)
+    luma = cv2.GaussianBlur(luma, (0, 0), sigma)
+    values = sample(luma, lm[:, :2])
+    weights = vis * topo.skin * ~topo.rim
+    coef = fit_sh(normals, values, weights)
+    return vis, relative_shading(normals, coef, weights)
+
+
 @dataclass
 class GeometricSwapper:
-    """Swaps one source face onto target faces by landmark warping and blending.
+    """Swaps one source face onto target faces by a 3D-aware mesh texture transfer.
 
     blend: ``laplacian`` (multi-band, default), ``poisson`` (gradient domain) or ``alpha``.
-    feather: feather reach as a fraction of the inter-ocular distance.
-    grow: how far the mask reaches past the face oval, as a fraction of the inter-ocular
-        distance (the feather then ends at the grown edge; the oval itself is fully swapped).
-    shading_sigma: lighting-transfer blur as a fraction of the inter-ocular distance (0 = off).
-    keep_mouth_interior: ``auto`` keeps the target's teeth and tongue when the target's mouth is
-        open and the source's is closed (warping closed lips over an open mouth smears them);
-        ``always`` or ``never``.
+    feather: width of the mask's soft edge, as a fraction of the inter-ocular distance.
+    grow: how far the mask reaches past the face oval before feathering (same units).
+    shading: relight the source texture with the target's lighting (spherical harmonics).
+    tone_sigma: reach of the region-wise tone match (brightness follows the target's over
+        this fraction of the inter-ocular distance; colour over 0.4 of it).
+    keep_mouth_interior: the target's own mouth interior (teeth, tongue) is kept ``always``
+        (default: a "mouth mask"; the lips around it are the source's), only when the target's
+        mouth is open and the source's closed (``auto``), or ``never``.
+    keep_eyes: keep the target's eye openings (gaze, blinks) instead of the source's.
+    occlusion_mask: [H,W] bool/uint8 of the target photo, nonzero where the target must stay
+        (hands, glasses, hair over the face); None for none.
+    work_iod: inter-ocular distance, in pixels, at which all the work is done (faces larger
+        than this are processed downscaled; smaller ones at their own size).
     """
 
     name = "geometric"
     digital_source_type = COMPOSITE_SYNTHETIC  # a composite of real photos, no trained generator
     blend: str = "laplacian"
-    feather: float = 0.25
-    grow: float = 0.4
-    shading_sigma: float = 1.0
-    keep_mouth_interior: str = "auto"
+    feather: float = 0.1
+    grow: float = 0.15
+    shading: bool = True
+    tone_sigma: float = 0.5
+    shading_strength: float = 0.5
+    keep_mouth_interior: str = "always"
+    keep_eyes: bool = True
+    occlusion_mask: np.ndarray | None = None
+    work_iod: float = 128.0
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -137,60 +195,159 @@ class GeometricSwapper:
             raise ValueError("keep_mouth_interior must be auto, always or never")
         if self.blend not in BLENDS:
             raise ValueError(f"unknown blend {self.blend!r}; choose from {BLENDS}")
+        if not self.work_iod >= 16:
+            raise ValueError(f"work_iod must be at least 16 pixels, got {self.work_iod}")
 
-    def swap_one(self, target: np.ndarray, target_face: FaceRecord, source: np.ndarray,
-                 source_face: FaceRecord) -> tuple[np.ndarray, np.ndarray]:
+    def prepare_source(self, source: np.ndarray, source_face: FaceRecord) -> PreparedSource:
+        """The per-source half of a swap, to reuse across many targets or video frames.
+
+        source: [H,W,3] uint8 photo; source_face: its face in photo pixels.
+        """
+        box = source_face.box
+        margin = 0.1 * float(max(box[2] - box[0], box[3] - box[1])) + 4
+        frame = work_frame(source, source_face, margin, 1.25 * self.work_iod)
+        vis, shade = _vertex_lighting(frame, mesh_topology())
+        weight = np.where(mesh_topology().rim, 0.0, vis)
+        return PreparedSource(frame, frame.image.astype(np.float32), weight, shade)
+
+    def swap_one(self, target: np.ndarray, target_face: FaceRecord,
+                 source: np.ndarray | PreparedSource, source_face: FaceRecord | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
         """Swap the source identity onto one target face.
 
-        target: [H,W,3] uint8; source: [h,w,3] uint8; faces in their photos' pixels.
-        Returns (image [H,W,3] uint8, alpha [H,W] float32 in [0,1]); image equals target
-        exactly wherever alpha == 0.
+        target: [H,W,3] uint8; source: [h,w,3] uint8 with ``source_face`` (faces in their
+        photos' pixels), or a ``PreparedSource``. Returns (image [H,W,3] uint8, alpha [H,W]
+        float32 in [0,1]); image equals target exactly wherever alpha == 0.
         """
+        if not isinstance(source, PreparedSource):
+            if source_face is None:
+                raise ValueError("a source photo needs its source_face")
+            source = self.prepare_source(source, source_face)
+        topo = mesh_topology()
         iod = target_face.interocular
-        radius = max(1, int(round(self.feather * iod)))
-        grow = int(round(self.grow * iod))
-        # room for the grown mask and the pyramid's reach, so alpha is 0 on the ROI border
-        roi = face_roi(target_face, target.shape[:2], grow + 2 * radius + 8)
-        x0, y0, x1, y1 = roi
-        triangles = triangulate(target_face.points)
-        maps, covered = piecewise_affine_maps(source_face.points, target_face.points, triangles,
-                                              roi)
-        warped = cv2.remap(source, maps, None, interpolation=cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_REPLICATE)
-        keep_mouth = self.keep_mouth_interior == "always" or (
-            self.keep_mouth_interior == "auto" and mouth_opening(target_face) > OPEN_MOUTH
-            and mouth_opening(source_face) <= OPEN_MOUTH)
-        hard, oval = swap_mask(target_face, roi, grow=grow, keep_mouth_interior=keep_mouth)
-        alpha = masks.feather(hard, radius)
+        frame = work_frame(target, target_face, (self.grow + self.feather + 0.1) * iod + 8,
+                           self.work_iod)
+        fg, alpha, hard = self._render(frame, source, topo)
+        x0, y0, x1, y1 = frame.roi
         patch = target[y0:y1, x0:x1]
-        # colour statistics from the face itself, not the hair or background the grown mask
-        # reaches
-        stats_region = masks.erode(oval, radius // 2) > 0
-        if stats_region.sum() < 64:
-            stats_region = oval > 0
-        colored = match_color(warped, patch, stats_region)
-        if self.shading_sigma > 0:
-            sigma = max(1.0, self.shading_sigma * iod)
-            colored = match_shading(colored, patch.astype(np.float32), stats_region, sigma)
-        if self.blend == "laplacian":
-            blended = laplacian_blend(colored, patch.astype(np.float32), alpha)
-        elif self.blend == "poisson":
-            fg = np.clip(colored + 0.5, 0, 255).astype(np.uint8)
-            blended = poisson_blend(fg, patch, masks.erode(hard, max(1, radius // 2)))
-        else:
-            blended = colored
+        if self.occlusion_mask is not None:
+            if np.asarray(self.occlusion_mask).shape[:2] != target.shape[:2]:
+                raise InputError(
+                    f"the occlusion mask is {np.asarray(self.occlusion_mask).shape[:2]} pixels "
+                    f"(rows, columns) but the target photo is {target.shape[:2]}: pass a mask "
+                    f"of the target's size")
+            alpha = alpha * (1.0 - self._occlusion(frame))
+        if frame.scale < 1.0:
+            size = (x1 - x0, y1 - y0)
+            fg = cv2.resize(fg, size, interpolation=cv2.INTER_LINEAR)
+            alpha = np.clip(cv2.resize(alpha, size, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
         out = target.copy()
-        out[y0:y1, x0:x1] = composite(blended, patch, alpha)
+        out[y0:y1, x0:x1] = composite(fg, patch, alpha)
         full_alpha = np.zeros(target.shape[:2], np.float32)
         full_alpha[y0:y1, x0:x1] = alpha
         return out, full_alpha
 
-    def swap(self, target: np.ndarray, target_faces: list[FaceRecord], source: np.ndarray,
-             source_face: FaceRecord) -> tuple[np.ndarray, np.ndarray]:
+    def _render(self, frame: WorkFrame, source: PreparedSource, topo: MeshTopology
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The swapped face in the work frame: (blended [h,w,3] float32 [0,255], alpha [h,w]
+        float32 in [0,1], hard mask [h,w] uint8)."""
+        face = frame.face
+        h, w = frame.image.shape[:2]
+        iod = face.interocular
+        tri = topo.triangles
+        lm = face.landmarks[:N]
+        index = mesh.raster_index(lm[:, :2], tri, (h, w), depth=lm[:, 2])
+        src_pts = source.frame.face.points[:N].astype(np.float64)
+        mirror = topo.mirror
+        t_vis, t_shade = _vertex_lighting(frame, topo) if self.shading else (None, None)
+        # per target vertex: where to sample directly and mirrored, how much each counts, and
+        # the source lighting at the sampled vertex
+        values = np.concatenate([
+            src_pts, src_pts[mirror],
+            source.vertex_weight[:, None], source.vertex_weight[mirror][:, None],
+            source.shading[:, None], source.shading[mirror][:, None],
+            (t_shade if t_shade is not None else np.ones(N))[:, None],
+        ], axis=1)
+        field_ = mesh.interpolate(lm[:, :2], tri, values, index)
+        covered = index >= 0
+        direct = cv2.remap(source.image, field_[..., 0:2], None, cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REPLICATE)
+        mirrored = cv2.remap(source.image, field_[..., 2:4], None, cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REPLICATE)
+        wd = np.clip(field_[..., 4], 0.0, 1.0)
+        wm = np.clip(field_[..., 5], 0.0, 1.0) * (1.0 - wd)
+        valid = (wd + wm) * covered
+        norm = np.maximum(wd + wm, 1e-6)
+        target_f = frame.image.astype(np.float32)
+        tex = (direct * wd[..., None] + mirrored * wm[..., None]) / norm[..., None]
+        if self.shading:
+            src_shade = (field_[..., 6] * wd + field_[..., 7] * wm) / norm
+            ratio = np.clip(field_[..., 8] / np.maximum(src_shade, 1e-3), 0.5, 2.0)
+            ratio = ratio ** self.shading_strength
+            tex = np.clip(tex * ratio[..., None], 0, 255)
+        tex = np.where(valid[..., None] > 1e-3, tex, target_f)
+        oval = masks.region_mask(face.points, (h, w), ("face",))
+        face_weight = masks.erode(oval, max(1, int(0.05 * iod))).astype(np.float32) / 255.0
+        colored = transfer_color(tex, target_f, (valid * face_weight).astype(np.float32),
+                                 face_weight, sigma_luma=self.tone_sigma * iod,
+                                 sigma_chroma=0.4 * self.tone_sigma * iod)
+        hard = masks.dilate(oval, int(round(self.grow * iod)))
+        alpha = masks.feather(hard, max(1, int(round(self.feather * iod))))
+        alpha *= np.clip(valid * 1.5, 0.0, 1.0)  # fade to the target where no texture is seen
+        keep = self._keep_mask(face, (h, w))
+        if keep is not None:
+            alpha *= 1.0 - keep
+        if self.blend == "laplacian":
+            blended = laplacian_blend(colored, target_f, alpha)
+        elif self.blend == "poisson":
+            inner = ((alpha > 0.5) * 255).astype(np.uint8)
+            fg = np.clip(colored + 0.5, 0, 255).astype(np.uint8)
+            blended = poisson_blend(fg, frame.image, inner)
+        else:
+            blended = colored
+        return blended.astype(np.float32), alpha.astype(np.float32), hard
+
+    def _keep_mask(self, face: FaceRecord, shape: tuple[int, int]) -> np.ndarray | None:
+        """Soft [h,w] float32 in [0,1] of the target parts kept: mouth interior, eyes."""
+        regions = []
+        keep_mouth = self.keep_mouth_interior == "always" or (
+            self.keep_mouth_interior == "auto" and mouth_opening(face) > OPEN_MOUTH)
+        if keep_mouth:
+            regions.append("mouth_inner")
+        if self.keep_eyes:
+            regions += ["left_eye", "right_eye"]
+        if not regions:
+            return None
+        hard = masks.region_mask(face.points, shape, regions)
+        if not hard.any():
+            return None
+        sigma = max(0.5, 0.03 * face.interocular)
+        # grown a little then blurred: the whole opening stays the target's, the lid and lip
+        # edges blend
+        soft = cv2.GaussianBlur(masks.dilate(hard, max(1, int(sigma))).astype(np.float32) / 255.0,
+                                (0, 0), sigma)
+        return np.clip(soft, 0.0, 1.0)
+
+    def _occlusion(self, frame: WorkFrame) -> np.ndarray:
+        """The user's occlusion mask in the work frame, softened: [h,w] float32 in [0,1]."""
+        x0, y0, x1, y1 = frame.roi
+        occ = np.asarray(self.occlusion_mask)
+        crop = (occ[y0:y1, x0:x1] > 0).astype(np.float32)
+        h, w = frame.image.shape[:2]
+        if crop.shape != (h, w):
+            crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
+        sigma = max(0.5, 0.02 * frame.face.interocular)
+        return np.clip(cv2.GaussianBlur(crop, (0, 0), sigma) * 1.5, 0.0, 1.0)
+
+    def swap(self, target: np.ndarray, target_faces: list[FaceRecord],
+             source: np.ndarray | PreparedSource, source_face: FaceRecord | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
         """Swap onto several target faces in turn. Returns (image, union alpha) as swap_one."""
+        if not isinstance(source, PreparedSource):
+            source = self.prepare_source(source, source_face)
         image = target
         alpha = np.zeros(target.shape[:2], np.float32)
         for face in target_faces:
-            image, a = self.swap_one(image, face, source, source_face)
+            image, a = self.swap_one(image, face, source)
             alpha = np.maximum(alpha, a)
         return image, alpha
