@@ -73,3 +73,20 @@ def test_swaps_look_like_the_source_to_an_independent_recognizer(faces, photos, 
         to_target = recognizer.distance(swapped, recognizer.describe(t_img, t_face))
         wins.append(to_source < to_target)
     assert sum(wins) >= 5, wins  # acceptance asks 4 of 5; measured 63 of 72 over all pairs
+
+
+def test_large_faces_are_worked_at_bounded_resolution_and_stay_exact_outside(faces, photos):
+    # the astronaut at 4x: her face is processed downscaled, then composited at full size
+    target = cv2.resize(photos["astronaut"].rgb, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)
+    face = faces["astronaut"][0].transformed(np.array([[4.0, 0, 1.5], [0, 4.0, 1.5]]),
+                                             target.shape[:2])
+    engine = GeometricSwapper()
+    assert face.interocular > 1.2 * engine.work_iod
+    source = engine.prepare_source(photos["grace_hopper"].rgb, faces["grace_hopper"][0])
+    big, alpha = engine.swap_one(target, face, source)
+    assert np.array_equal(big[alpha == 0], target[alpha == 0])
+    small, small_alpha = engine.swap_one(photos["astronaut"].rgb, faces["astronaut"][0], source)
+    # the same swap at both sizes: compare at the small size (resampling differs a little)
+    down = cv2.resize(big, (512, 512), interpolation=cv2.INTER_AREA).astype(int)
+    inside = small_alpha > 0.99
+    assert np.abs(down - small)[inside].mean() < 6

@@ -229,7 +229,6 @@ class GeometricSwapper:
                            self.work_iod)
         fg, alpha, hard = self._render(frame, source, topo)
         x0, y0, x1, y1 = frame.roi
-        patch = target[y0:y1, x0:x1]
         if self.occlusion_mask is not None:
             if np.asarray(self.occlusion_mask).shape[:2] != target.shape[:2]:
                 raise InputError(
@@ -237,14 +236,38 @@ class GeometricSwapper:
                     f"(rows, columns) but the target photo is {target.shape[:2]}: pass a mask "
                     f"of the target's size")
             alpha = alpha * (1.0 - self._occlusion(frame))
-        if frame.scale < 1.0:
-            size = (x1 - x0, y1 - y0)
-            fg = cv2.resize(fg, size, interpolation=cv2.INTER_LINEAR)
-            alpha = np.clip(cv2.resize(alpha, size, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+        fg = np.clip(fg + 0.5, 0, 255).astype(np.uint8)
+        # only the part where alpha > 0 is resampled to photo pixels and composited
+        ys, xs = np.nonzero(alpha > 0)
         out = target.copy()
-        out[y0:y1, x0:x1] = composite(fg, patch, alpha)
         full_alpha = np.zeros(target.shape[:2], np.float32)
-        full_alpha[y0:y1, x0:x1] = alpha
+        if len(xs) == 0:
+            return out, full_alpha
+        a0, b0 = xs.min(), ys.min()
+        a1, b1 = xs.max() + 1, ys.max() + 1
+        if frame.scale < 1.0:
+            # photo pixel p maps to work pixel (p - x0 + 0.5) * s - 0.5; take every photo pixel
+            # whose work position lies in the box, plus one of slack for the interpolation
+            sx = fg.shape[1] / (x1 - x0)
+            sy = fg.shape[0] / (y1 - y0)
+            px0 = max(x0, int(np.floor(x0 + (a0 - 1 + 0.5) / sx - 0.5)))
+            px1 = min(x1, int(np.ceil(x0 + (a1 + 0.5) / sx - 0.5)) + 1)
+            py0 = max(y0, int(np.floor(y0 + (b0 - 1 + 0.5) / sy - 0.5)))
+            py1 = min(y1, int(np.ceil(y0 + (b1 + 0.5) / sy - 0.5)) + 1)
+            # the same map cv2.resize uses for the whole ROI, restricted to the box
+            gx = ((np.arange(px0, px1) - x0 + 0.5) * sx - 0.5).astype(np.float32)
+            gy = ((np.arange(py0, py1) - y0 + 0.5) * sy - 0.5).astype(np.float32)
+            map_x = np.broadcast_to(gx[None, :], (len(gy), len(gx)))
+            map_y = np.broadcast_to(gy[:, None], (len(gy), len(gx)))
+            fg = cv2.remap(fg, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            alpha = cv2.remap(alpha, map_x, map_y, cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        else:
+            px0, py0, px1, py1 = x0 + a0, y0 + b0, x0 + a1, y0 + b1
+            fg, alpha = fg[b0:b1, a0:a1], alpha[b0:b1, a0:a1]
+        alpha = np.clip(alpha, 0.0, 1.0)
+        out[py0:py1, px0:px1] = composite(fg, target[py0:py1, px0:px1], alpha)
+        full_alpha[py0:py1, px0:px1] = alpha
         return out, full_alpha
 
     def _render(self, frame: WorkFrame, source: PreparedSource, topo: MeshTopology
