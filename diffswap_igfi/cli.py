@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weight of the first identity with --mix-mode weighted")
     swap.add_argument("--blend", choices=["laplacian", "poisson", "alpha"], default="laplacian",
                       help="how the warped face is blended in (default: laplacian)")
+    swap.add_argument("--occlusion-mask", metavar="PATH",
+                      help="geometric: an image of the target's size, white where the target "
+                           "must stay (hands, glasses, hair over the face)")
+    swap.add_argument("--source-eyes", action="store_true",
+                      help="geometric: take the source's eyes (default: the target's gaze)")
+    swap.add_argument("--source-mouth", action="store_true",
+                      help="geometric: take the source's mouth interior (default: the target's "
+                           "teeth and tongue)")
     swap.add_argument("--force", action="store_true",
                       help="overwrite an existing output (never an input)")
     swap.add_argument("--max-pixels", type=_positive_int, default=40_000_000,
@@ -175,7 +183,14 @@ def _engine(args: argparse.Namespace):
                              "--engine diffusion")
         from diffswap_igfi.engines.geometric import GeometricSwapper
 
-        return GeometricSwapper(blend=args.blend)
+        occlusion = (_load(args.occlusion_mask, args.max_pixels).rgb.max(axis=2) > 127
+                     if args.occlusion_mask else None)
+        return GeometricSwapper(blend=args.blend, occlusion_mask=occlusion,
+                                keep_eyes=not args.source_eyes,
+                                keep_mouth_interior="never" if args.source_mouth else "always")
+    if args.occlusion_mask or args.source_eyes or args.source_mouth:
+        raise InputError("--occlusion-mask, --source-eyes and --source-mouth work with the "
+                         "geometric engine only: drop them or use --engine geometric")
     if args.warm_start is not None and not 0.0 < args.warm_start <= 1.0:
         raise InputError(f"--warm-start must be in (0, 1], got {args.warm_start}")
     if not 0.0 <= args.mix_weight <= 1.0:

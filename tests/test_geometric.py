@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from diffswap_igfi.engines.geometric import GeometricSwapper, mouth_opening
+from diffswap_igfi.errors import InputError
+from diffswap_igfi.faces import masks
 
 
 def test_prepared_source_gives_the_same_swap_as_the_photo(faces, photos):
@@ -90,3 +92,36 @@ def test_large_faces_are_worked_at_bounded_resolution_and_stay_exact_outside(fac
     down = cv2.resize(big, (512, 512), interpolation=cv2.INTER_AREA).astype(int)
     inside = small_alpha > 0.99
     assert np.abs(down - small)[inside].mean() < 6
+
+
+def test_occlusion_mask_keeps_the_target_and_the_cli_passes_it(faces, photos, tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import assert_one_line
+    from diffswap_igfi.cli import main
+    from diffswap_igfi.io.images import load_image
+
+    target = photos["astronaut"].rgb
+    occ = np.zeros(target.shape[:2], np.uint8)
+    x0, y0, x1, y1 = faces["astronaut"][0].box.astype(int)
+    occ[y0:(y0 + y1) // 2, x0:x1] = 255  # the upper half of the face is "covered"
+    engine = GeometricSwapper(occlusion_mask=occ > 0)
+    out, alpha = engine.swap_one(target, faces["astronaut"][0], photos["grace_hopper"].rgb,
+                                 faces["grace_hopper"][0])
+    core = masks.erode(occ, 4) > 0  # the soft edge of the occlusion mask reaches 2-3 px in
+    assert not alpha[core].any() and np.array_equal(out[core], target[core])
+    assert alpha[(y0 + y1) // 2 + 10:y1 - 10].max() > 0.99  # the rest still swaps
+    Image.fromarray(occ).save(tmp_path / "occ.png")
+    code = main(["swap", "-s", "sample:grace_hopper", "-t", "sample:astronaut", "-o",
+                 str(tmp_path / "out.png"), "--occlusion-mask", str(tmp_path / "occ.png"),
+                 "--quiet"])
+    assert code == 0
+    written = load_image(tmp_path / "out.png").rgb
+    assert np.abs(written.astype(int) - target)[core].max() <= 3  # the watermark's amplitude
+    code = main(["swap", "-s", "sample:grace_hopper", "-t", "sample:astronaut", "-o",
+                 str(tmp_path / "d.png"), "--engine", "diffusion", "--source-eyes"])
+    assert code == 2
+    assert_one_line(capsys.readouterr().err)
+    with pytest.raises(InputError, match="occlusion mask"):
+        GeometricSwapper(occlusion_mask=np.zeros((5, 5), bool)).swap_one(
+            target, faces["astronaut"][0], photos["grace_hopper"].rgb, faces["grace_hopper"][0])
