@@ -77,6 +77,7 @@ def mouth_opening(face: FaceRecord) -> float:
     return float(area / max(face.interocular, 1e-6) ** 2)
 
 
+VALID_GAIN = 4.0  # alpha reaches 1 where a quarter of the texture weight is seen
 OPEN_MOUTH = 0.02  # mouth_opening above this shows teeth or tongue
 
 
@@ -129,7 +130,7 @@ class PreparedSource:
 
     frame: the source face at working resolution (its own photo's background around it is
     never sampled); image: [h,w,3] float32 [0,255] of frame.image; vertex_weight: [468] float
-    in [0,1], how well each vertex's texture is seen (0 on the face rim); shading: [468] float,
+    in [0,1], how well each vertex's texture is seen; shading: [468] float,
     the source photo's lighting at each vertex relative to its mean (spherical harmonics on the
     mesh normals).
     """
@@ -165,7 +166,7 @@ class GeometricSwapper:
     grow: how far the mask reaches past the face oval before feathering (same units).
     shading: relight the source texture with the target's lighting (spherical harmonics).
     tone_sigma: reach of the region-wise tone match (brightness follows the target's over
-        this fraction of the inter-ocular distance; colour over 0.4 of it).
+        this fraction of the inter-ocular distance; colour over 0.2 of it).
     keep_mouth_interior: the target's own mouth interior (teeth, tongue) is kept ``always``
         (default: a "mouth mask"; the lips around it are the source's), only when the target's
         mouth is open and the source's closed (``auto``), or ``never``.
@@ -179,10 +180,10 @@ class GeometricSwapper:
     name = "geometric"
     digital_source_type = COMPOSITE_SYNTHETIC  # a composite of real photos, no trained generator
     blend: str = "laplacian"
-    feather: float = 0.1
+    feather: float = 0.05
     grow: float = 0.15
-    shading: bool = True
-    tone_sigma: float = 0.5
+    shading: bool = False
+    tone_sigma: float = 1.0
     shading_strength: float = 0.5
     keep_mouth_interior: str = "always"
     keep_eyes: bool = True
@@ -207,8 +208,16 @@ class GeometricSwapper:
         margin = 0.1 * float(max(box[2] - box[0], box[3] - box[1])) + 4
         frame = work_frame(source, source_face, margin, 1.25 * self.work_iod)
         vis, shade = _vertex_lighting(frame, mesh_topology())
-        weight = np.where(mesh_topology().rim, 0.0, vis)
-        return PreparedSource(frame, frame.image.astype(np.float32), weight, shade)
+        # vertices beyond the photo's edge (a face cut by the frame) show only padding
+        x0, y0, x1, y1 = frame.roi
+        inside = np.ones(N, bool)
+        pts = source_face.points[:N]
+        inside &= (pts[:, 0] >= x0 + 1) & (pts[:, 0] <= x1 - 2)
+        inside &= (pts[:, 1] >= y0 + 1) & (pts[:, 1] <= y1 - 2)
+        inside &= (pts[:, 0] >= 1) & (pts[:, 0] <= source.shape[1] - 2)
+        inside &= (pts[:, 1] >= 1) & (pts[:, 1] <= source.shape[0] - 2)
+        vis = vis * inside
+        return PreparedSource(frame, frame.image.astype(np.float32), vis, shade)
 
     def swap_one(self, target: np.ndarray, target_face: FaceRecord,
                  source: np.ndarray | PreparedSource, source_face: FaceRecord | None = None
@@ -313,10 +322,10 @@ class GeometricSwapper:
         face_weight = masks.erode(oval, max(1, int(0.05 * iod))).astype(np.float32) / 255.0
         colored = transfer_color(tex, target_f, (valid * face_weight).astype(np.float32),
                                  face_weight, sigma_luma=self.tone_sigma * iod,
-                                 sigma_chroma=0.4 * self.tone_sigma * iod)
+                                 sigma_chroma=0.2 * iod)
         hard = masks.dilate(oval, int(round(self.grow * iod)))
         alpha = masks.feather(hard, max(1, int(round(self.feather * iod))))
-        alpha *= np.clip(valid * 1.5, 0.0, 1.0)  # fade to the target where no texture is seen
+        alpha *= np.clip(valid * VALID_GAIN, 0.0, 1.0)  # the target where no texture is seen
         keep = self._keep_mask(face, (h, w))
         if keep is not None:
             alpha *= 1.0 - keep

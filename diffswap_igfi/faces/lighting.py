@@ -102,7 +102,8 @@ def transfer_color(source: np.ndarray, target: np.ndarray, source_weight: np.nda
     target's local mean: L over ``sigma_luma`` (lighting, skin tone by region), a/b over the
     narrower ``sigma_chroma`` (lips stay red, cheeks keep their flush). A greyscale or tinted
     source has no chroma detail of its own, so it comes out in the target's colours rather than
-    grey or tinted. Luminance detail is rescaled by the ratio of high-pass spreads, clipped to
+    grey or tinted; chroma detail is scaled down to the target's own spread (none on a grey
+    target). Luminance detail is rescaled by the ratio of high-pass spreads, clipped to
     ``contrast_limits``.
 
     source, target: [H,W,3] float32 RGB [0,255] in the same frame (the warped source texture
@@ -121,5 +122,12 @@ def transfer_color(source: np.ndarray, target: np.ndarray, source_weight: np.nda
     out[..., 0] = t_low_l + gain * s_hp
     s_low_ab = masked_lowpass(s_lab[..., 1:], source_weight, sigma_chroma)
     t_low_ab = masked_lowpass(t_lab[..., 1:], target_weight, sigma_chroma)
-    out[..., 1:] = t_low_ab + (s_lab[..., 1:] - s_low_ab)
+    s_detail = s_lab[..., 1:] - s_low_ab
+    chroma_gain = np.ones(2, np.float32)
+    if sw.sum() > 64 and tw.sum() > 64:
+        # a grey target gets no colour detail, a pale one only as much as it shows itself
+        t_detail = t_lab[..., 1:] - t_low_ab
+        chroma_gain = np.clip(t_detail[tw].std(0) / np.maximum(s_detail[sw].std(0), 1e-3),
+                              0.0, 1.0).astype(np.float32)
+    out[..., 1:] = t_low_ab + s_detail * chroma_gain
     return lab_to_rgb(out)
