@@ -234,3 +234,20 @@ def test_canonical_mesh_mirror_and_visibility_of_a_turned_head(faces):
     vis = mesh.triangle_visibility(turned, tris)
     centre_x = vertices[tris].mean(1)[:, 0]
     assert vis[centre_x < -3].mean() > 0.6 and vis[centre_x > 3].mean() < 0.1  # +x turns away
+
+
+def test_skin_model_tells_the_face_from_what_covers_it(faces, photos):
+    from diffswap_igfi.faces import skin
+    from diffswap_igfi.faces.lighting import rgb_to_lab, sample
+
+    face = faces["astronaut"][0]
+    lab = rgb_to_lab(photos["astronaut"].rgb.astype(np.float32))
+    cheeks = [50, 280, 205, 425, 187, 411, 117, 346]  # cheek vertices of the mesh
+    model = skin.fit_skin_model(sample(lab, face.points[cheeks * 3]), np.ones(24))
+    assert model is not None
+    x0, y0, x1, y1 = face.box.astype(int)
+    likely = skin.skin_likelihood(model, lab)
+    nose_x, nose_y = face.points[topology.NOSE_TIP].astype(int)
+    assert likely[nose_y - 10:nose_y + 10, nose_x - 20:nose_x + 20].mean() > 0.8  # skin
+    assert likely[20:60, 20:60].mean() < 0.1  # the dark flag at the top left
+    assert skin.skin_likelihood(None, lab).min() == 1.0

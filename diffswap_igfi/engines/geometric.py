@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from diffswap_igfi.errors import InputError
-from diffswap_igfi.faces import masks, mesh, topology
+from diffswap_igfi.faces import masks, mesh, skin, topology
 from diffswap_igfi.faces.blend import composite, laplacian_blend, poisson_blend
 from diffswap_igfi.faces.lighting import (fit_sh, relative_shading, rgb_to_lab, sample,
                                           transfer_color)
@@ -47,13 +47,15 @@ class MeshTopology:
     triangles: [T,3] int32 (front faces counter-clockwise in model space); mirror: [468] int,
     each vertex's left/right twin; skin: [468] float in [0,1], 0 on eyes, brows and lips (the
     vertices whose shading says nothing about lighting); rim: [468] bool, the face-oval vertices
-    (their texture in a photo is half background).
+    (their texture in a photo is half background); hairline: [468] float in [0,1], 0 at the
+    top of the forehead, 1 below it.
     """
 
     triangles: np.ndarray
     mirror: np.ndarray
     skin: np.ndarray
     rim: np.ndarray
+    hairline: np.ndarray
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,7 +68,9 @@ def mesh_topology() -> MeshTopology:
     skin = np.clip((dist - 0.3) / 0.5, 0.0, 1.0)  # cm from the nearest feature vertex
     rim = np.zeros(N, bool)
     rim[list(topology.FACE_OVAL)] = True
-    return MeshTopology(triangles, mesh.mirror_indices(vertices), skin, rim)
+    # the top of the forehead is where hair falls in most photos: its texture fades out
+    hairline = np.clip((FOREHEAD_TOP_CM - vertices[:, 1]) / FOREHEAD_FADE_CM, 0.0, 1.0)
+    return MeshTopology(triangles, mesh.mirror_indices(vertices), skin, rim, hairline)
 
 
 def mouth_opening(face: FaceRecord) -> float:
@@ -77,7 +81,9 @@ def mouth_opening(face: FaceRecord) -> float:
     return float(area / max(face.interocular, 1e-6) ** 2)
 
 
-VALID_GAIN = 4.0  # alpha reaches 1 where a quarter of the texture weight is seen
+FOREHEAD_TOP_CM = 8.0  # canonical height (cm above the mesh origin) where forehead texture ends
+FOREHEAD_FADE_CM = 2.5
+VALID_GAIN = 1.5  # alpha reaches 1 where two thirds of the texture weight is seen
 OPEN_MOUTH = 0.02  # mouth_opening above this shows teeth or tongue
 
 
@@ -132,29 +138,31 @@ class PreparedSource:
     never sampled); image: [h,w,3] float32 [0,255] of frame.image; vertex_weight: [468] float
     in [0,1], how well each vertex's texture is seen; shading: [468] float,
     the source photo's lighting at each vertex relative to its mean (spherical harmonics on the
-    mesh normals).
+    mesh normals); skin: the source's skin colour model (None if too little skin is seen).
     """
 
     frame: WorkFrame
     image: np.ndarray
     vertex_weight: np.ndarray
     shading: np.ndarray
+    skin: skin.SkinModel | None
 
 
-def _vertex_lighting(frame: WorkFrame, topo: MeshTopology) -> tuple[np.ndarray, np.ndarray]:
-    """(visibility per vertex [468], relative SH shading per vertex [468]) of a face in its
-    work frame."""
+def _vertex_lighting(frame: WorkFrame, topo: MeshTopology
+                     ) -> tuple[np.ndarray, np.ndarray, skin.SkinModel | None]:
+    """(visibility per vertex [468], relative SH shading per vertex [468], skin colour model)
+    of a face in its work frame."""
     lm = frame.face.landmarks[:N]
     vis = mesh.vertex_mean(mesh.triangle_visibility(lm, topo.triangles), topo.triangles, N)
     normals = mesh.vertex_normals(lm, topo.triangles)
     iod = frame.face.interocular
-    luma = rgb_to_lab(frame.image.astype(np.float32))[..., 0]
-    sigma = max(0.5, 0.04 * iod)
-    luma = cv2.GaussianBlur(luma, (0, 0), sigma)
-    values = sample(luma, lm[:, :2])
+    lab = rgb_to_lab(frame.image.astype(np.float32))
+    lab = cv2.GaussianBlur(lab, (0, 0), max(0.5, 0.04 * iod))
+    values = sample(lab, lm[:, :2]).astype(np.float64)  # [468,3]
     weights = vis * topo.skin * ~topo.rim
-    coef = fit_sh(normals, values, weights)
-    return vis, relative_shading(normals, coef, weights)
+    coef = fit_sh(normals, values[:, 0], weights)
+    model = skin.fit_skin_model(values, weights * (topo.skin > 0.99))
+    return vis, relative_shading(normals, coef, weights), model
 
 
 @dataclass
@@ -171,6 +179,10 @@ class GeometricSwapper:
         (default: a "mouth mask"; the lips around it are the source's), only when the target's
         mouth is open and the source's closed (``auto``), or ``never``.
     keep_eyes: keep the target's eye openings (gaze, blinks) instead of the source's.
+    skin_check: source texture on the skin that does not match the source's skin colour
+        model (hair over the forehead, a hat brim, glasses frames) is not used.
+    auto_occluders: keep target pixels on the skin that do not match the target's skin
+        colour model (its glasses, hair, a hand).
     occlusion_mask: [H,W] bool/uint8 of the target photo, nonzero where the target must stay
         (hands, glasses, hair over the face); None for none.
     work_iod: inter-ocular distance, in pixels, at which all the work is done (faces larger
@@ -180,13 +192,15 @@ class GeometricSwapper:
     name = "geometric"
     digital_source_type = COMPOSITE_SYNTHETIC  # a composite of real photos, no trained generator
     blend: str = "laplacian"
-    feather: float = 0.05
+    feather: float = 0.1
     grow: float = 0.15
     shading: bool = False
     tone_sigma: float = 1.0
     shading_strength: float = 0.5
     keep_mouth_interior: str = "always"
     keep_eyes: bool = True
+    skin_check: bool = True
+    auto_occluders: bool = False
     occlusion_mask: np.ndarray | None = None
     work_iod: float = 128.0
     stats: dict = field(default_factory=dict)
@@ -207,7 +221,7 @@ class GeometricSwapper:
         box = source_face.box
         margin = 0.1 * float(max(box[2] - box[0], box[3] - box[1])) + 4
         frame = work_frame(source, source_face, margin, 1.25 * self.work_iod)
-        vis, shade = _vertex_lighting(frame, mesh_topology())
+        vis, shade, model = _vertex_lighting(frame, mesh_topology())
         # vertices beyond the photo's edge (a face cut by the frame) show only padding
         x0, y0, x1, y1 = frame.roi
         inside = np.ones(N, bool)
@@ -216,8 +230,9 @@ class GeometricSwapper:
         inside &= (pts[:, 1] >= y0 + 1) & (pts[:, 1] <= y1 - 2)
         inside &= (pts[:, 0] >= 1) & (pts[:, 0] <= source.shape[1] - 2)
         inside &= (pts[:, 1] >= 1) & (pts[:, 1] <= source.shape[0] - 2)
-        vis = vis * inside
-        return PreparedSource(frame, frame.image.astype(np.float32), vis, shade)
+        topo = mesh_topology()
+        vis = vis * inside * topo.hairline
+        return PreparedSource(frame, frame.image.astype(np.float32), vis, shade, model)
 
     def swap_one(self, target: np.ndarray, target_face: FaceRecord,
                  source: np.ndarray | PreparedSource, source_face: FaceRecord | None = None
@@ -291,14 +306,14 @@ class GeometricSwapper:
         index = mesh.raster_index(lm[:, :2], tri, (h, w), depth=lm[:, 2])
         src_pts = source.frame.face.points[:N].astype(np.float64)
         mirror = topo.mirror
-        t_vis, t_shade = _vertex_lighting(frame, topo) if self.shading else (None, None)
+        _, t_shade, t_skin = _vertex_lighting(frame, topo)
         # per target vertex: where to sample directly and mirrored, how much each counts, and
         # the source lighting at the sampled vertex
         values = np.concatenate([
             src_pts, src_pts[mirror],
             source.vertex_weight[:, None], source.vertex_weight[mirror][:, None],
             source.shading[:, None], source.shading[mirror][:, None],
-            (t_shade if t_shade is not None else np.ones(N))[:, None],
+            t_shade[:, None], topo.skin[:, None],
         ], axis=1)
         field_ = mesh.interpolate(lm[:, :2], tri, values, index)
         covered = index >= 0
@@ -306,8 +321,15 @@ class GeometricSwapper:
                            borderMode=cv2.BORDER_REPLICATE)
         mirrored = cv2.remap(source.image, field_[..., 2:4], None, cv2.INTER_LINEAR,
                              borderMode=cv2.BORDER_REPLICATE)
+        # on skin, texture that is not the source's skin (hair, a hat brim, glasses frames)
+        # does not count: the mirrored side or the target fills in
+        zone = np.clip(field_[..., 9], 0.0, 1.0) * covered
         wd = np.clip(field_[..., 4], 0.0, 1.0)
-        wm = np.clip(field_[..., 5], 0.0, 1.0) * (1.0 - wd)
+        wm = np.clip(field_[..., 5], 0.0, 1.0)
+        if self.skin_check:
+            wd = wd * (1 - zone * (1 - skin.skin_likelihood(source.skin, rgb_to_lab(direct))))
+            wm = wm * (1 - zone * (1 - skin.skin_likelihood(source.skin, rgb_to_lab(mirrored))))
+        wm = wm * (1.0 - wd)
         valid = (wd + wm) * covered
         norm = np.maximum(wd + wm, 1e-6)
         target_f = frame.image.astype(np.float32)
@@ -326,6 +348,11 @@ class GeometricSwapper:
         hard = masks.dilate(oval, int(round(self.grow * iod)))
         alpha = masks.feather(hard, max(1, int(round(self.feather * iod))))
         alpha *= np.clip(valid * VALID_GAIN, 0.0, 1.0)  # the target where no texture is seen
+        if self.auto_occluders:
+            # the target's own non-skin over its skin (glasses, hair, a hand) stays
+            foreign = zone * (1 - skin.skin_likelihood(t_skin, rgb_to_lab(target_f)))
+            sigma = max(0.5, 0.02 * iod)
+            alpha *= 1.0 - np.clip(cv2.GaussianBlur(foreign, (0, 0), sigma) * 1.5, 0.0, 1.0)
         keep = self._keep_mask(face, (h, w))
         if keep is not None:
             alpha *= 1.0 - keep
