@@ -251,3 +251,24 @@ def test_skin_model_tells_the_face_from_what_covers_it(faces, photos):
     assert likely[nose_y - 10:nose_y + 10, nose_x - 20:nose_x + 20].mean() > 0.8  # skin
     assert likely[20:60, 20:60].mean() < 0.1  # the dark flag at the top left
     assert skin.skin_likelihood(None, lab).min() == 1.0
+
+
+@pytest.mark.slow
+def test_tiny_faces_in_a_large_photo_are_found(detector, photos, faces):
+    # five faces 20-40 px wide pasted into a blurred 3000x2000 background
+    canvas = cv2.resize(cv2.GaussianBlur(photos["group"].rgb, (0, 0), 8), (3000, 2000))
+    centres = []
+    for i, (name, side) in enumerate([("astronaut", 20), ("grace_hopper", 40), ("astronaut", 40),
+                                      ("grace_hopper", 24), ("astronaut", 30)]):
+        face = faces[name][0]
+        x0, y0, x1, y1 = face.box
+        m = 0.6 * (x1 - x0)
+        crop = photos[name].rgb[int(max(0, y0 - m)):int(y1 + m), int(max(0, x0 - m)):int(x1 + m)]
+        s = side / (x1 - x0)
+        small = cv2.resize(crop, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+        x, y = 300 + i * 520, 400 + (i % 2) * 900
+        canvas[y:y + small.shape[0], x:x + small.shape[1]] = small
+        centres.append((x + small.shape[1] / 2, y + small.shape[0] / 2))
+    found = detector.detect(canvas)
+    for cx, cy in centres:
+        assert any(abs(f.center[0] - cx) < 15 and abs(f.center[1] - cy) < 15 for f in found)
