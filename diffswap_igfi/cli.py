@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "must stay (hands, glasses, hair over the face)")
     swap.add_argument("--source-eyes", action="store_true",
                       help="geometric: take the source's eyes (default: the target's gaze)")
+    swap.add_argument("--shape-transfer", action="store_true",
+                      help="geometric: move the face outline to the source's face shape")
     swap.add_argument("--source-mouth", action="store_true",
                       help="geometric: take the source's mouth interior (default: the target's "
                            "teeth and tongue)")
@@ -187,10 +189,12 @@ def _engine(args: argparse.Namespace):
                      if args.occlusion_mask else None)
         return GeometricSwapper(blend=args.blend, occlusion_mask=occlusion,
                                 keep_eyes=not args.source_eyes,
-                                keep_mouth_interior="never" if args.source_mouth else "always")
-    if args.occlusion_mask or args.source_eyes or args.source_mouth:
-        raise InputError("--occlusion-mask, --source-eyes and --source-mouth work with the "
-                         "geometric engine only: drop them or use --engine geometric")
+                                keep_mouth_interior="never" if args.source_mouth else "always",
+                                shape_transfer=1.0 if args.shape_transfer else 0.0)
+    if args.occlusion_mask or args.source_eyes or args.source_mouth or args.shape_transfer:
+        raise InputError("--occlusion-mask, --source-eyes, --source-mouth and --shape-transfer "
+                         "work with the geometric engine only: drop them or use --engine "
+                         "geometric")
     if args.warm_start is not None and not 0.0 < args.warm_start <= 1.0:
         raise InputError(f"--warm-start must be in (0, 1], got {args.warm_start}")
     if not 0.0 <= args.mix_weight <= 1.0:

@@ -8,7 +8,7 @@ import pytest
 
 from diffswap_igfi.engines.geometric import GeometricSwapper, mouth_opening
 from diffswap_igfi.errors import InputError
-from diffswap_igfi.faces import masks
+from diffswap_igfi.faces import masks, topology
 
 
 def test_prepared_source_gives_the_same_swap_as_the_photo(faces, photos):
@@ -125,3 +125,24 @@ def test_occlusion_mask_keeps_the_target_and_the_cli_passes_it(faces, photos, tm
     with pytest.raises(InputError, match="occlusion mask"):
         GeometricSwapper(occlusion_mask=np.zeros((5, 5), bool)).swap_one(
             target, faces["astronaut"][0], photos["grace_hopper"].rgb, faces["grace_hopper"][0])
+
+
+def test_shape_transfer_moves_the_outline_and_warps_only_near_the_face(faces, photos):
+    from diffswap_igfi.engines.geometric import reshaped_face
+
+    target, t_face = photos["grace_hopper"].rgb, faces["grace_hopper"][0]
+    engine = GeometricSwapper(shape_transfer=1.0)
+    source = engine.prepare_source(photos["astronaut"].rgb, faces["astronaut"][0])
+    same = reshaped_face(t_face, source.shape, 0.0)
+    np.testing.assert_allclose(same.landmarks[:, :2], t_face.landmarks[:, :2], atol=1e-3)
+    moved = reshaped_face(t_face, source.shape, 1.0)
+    oval = list(topology.FACE_OVAL)
+    shift = np.linalg.norm(moved.points[oval] - t_face.points[oval], axis=1)
+    assert shift.max() > 0.1 * t_face.interocular  # a narrower face than Grace Hopper's
+    out, alpha = engine.swap_one(target, t_face, source)
+    plain, plain_alpha = GeometricSwapper().swap_one(target, t_face, source)
+    assert np.array_equal(out[alpha == 0], target[alpha == 0])
+    beyond = (alpha > 0) & (masks.dilate(masks.region_mask(
+        t_face.points, target.shape[:2], ("face",)), 4) == 0)
+    assert beyond.sum() > 500  # the surroundings of the jaw were warped
+    assert (alpha > 0).sum() > (plain_alpha > 0).sum()

@@ -34,6 +34,7 @@ from diffswap_igfi.faces.lighting import (fit_sh, relative_shading, rgb_to_lab, 
                                           transfer_color)
 from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.geometry.canonical import canonical_face
+from diffswap_igfi.geometry.mediapipe_backend import MediaPipeBackend
 from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
 
 BLENDS = ("laplacian", "poisson", "alpha")
@@ -130,6 +131,48 @@ def work_frame(photo: np.ndarray, face: FaceRecord, margin: float, max_iod: floa
                      float(np.sqrt(sx * sy)))
 
 
+@functools.lru_cache(maxsize=1)
+def _backend() -> MediaPipeBackend:
+    return MediaPipeBackend()
+
+
+def reshaped_face(target: FaceRecord, source_shape: np.ndarray, amount: float) -> FaceRecord:
+    """The target face with its identity shape moved ``amount`` (0..1) toward the source's:
+    source shape, target pose and expression (the swapped geometry of geometry.base), in the
+    target's pixels. source_shape: [1404] from ``MediaPipeBackend.fit``."""
+    backend = _backend()
+    fit = backend.fit(None, target)
+    swapped = backend.landmarks3d(source_shape, fit.expression, fit)  # [468,3]
+    lm = target.landmarks.copy()
+    delta = amount * (swapped - lm[:N])
+    delta[:, 2] -= delta[:, 2].mean()  # depth is relative; keep the target's offset
+    lm[:N] += delta
+    for iris, eye in ((topology.RIGHT_IRIS + (topology.RIGHT_IRIS_CENTER,), topology.RIGHT_EYE),
+                      (topology.LEFT_IRIS + (topology.LEFT_IRIS_CENTER,), topology.LEFT_EYE)):
+        lm[list(iris)] += delta[list(eye)].mean(0)
+    return FaceRecord(lm, target.image_size, target.blendshapes, target.blendshape_names,
+                      target.transform, dict(target.extras))
+
+
+def displacement_field(old: np.ndarray, new: np.ndarray, shape: tuple[int, int],
+                       sigma: float) -> np.ndarray:
+    """A smooth field that carries ``old`` points onto ``new`` ones and fades to zero away
+    from them: D(x) = sum_i g_i(x) (new_i - old_i) / (sum_i g_i(x) + 0.5), g_i a Gaussian of
+    width ``sigma`` around new_i. old, new: [K,2] pixels; shape: (H, W). Evaluated on a grid of
+    about sigma / 3 and interpolated. Returns [H,W,2] float32 (x, y) pixels."""
+    h, w = shape
+    step = max(1.0, sigma / 3.0)
+    gw, gh = max(2, int(np.ceil(w / step)) + 1), max(2, int(np.ceil(h / step)) + 1)
+    gx = np.linspace(0, w - 1, gw)
+    gy = np.linspace(0, h - 1, gh)
+    grid = np.stack(np.meshgrid(gx, gy), axis=-1).reshape(-1, 2)  # [G,2]
+    d2 = ((grid[:, None, :] - new[None, :, :]) ** 2).sum(-1)  # [G,K]
+    g = np.exp(-0.5 * d2 / sigma**2)
+    field = (g @ (new - old)) / (g.sum(1, keepdims=True) + 0.5)
+    field = field.reshape(gh, gw, 2).astype(np.float32)
+    return cv2.resize(field, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 @dataclass
 class PreparedSource:
     """Everything about a source face that does not depend on the target, computed once.
@@ -138,7 +181,8 @@ class PreparedSource:
     never sampled); image: [h,w,3] float32 [0,255] of frame.image; vertex_weight: [468] float
     in [0,1], how well each vertex's texture is seen; shading: [468] float,
     the source photo's lighting at each vertex relative to its mean (spherical harmonics on the
-    mesh normals); skin: the source's skin colour model (None if too little skin is seen).
+    mesh normals); skin: the source's skin colour model (None if too little skin is seen);
+    shape: [1404] its identity shape (``MediaPipeBackend.fit``), for shape transfer.
     """
 
     frame: WorkFrame
@@ -146,6 +190,7 @@ class PreparedSource:
     vertex_weight: np.ndarray
     shading: np.ndarray
     skin: skin.SkinModel | None
+    shape: np.ndarray
 
 
 def _vertex_lighting(frame: WorkFrame, topo: MeshTopology
@@ -185,6 +230,9 @@ class GeometricSwapper:
         colour model (its glasses, hair, a hand).
     occlusion_mask: [H,W] bool/uint8 of the target photo, nonzero where the target must stay
         (hands, glasses, hair over the face); None for none.
+    shape_transfer: 0 keeps the target's face outline; 1 moves it to the source's face shape
+        (source shape under the target's pose and expression), warping the target's
+        surroundings smoothly; values between move it part of the way.
     work_iod: inter-ocular distance, in pixels, at which all the work is done (faces larger
         than this are processed downscaled; smaller ones at their own size).
     """
@@ -203,6 +251,7 @@ class GeometricSwapper:
     auto_occluders: bool = False
     occlusion_mask: np.ndarray | None = None
     work_iod: float = 128.0
+    shape_transfer: float = 0.0
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -210,6 +259,8 @@ class GeometricSwapper:
             raise ValueError("keep_mouth_interior must be auto, always or never")
         if self.blend not in BLENDS:
             raise ValueError(f"unknown blend {self.blend!r}; choose from {BLENDS}")
+        if not 0.0 <= self.shape_transfer <= 1.0:
+            raise ValueError(f"shape_transfer must be in [0, 1], got {self.shape_transfer}")
         if not self.work_iod >= 16:
             raise ValueError(f"work_iod must be at least 16 pixels, got {self.work_iod}")
 
@@ -232,7 +283,8 @@ class GeometricSwapper:
         inside &= (pts[:, 1] >= 1) & (pts[:, 1] <= source.shape[0] - 2)
         topo = mesh_topology()
         vis = vis * inside * topo.hairline
-        return PreparedSource(frame, frame.image.astype(np.float32), vis, shade, model)
+        return PreparedSource(frame, frame.image.astype(np.float32), vis, shade, model,
+                              _backend().fit(None, frame.face).shape)
 
     def swap_one(self, target: np.ndarray, target_face: FaceRecord,
                  source: np.ndarray | PreparedSource, source_face: FaceRecord | None = None
@@ -249,9 +301,14 @@ class GeometricSwapper:
             source = self.prepare_source(source, source_face)
         topo = mesh_topology()
         iod = target_face.interocular
-        frame = work_frame(target, target_face, (self.grow + self.feather + 0.1) * iod + 8,
-                           self.work_iod)
+        reach = (self.grow + self.feather + 0.1 + (1.0 if self.shape_transfer else 0.0)) * iod
+        frame = work_frame(target, target_face, reach + 8, self.work_iod)
+        moved = None
+        if self.shape_transfer > 0:
+            frame, moved = self._reshape(frame, source)
         fg, alpha, hard = self._render(frame, source, topo)
+        if moved is not None:  # the warped surroundings of the face are part of the change
+            alpha = np.maximum(alpha, moved)
         x0, y0, x1, y1 = frame.roi
         if self.occlusion_mask is not None:
             if np.asarray(self.occlusion_mask).shape[:2] != target.shape[:2]:
@@ -365,6 +422,26 @@ class GeometricSwapper:
         else:
             blended = colored
         return blended.astype(np.float32), alpha.astype(np.float32), hard
+
+    def _reshape(self, frame: WorkFrame, source: PreparedSource) -> tuple[WorkFrame, np.ndarray]:
+        """Move the target's face outline toward the source's face shape, warping the target
+        around it smoothly. Returns (the frame with the warped image and moved landmarks, the
+        soft [h,w] float32 mask of pixels the warp moved by more than a fraction of a pixel)."""
+        face = reshaped_face(frame.face, source.shape, self.shape_transfer)
+        h, w = frame.image.shape[:2]
+        iod = frame.face.interocular
+        field = displacement_field(frame.face.points[:N].astype(np.float64),
+                                   face.points[:N].astype(np.float64), (h, w), 0.3 * iod)
+        # nothing moves at the frame's border, so the photo around it stays exact
+        ys, xs = np.mgrid[0:h, 0:w]
+        edge = np.minimum(np.minimum(xs, w - 1 - xs), np.minimum(ys, h - 1 - ys))
+        field *= np.clip(edge / max(1.0, 0.1 * iod), 0.0, 1.0)[..., None].astype(np.float32)
+        map_x = (xs - field[..., 0]).astype(np.float32)
+        map_y = (ys - field[..., 1]).astype(np.float32)
+        image = cv2.remap(frame.image, map_x, map_y, cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+        moved = np.clip(np.linalg.norm(field, axis=2) / 0.25, 0.0, 1.0).astype(np.float32)
+        return WorkFrame(frame.roi, image, face, frame.scale), moved
 
     def _keep_mask(self, face: FaceRecord, shape: tuple[int, int]) -> np.ndarray | None:
         """Soft [h,w] float32 in [0,1] of the target parts kept: mouth interior, eyes."""
