@@ -363,7 +363,9 @@ class GeometricSwapper:
         index = mesh.raster_index(lm[:, :2], tri, (h, w), depth=lm[:, 2])
         src_pts = source.frame.face.points[:N].astype(np.float64)
         mirror = topo.mirror
-        _, t_shade, t_skin = _vertex_lighting(frame, topo)
+        t_shade, t_skin = np.ones(N), None
+        if self.shading or self.auto_occluders:
+            _, t_shade, t_skin = _vertex_lighting(frame, topo)
         # per target vertex: where to sample directly and mirrored, how much each counts, and
         # the source lighting at the sampled vertex
         values = np.concatenate([

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 # minimum standard deviation per Lab channel: keeps a flat (greyscale, or evenly lit) face from
@@ -45,8 +46,14 @@ def fit_skin_model(lab: np.ndarray, weights: np.ndarray) -> SkinModel | None:
 
 def distance(model: SkinModel, lab: np.ndarray) -> np.ndarray:
     """Mahalanobis distance of Lab colours [...,3] from the model. Returns [...] float."""
-    d = np.asarray(lab, np.float64) - model.mean
-    return np.sqrt(np.maximum(np.einsum("...i,ij,...j->...", d, model.inv_cov, d), 0.0))
+    x = np.asarray(lab, np.float32)
+    # whiten with the Cholesky factor of the inverse covariance: |W (x - mean)|
+    whiten = np.linalg.cholesky(model.inv_cov).T  # inv_cov = W^T W
+    shift = -(whiten @ model.mean)
+    m = np.concatenate([whiten, shift[:, None]], axis=1).astype(np.float32)  # [3,4]
+    flat = x.reshape(-1, 1, 3)
+    z = cv2.transform(flat, m).reshape(x.shape)
+    return np.sqrt((z * z).sum(-1))
 
 
 def skin_likelihood(model: SkinModel | None, lab: np.ndarray, near: float = 3.0,
