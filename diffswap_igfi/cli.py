@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="geometric: take the source's eyes (default: the target's gaze)")
     swap.add_argument("--shape-transfer", action="store_true",
                       help="geometric: move the face outline to the source's face shape")
+    swap.add_argument("--domain", choices=["auto", "photo", "stylized"], default=None,
+                      help="geometric: stylized = a drawn/animated target, the face takes its "
+                           "flat colours (default: auto)")
     swap.add_argument("--source-mouth", action="store_true",
                       help="geometric: take the source's mouth interior (default: the target's "
                            "teeth and tongue)")
@@ -190,11 +193,13 @@ def _engine(args: argparse.Namespace):
         return GeometricSwapper(blend=args.blend, occlusion_mask=occlusion,
                                 keep_eyes=not args.source_eyes,
                                 keep_mouth_interior="never" if args.source_mouth else "always",
-                                shape_transfer=1.0 if args.shape_transfer else 0.0)
-    if args.occlusion_mask or args.source_eyes or args.source_mouth or args.shape_transfer:
-        raise InputError("--occlusion-mask, --source-eyes, --source-mouth and --shape-transfer "
-                         "work with the geometric engine only: drop them or use --engine "
-                         "geometric")
+                                shape_transfer=1.0 if args.shape_transfer else 0.0,
+                                domain=args.domain or "auto")
+    if (args.occlusion_mask or args.source_eyes or args.source_mouth or args.shape_transfer
+            or args.domain):
+        raise InputError("--occlusion-mask, --source-eyes, --source-mouth, --shape-transfer and "
+                         "--domain work with the geometric engine only: drop them or use "
+                         "--engine geometric")
     if args.warm_start is not None and not 0.0 < args.warm_start <= 1.0:
         raise InputError(f"--warm-start must be in (0, 1], got {args.warm_start}")
     if not 0.0 <= args.mix_weight <= 1.0:

@@ -146,3 +146,38 @@ def test_shape_transfer_moves_the_outline_and_warps_only_near_the_face(faces, ph
         t_face.points, target.shape[:2], ("face",)), 4) == 0)
     assert beyond.sum() > 500  # the surroundings of the jaw were warped
     assert (alpha > 0).sum() > (plain_alpha > 0).sum()
+
+
+def _cartoon(rgb: np.ndarray) -> np.ndarray:
+    """A flat-colour rendering of a photo: bilateral smoothing, 8 k-means colours, dark edges."""
+    smooth = rgb.copy()
+    for _ in range(4):
+        smooth = cv2.bilateralFilter(smooth, 9, 60, 7)
+    pixels = smooth.reshape(-1, 3).astype(np.float32)
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 1.0)
+    cv2.setRNGSeed(0)
+    _, labels, centres = cv2.kmeans(pixels, 8, None, criteria, 1, cv2.KMEANS_PP_CENTERS)
+    out = centres[labels.ravel()].reshape(rgb.shape).astype(np.uint8)
+    edges = cv2.Canny(cv2.cvtColor(smooth, cv2.COLOR_RGB2GRAY), 60, 120)
+    out[cv2.dilate(edges, np.ones((2, 2), np.uint8)) > 0] = 20
+    return out
+
+
+def test_drawn_targets_are_told_from_photos_and_get_flat_colours(detector, faces, photos):
+    from diffswap_igfi.faces import style
+
+    for name in ("astronaut", "grace_hopper", "tom_hanks"):
+        face = faces[name][0]
+        oval = masks.region_mask(face.points, photos[name].rgb.shape[:2], ("face",)) > 0
+        assert style.stylization_score(photos[name].rgb, oval) < style.STYLIZED_SCORE
+    drawn = _cartoon(photos["astronaut"].rgb)
+    face = detector.detect(drawn)[0]
+    oval = masks.region_mask(face.points, drawn.shape[:2], ("face",)) > 0
+    assert style.stylization_score(drawn, oval) >= style.STYLIZED_SCORE
+    args = (drawn, face, photos["grace_hopper"].rgb, faces["grace_hopper"][0])
+    as_photo, _ = GeometricSwapper(domain="photo").swap_one(*args)
+    auto, alpha = GeometricSwapper().swap_one(*args)
+    inner = (masks.erode(oval.astype(np.uint8) * 255, 6) > 0) & (alpha > 0.99)
+    colours = lambda img: len(np.unique(img[inner] // 8, axis=0))  # noqa: E731
+    assert colours(auto) < 0.5 * colours(as_photo)
+    assert np.array_equal(auto[alpha == 0], drawn[alpha == 0])

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from diffswap_igfi.errors import InputError
-from diffswap_igfi.faces import masks, mesh, skin, topology
+from diffswap_igfi.faces import masks, mesh, skin, style, topology
 from diffswap_igfi.faces.blend import composite, laplacian_blend, poisson_blend
 from diffswap_igfi.faces.lighting import (fit_sh, relative_shading, rgb_to_lab, sample,
                                           transfer_color)
@@ -38,6 +38,7 @@ from diffswap_igfi.geometry.mediapipe_backend import MediaPipeBackend
 from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
 
 BLENDS = ("laplacian", "poisson", "alpha")
+DOMAINS = ("auto", "photo", "stylized")
 N = topology.NUM_MESH_POINTS
 
 
@@ -233,6 +234,9 @@ class GeometricSwapper:
     shape_transfer: 0 keeps the target's face outline; 1 moves it to the source's face shape
         (source shape under the target's pose and expression), warping the target's
         surroundings smoothly; values between move it part of the way.
+    domain: ``photo``, ``stylized`` (a drawn or animated target: the inserted face takes its
+        flat colour areas and palette) or ``auto`` (stylized when the target face's flat-colour
+        score says so; see faces.style).
     work_iod: inter-ocular distance, in pixels, at which all the work is done (faces larger
         than this are processed downscaled; smaller ones at their own size).
     """
@@ -252,6 +256,7 @@ class GeometricSwapper:
     occlusion_mask: np.ndarray | None = None
     work_iod: float = 128.0
     shape_transfer: float = 0.0
+    domain: str = "auto"
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -259,6 +264,8 @@ class GeometricSwapper:
             raise ValueError("keep_mouth_interior must be auto, always or never")
         if self.blend not in BLENDS:
             raise ValueError(f"unknown blend {self.blend!r}; choose from {BLENDS}")
+        if self.domain not in DOMAINS:
+            raise ValueError(f"unknown domain {self.domain!r}; choose from {DOMAINS}")
         if not 0.0 <= self.shape_transfer <= 1.0:
             raise ValueError(f"shape_transfer must be in [0, 1], got {self.shape_transfer}")
         if not self.work_iod >= 16:
@@ -404,6 +411,9 @@ class GeometricSwapper:
         colored = transfer_color(tex, target_f, (valid * face_weight).astype(np.float32),
                                  face_weight, sigma_luma=self.tone_sigma * iod,
                                  sigma_chroma=0.2 * iod)
+        if self.domain == "stylized" or (self.domain == "auto" and style.stylization_score(
+                frame.image, face_weight > 0) >= style.STYLIZED_SCORE):
+            colored = style.restyle(colored, target_f, face_weight > 0)
         hard = masks.dilate(oval, int(round(self.grow * iod)))
         alpha = masks.feather(hard, max(1, int(round(self.feather * iod))))
         alpha *= np.clip(valid * VALID_GAIN, 0.0, 1.0)  # the target where no texture is seen
