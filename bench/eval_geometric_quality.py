@@ -1,8 +1,9 @@
 """Acceptance figures of the geometric engine on the photos that ship with our dependencies.
 
 - Same person: each single-face photo is swapped onto itself from a changed copy (mirrored,
-  rescaled, re-lit with a side gradient, colour-shifted or made greyscale); the face-region SSIM
-  of the output against the original (1 = perfect).
+  rescaled, re-lit with a side gradient, colour-shifted, made greyscale, or turned 15 degrees
+  by re-rendering its 3D mesh); the face-region SSIM of the output against the original
+  (1 = perfect).
 - Distinct people: every ordered pair of the 9 identities (astronaut, Grace Hopper, Tom Hanks,
   the six people of the group photo); fraction of outputs closer (dlib) to the source than to
   the target, and the median dlib distance to the source.
@@ -25,7 +26,7 @@ from skimage.metrics import structural_similarity
 
 from diffswap_igfi.engines.geometric import GeometricSwapper
 from diffswap_igfi.eval.recognizer import DlibRecognizer
-from diffswap_igfi.faces import masks
+from diffswap_igfi.faces import masks, mesh
 from diffswap_igfi.faces.detect import FaceDetector
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
@@ -33,7 +34,27 @@ from diffswap_igfi.io.samples import sample_path
 NAMES = ("astronaut", "grace_hopper", "tom_hanks", "group")
 
 
-def variants(rgb: np.ndarray) -> dict[str, np.ndarray]:
+def reposed(rgb: np.ndarray, face, yaw_degrees: float) -> np.ndarray:
+    """The photo with the face turned by ``yaw_degrees`` about its own centre: every mesh
+    triangle's texture moved to where the rotated mesh projects it (nearest surface wins);
+    outside the mesh the photo is unchanged. [H,W,3] uint8."""
+    from diffswap_igfi.geometry.canonical import canonical_face
+
+    _, triangles = canonical_face()
+    lm = face.landmarks[:468].astype(np.float64)
+    cam = mesh.camera_space(lm)
+    centre = cam.mean(0)
+    t = np.radians(yaw_degrees)
+    rot = np.array([[np.cos(t), 0, np.sin(t)], [0, 1, 0], [-np.sin(t), 0, np.cos(t)]])
+    turned = ((cam - centre) @ rot.T + centre) * np.array([1.0, -1.0, -1.0])
+    index = mesh.raster_index(turned[:, :2], triangles, rgb.shape[:2], depth=turned[:, 2])
+    field = mesh.interpolate(turned[:, :2], triangles, lm[:, :2], index)
+    warped = cv2.remap(rgb, field[..., 0], field[..., 1], cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_REPLICATE)
+    return np.where((index >= 0)[..., None], warped, rgb)
+
+
+def variants(rgb: np.ndarray, face) -> dict[str, np.ndarray]:
     """Changed copies of one photo: the same person under other conditions. [H,W,3] uint8."""
     h, w = rgb.shape[:2]
     f = rgb.astype(np.float32)
@@ -46,6 +67,9 @@ def variants(rgb: np.ndarray) -> dict[str, np.ndarray]:
         "warm tint": np.clip(f * np.array([1.15, 1.0, 0.8], np.float32), 0, 255).astype(np.uint8),
         "greyscale": grey,
         "smaller, mirrored": small[:, ::-1].copy(),
+        "turned 15 degrees": reposed(rgb, face, 15.0),
+        "turned -15, relit": np.clip(reposed(rgb, face, -15.0) * ramp[:, ::-1], 0, 255
+                                     ).astype(np.uint8),
     }
 
 
@@ -105,9 +129,10 @@ def save_grid(path: Path, rows: list[list[np.ndarray]], header: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", type=Path, default=None, help="write before/after grids here")
+    parser.add_argument("--shape-transfer", action="store_true", help="measure with it on")
     args = parser.parse_args()
     photos = {n: load_image(sample_path(n)).rgb for n in NAMES}
-    engine = GeometricSwapper()
+    engine = GeometricSwapper(shape_transfer=1.0 if args.shape_transfer else 0.0)
     recognizer = DlibRecognizer()
     with FaceDetector() as detector:
         faces = {n: detector.detect(photos[n]) for n in NAMES}
@@ -116,7 +141,7 @@ def main() -> None:
         ssims, same_rows = [], []
         for name in ("astronaut", "grace_hopper", "tom_hanks"):
             target, t_face = photos[name], faces[name][0]
-            for label, src in variants(target).items():
+            for label, src in variants(target, t_face).items():
                 found = detector.detect(src)
                 if not found:
                     print(f"  {name} {label}: no face found in the variant")

@@ -308,7 +308,7 @@ class GeometricSwapper:
             source = self.prepare_source(source, source_face)
         topo = mesh_topology()
         iod = target_face.interocular
-        reach = (self.grow + self.feather + 0.1 + (1.0 if self.shape_transfer else 0.0)) * iod
+        reach = (self.grow + self.feather + 0.1 + (0.5 if self.shape_transfer else 0.0)) * iod
         frame = work_frame(target, target_face, reach + 8, self.work_iod)
         moved = None
         if self.shape_transfer > 0:

@@ -126,36 +126,17 @@ class FaceDetector:
 
     def _refine(self, rgb: np.ndarray, face: FaceRecord) -> FaceRecord:
         """Re-measure one face on a square crop centred on it (2.2x its size, at most 512 px)."""
-        h, w = rgb.shape[:2]
-        x0, y0, x1, y1 = face.box
-        side = 2.2 * max(x1 - x0, y1 - y0)
-        cx, cy = face.center
-        left, top = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
-        right, bottom = int(min(w, cx + side / 2)), int(min(h, cy + side / 2))
-        crop = rgb[top:bottom, left:right]
-        scale = min(1.0, 512 / max(crop.shape[:2]))
-        if scale < 1.0:
-            crop = cv2.resize(crop, (round(crop.shape[1] * scale), round(crop.shape[0] * scale)),
-                              interpolation=cv2.INTER_AREA)
+        crop, scale, left, top = _face_crop(rgb, face, 2.2, 512, upscale=False)
         candidates = self._records(crop, scale, (left, top))
+        size = rgb.shape[:2]
         if not candidates:
-            return _with_size(face, (h, w))
+            return _with_size(face, size)
         best = max(candidates, key=lambda c: box_iou(c.box, face.box))
-        return _with_size(best if box_iou(best.box, face.box) > DUPLICATE_IOU else face, (h, w))
+        return _with_size(best if box_iou(best.box, face.box) > DUPLICATE_IOU else face, size)
 
     def _confirm(self, rgb: np.ndarray, face: FaceRecord) -> bool:
         """Is the face found again on a crop three times its size, scaled to 192 px?"""
-        h, w = rgb.shape[:2]
-        x0, y0, x1, y1 = face.box
-        side = 3.0 * max(x1 - x0, y1 - y0)
-        cx, cy = face.center
-        left, top = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
-        right, bottom = int(min(w, cx + side / 2)), int(min(h, cy + side / 2))
-        scale = 192 / max(right - left, bottom - top, 1)
-        crop = cv2.resize(rgb[top:bottom, left:right],
-                          (max(1, round((right - left) * scale)),
-                           max(1, round((bottom - top) * scale))),
-                          interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
+        crop, scale, left, top = _face_crop(rgb, face, 3.0, 192, upscale=True)
         return any(box_iou(c.box, face.box) > 0.5
                    for c in self._records(crop, scale, (left, top)))
 
@@ -167,6 +148,28 @@ class FaceDetector:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _face_crop(rgb: np.ndarray, face: FaceRecord, factor: float, size: int, *, upscale: bool
+               ) -> tuple[np.ndarray, float, int, int]:
+    """A square around the face, ``factor`` times its size and cut at the photo's edges,
+    resized so its longer side is ``size`` (never enlarged unless ``upscale``).
+    Returns (crop, scale, left, top): crop pixel = (photo pixel - (left, top)) * scale."""
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = face.box
+    side = factor * max(x1 - x0, y1 - y0)
+    cx, cy = face.center
+    left, top = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
+    right, bottom = int(min(w, cx + side / 2)), int(min(h, cy + side / 2))
+    crop = rgb[top:bottom, left:right]
+    scale = size / max(crop.shape[0], crop.shape[1], 1)
+    if not upscale:
+        scale = min(1.0, scale)
+    if scale != 1.0:
+        crop = cv2.resize(crop, (max(1, round(crop.shape[1] * scale)),
+                                 max(1, round(crop.shape[0] * scale))),
+                          interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
+    return crop, scale, left, top
 
 
 def _inside(a: np.ndarray, b: np.ndarray) -> float:
