@@ -6,7 +6,8 @@ works at a low internal resolution, so faces that are small relative to the fram
 tiles; every face found in a tile is then re-measured on a crop centred on it, so its landmarks
 do not depend on where a tile boundary fell. Duplicates are merged by box overlap.
 
-Pass 3, on photos of 1600 px or more, repeats the tiling at a finer scale for tiny faces:
+Pass 3, on photos of 1600 px or more whose faces found so far are all small (a crowd, not a
+portrait), repeats the tiling at a finer scale for tiny faces:
 MediaPipe finds a face down to about
 1/8 of the image it is given, so 160 px tiles find 20 px faces. A tile without a face costs
 about a millisecond, and the fine tile grows with the photo so that the pass stays within
@@ -31,6 +32,8 @@ TILE_PASS_MIN_SIDE = 640  # photos larger than this get the tile pass too
 DUPLICATE_IOU = 0.3
 FINE_TILE_MIN = 160  # a 20 px face is 1/8 of it
 FINE_PASS_MIN_SIDE = 1600  # photos (not video frames or web images) where tiny faces are likely
+SMALL_FACE_IOD = 0.05  # the fine pass runs only if no face found has a larger eye distance
+                       # (relative to the photo's short side)
 FINE_TILE_BUDGET = 1000  # tiles in the fine pass at most
 
 
@@ -77,6 +80,8 @@ class FaceDetector:
             tiles = max(h, w) > TILE_PASS_MIN_SIDE or not faces
         if tiles:
             for level, tile in enumerate(tile_sizes(h, w)):
+                if level > 0 and any(f.interocular > SMALL_FACE_IOD * min(h, w) for f in faces):
+                    break  # a photo of someone, not a crowd: no tiny faces to look for
                 for face in self._tile_pass(rgb, tile):
                     if any(box_iou(face.box, kept.box) >= DUPLICATE_IOU for kept in faces):
                         continue
