@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="geometric: an image of the target's size, white where the target "
                            "must stay (hands, glasses, hair over the face)")
     swap.add_argument("--source-eyes", action="store_true",
-                      help="geometric: take the source's eyes (default: the target's gaze)")
+                      help="geometric: always take the source's eyes (default: the source's, "
+                           "looking where the target looks, unless the source's are much less "
+                           "open)")
     swap.add_argument("--shape-transfer", action="store_true",
                       help="geometric: move the face outline to the source's face shape")
     swap.add_argument("--domain", choices=["auto", "photo", "stylized"], default=None,
@@ -191,7 +193,7 @@ def _engine(args: argparse.Namespace):
         occlusion = (_load(args.occlusion_mask, args.max_pixels).rgb.max(axis=2) > 127
                      if args.occlusion_mask else None)
         return GeometricSwapper(blend=args.blend, occlusion_mask=occlusion,
-                                keep_eyes=not args.source_eyes,
+                                keep_eyes="never" if args.source_eyes else "auto",
                                 keep_mouth_interior="never" if args.source_mouth else "always",
                                 shape_transfer=1.0 if args.shape_transfer else 0.0,
                                 domain=args.domain or "auto")

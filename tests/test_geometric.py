@@ -55,6 +55,12 @@ def test_bad_engine_options_are_refused():
         GeometricSwapper(blend="cubist")
     with pytest.raises(ValueError, match="keep_mouth_interior"):
         GeometricSwapper(keep_mouth_interior="sometimes")
+    with pytest.raises(ValueError, match="keep_eyes"):
+        GeometricSwapper(keep_eyes=True)
+    with pytest.raises(ValueError, match="domain"):
+        GeometricSwapper(domain="oil painting")
+    with pytest.raises(ValueError, match="shape_transfer"):
+        GeometricSwapper(shape_transfer=2.0)
 
 
 # Distinct people: the two portraits and the group's faces (indices from the largest).
@@ -181,3 +187,18 @@ def test_drawn_targets_are_told_from_photos_and_get_flat_colours(detector, faces
     colours = lambda img: len(np.unique(img[inner] // 8, axis=0))  # noqa: E731
     assert colours(auto) < 0.5 * colours(as_photo)
     assert np.array_equal(auto[alpha == 0], drawn[alpha == 0])
+
+
+def test_source_eyes_look_where_the_target_looks(faces):
+    from diffswap_igfi.engines.geometric import _align_irises, eye_opening
+
+    target, source = faces["grace_hopper"][0], faces["astronaut"][0]
+    field = np.zeros((512, 512, 2), np.float32)
+    _align_irises(field, target, source)
+    for centre in (topology.RIGHT_IRIS_CENTER, topology.LEFT_IRIS_CENTER):
+        x, y = np.round(target.points[centre]).astype(int)
+        # the target's iris centre samples the source's (rounding to a pixel moves it < 1 px,
+        # magnified by the eye's scale ratio, about 0.5 here)
+        assert np.linalg.norm(field[y, x] - source.points[centre]) < 1.5
+    assert eye_opening(faces["astronaut"][0]) > 0.25  # open eyes
+    assert eye_opening(faces["group"][3]) < 0.1  # laughing, eyes nearly shut

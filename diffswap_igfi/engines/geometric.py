@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+from scipy.spatial import Delaunay
 
 from diffswap_igfi.errors import InputError
 from diffswap_igfi.faces import masks, mesh, skin, style, topology
@@ -86,6 +87,14 @@ def mouth_opening(face: FaceRecord) -> float:
 FOREHEAD_TOP_CM = 8.0  # canonical height (cm above the mesh origin) where forehead texture ends
 FOREHEAD_FADE_CM = 2.5
 VALID_GAIN = 1.5  # alpha reaches 1 where two thirds of the texture weight is seen
+def eye_opening(face: FaceRecord) -> float:
+    """Mean lid gap over eye width of the two eyes (about 0.3 open, under 0.1 closed)."""
+    p = face.points
+    gaps = [np.linalg.norm(p[159] - p[145]) / max(np.linalg.norm(p[33] - p[133]), 1e-6),
+            np.linalg.norm(p[386] - p[374]) / max(np.linalg.norm(p[263] - p[362]), 1e-6)]
+    return float(np.mean(gaps))
+
+
 OPEN_MOUTH = 0.02  # mouth_opening above this shows teeth or tongue
 
 
@@ -130,6 +139,32 @@ def work_frame(photo: np.ndarray, face: FaceRecord, margin: float, max_iod: floa
     affine = np.array([[sx, 0.0, (0.5 - x0) * sx - 0.5], [0.0, sy, (0.5 - y0) * sy - 0.5]])
     return WorkFrame(roi, np.ascontiguousarray(image), face.transformed(affine, (wh, ww)),
                      float(np.sqrt(sx * sy)))
+
+
+EYES = ((topology.RIGHT_EYE, topology.RIGHT_IRIS + (topology.RIGHT_IRIS_CENTER,)),
+        (topology.LEFT_EYE, topology.LEFT_IRIS + (topology.LEFT_IRIS_CENTER,)))
+
+
+def _align_irises(sample_xy: np.ndarray, target: FaceRecord, source: FaceRecord) -> None:
+    """Re-map each eye opening so the source's iris lands on the target's: the eye is then
+    the source's, its gaze the target's. sample_xy: [h,w,2] float32 source pixel per target
+    pixel (changed in place inside the eye openings); faces in the same frames as it."""
+    h, w = sample_xy.shape[:2]
+    for contour, iris in EYES:
+        idx = list(contour) + list(iris)
+        pts = target.points[idx].astype(np.float64)
+        if np.ptp(pts[:, 0]) < 2 or np.ptp(pts[:, 1]) < 1:
+            continue
+        try:
+            tris = Delaunay(pts).simplices
+        except Exception:  # degenerate (a closed eye): keep the mesh's own map
+            continue
+        index = mesh.raster_index(pts, tris, (h, w))
+        opening = masks.polygon_mask(target.points[list(contour)], (h, w)) > 0
+        inside = (index >= 0) & opening
+        if inside.any():
+            xy = mesh.interpolate(pts, tris, source.points[idx].astype(np.float64), index)
+            sample_xy[inside] = xy[inside]
 
 
 @functools.lru_cache(maxsize=1)
@@ -224,7 +259,10 @@ class GeometricSwapper:
     keep_mouth_interior: the target's own mouth interior (teeth, tongue) is kept ``always``
         (default: a "mouth mask"; the lips around it are the source's), only when the target's
         mouth is open and the source's closed (``auto``), or ``never``.
-    keep_eyes: keep the target's eye openings (gaze, blinks) instead of the source's.
+    keep_eyes: ``never``: the source's eyes with their irises moved to where the target's are
+        (the target's gaze); ``always``: the target's eye openings (eyes, gaze, blinks);
+        ``auto`` (default): the source's unless its eyes are much less open than the
+        target's (a blink, a downward look), which would otherwise close the target's eyes.
     skin_check: source texture on the skin that does not match the source's skin colour
         model (hair over the forehead, a hat brim, glasses frames) is not used.
     auto_occluders: keep target pixels on the skin that do not match the target's skin
@@ -250,7 +288,7 @@ class GeometricSwapper:
     tone_sigma: float = 1.0
     shading_strength: float = 0.5
     keep_mouth_interior: str = "always"
-    keep_eyes: bool = True
+    keep_eyes: str = "auto"
     skin_check: bool = True
     auto_occluders: bool = False
     occlusion_mask: np.ndarray | None = None
@@ -260,6 +298,8 @@ class GeometricSwapper:
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.keep_eyes not in ("auto", "always", "never"):
+            raise ValueError("keep_eyes must be auto, always or never")
         if self.keep_mouth_interior not in ("auto", "always", "never"):
             raise ValueError("keep_mouth_interior must be auto, always or never")
         if self.blend not in BLENDS:
@@ -383,6 +423,9 @@ class GeometricSwapper:
         ], axis=1)
         field_ = mesh.interpolate(lm[:, :2], tri, values, index)
         covered = index >= 0
+        keep_eyes = self._keeps_eyes(face, source.frame.face)
+        if not keep_eyes:
+            _align_irises(field_[..., 0:2], face, source.frame.face)
         direct = cv2.remap(source.image, field_[..., 0:2], None, cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
         mirrored = cv2.remap(source.image, field_[..., 2:4], None, cv2.INTER_LINEAR,
@@ -422,7 +465,7 @@ class GeometricSwapper:
             foreign = zone * (1 - skin.skin_likelihood(t_skin, rgb_to_lab(target_f)))
             sigma = max(0.5, 0.02 * iod)
             alpha *= 1.0 - np.clip(cv2.GaussianBlur(foreign, (0, 0), sigma) * 1.5, 0.0, 1.0)
-        keep = self._keep_mask(face, (h, w))
+        keep = self._keep_mask(face, (h, w), keep_eyes)
         if keep is not None:
             alpha *= 1.0 - keep
         if self.blend == "laplacian":
@@ -455,14 +498,21 @@ class GeometricSwapper:
         moved = np.clip(np.linalg.norm(field, axis=2) / 0.25, 0.0, 1.0).astype(np.float32)
         return WorkFrame(frame.roi, image, face, frame.scale), moved
 
-    def _keep_mask(self, face: FaceRecord, shape: tuple[int, int]) -> np.ndarray | None:
+    def _keeps_eyes(self, target: FaceRecord, source: FaceRecord) -> bool:
+        """Whether the target's eye openings stay (see ``keep_eyes``)."""
+        if self.keep_eyes != "auto":
+            return self.keep_eyes == "always"
+        return eye_opening(source) < max(0.12, 0.6 * eye_opening(target))
+
+    def _keep_mask(self, face: FaceRecord, shape: tuple[int, int], keep_eyes: bool
+                   ) -> np.ndarray | None:
         """Soft [h,w] float32 in [0,1] of the target parts kept: mouth interior, eyes."""
         regions = []
         keep_mouth = self.keep_mouth_interior == "always" or (
             self.keep_mouth_interior == "auto" and mouth_opening(face) > OPEN_MOUTH)
         if keep_mouth:
             regions.append("mouth_inner")
-        if self.keep_eyes:
+        if keep_eyes:
             regions += ["left_eye", "right_eye"]
         if not regions:
             return None

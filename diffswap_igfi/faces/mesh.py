@@ -13,6 +13,10 @@ import cv2
 import numpy as np
 
 
+FACING_FROM, FACING_TO = 0.05, 0.35  # cosine to the view at which a triangle starts to count,
+                                    # and fully counts
+
+
 def raster_index(points: np.ndarray, triangles: np.ndarray, shape: tuple[int, int],
                  depth: np.ndarray | None = None) -> np.ndarray:
     """Which triangle covers each pixel.
@@ -103,14 +107,14 @@ def triangle_visibility(landmarks: np.ndarray, triangles: np.ndarray, *,
     """How well each triangle's texture can be seen in the photo, [T] float in [0,1].
 
     Two factors: facing, the cosine between its normal and the view direction ramped from
-    0 at 0.05 to 1 at 0.35 (grazing triangles are smeared; back-facing ones show something
+    0 at FACING_FROM to 1 at FACING_TO (grazing triangles are smeared; back-facing ones show something
     else), times the share of its area not hidden by nearer triangles, measured on a
     ``raster_side`` px depth-ordered rasterisation (a turned head's nose hides part of a cheek).
     """
     lm = np.asarray(landmarks, np.float64)
     n = triangle_normals(lm, triangles)
     cos = n[:, 2] / np.maximum(np.linalg.norm(n, axis=1), 1e-12)
-    facing = np.clip((cos - 0.05) / 0.3, 0.0, 1.0)
+    facing = np.clip((cos - FACING_FROM) / (FACING_TO - FACING_FROM), 0.0, 1.0)
     used = np.unique(triangles)
     lo, hi = lm[used, :2].min(0), lm[used, :2].max(0)
     scale = raster_side / max(float((hi - lo).max()), 1e-6)
