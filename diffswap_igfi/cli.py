@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="geometric: an image of the target's size, white where the target "
                            "must stay (hands, glasses, hair over the face)")
     swap.add_argument("--source-eyes", action="store_true",
-                      help="geometric: always take the source's eyes (default: the source's, "
-                           "looking where the target looks, unless the source's are much less "
-                           "open)")
+                      help="geometric: the source's eyes even when they are less open than "
+                           "the target's (default: the target's then); either way they look "
+                           "where the target looks")
     swap.add_argument("--shape-transfer", action="store_true",
                       help="geometric: move the face outline to the source's face shape")
     swap.add_argument("--domain", choices=["auto", "photo", "stylized"], default=None,
