@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--occlusion-mask", metavar="PATH",
                       help="geometric: an image of the target's size, white where the target "
                            "must stay (hands, glasses, hair over the face)")
+    swap.add_argument("--auto-occluders", action="store_true",
+                      help="geometric: also keep target pixels over the face that are not its "
+                           "skin colour (glasses, hair; partial, by colour only)")
     swap.add_argument("--source-eyes", action="store_true",
                       help="geometric: the source's eyes even when they are less open than "
                            "the target's (default: the target's then); either way they look "
@@ -196,12 +199,13 @@ def _engine(args: argparse.Namespace):
                                 keep_eyes="never" if args.source_eyes else "auto",
                                 keep_mouth_interior="never" if args.source_mouth else "always",
                                 shape_transfer=1.0 if args.shape_transfer else 0.0,
-                                domain=args.domain or "auto")
+                                domain=args.domain or "auto",
+                                auto_occluders=args.auto_occluders)
     if (args.occlusion_mask or args.source_eyes or args.source_mouth or args.shape_transfer
-            or args.domain):
-        raise InputError("--occlusion-mask, --source-eyes, --source-mouth, --shape-transfer and "
-                         "--domain work with the geometric engine only: drop them or use "
-                         "--engine geometric")
+            or args.domain or args.auto_occluders):
+        raise InputError("--occlusion-mask, --auto-occluders, --source-eyes, --source-mouth, "
+                         "--shape-transfer and --domain work with the geometric engine only: "
+                         "drop them or use --engine geometric")
     if args.warm_start is not None and not 0.0 < args.warm_start <= 1.0:
         raise InputError(f"--warm-start must be in (0, 1], got {args.warm_start}")
     if not 0.0 <= args.mix_weight <= 1.0:
