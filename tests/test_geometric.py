@@ -202,3 +202,19 @@ def test_source_eyes_look_where_the_target_looks(faces):
         assert np.linalg.norm(field[y, x] - source.points[centre]) < 1.5
     assert eye_opening(faces["astronaut"][0]) > 0.25  # open eyes
     assert eye_opening(faces["group"][3]) < 0.1  # laughing, eyes nearly shut
+
+
+def test_a_face_filling_the_photo_changes_nothing_outside_its_oval(faces, photos):
+    # Grace Hopper cut so her face touches the photo's edges (the mesh runs past them)
+    face = faces["grace_hopper"][0]
+    x0, y0, x1, y1 = face.box.astype(int)
+    cut = np.ascontiguousarray(photos["grace_hopper"].rgb[y0 + 20:y1 - 10, x0 + 10:x1 - 10])
+    shift = np.array([[1.0, 0, -(x0 + 10)], [0, 1.0, -(y0 + 20)]])
+    cut_face = face.transformed(shift, cut.shape[:2])
+    engine = GeometricSwapper()
+    out, alpha = engine.swap_one(cut, cut_face, photos["astronaut"].rgb, faces["astronaut"][0])
+    assert np.array_equal(out[alpha == 0], cut[alpha == 0])
+    grow = int(round(engine.grow * cut_face.interocular)) + 2
+    oval = masks.dilate(masks.region_mask(cut_face.points, cut.shape[:2], ("face",)), grow)
+    assert not alpha[oval == 0].any()  # nothing past the face (no ears, no background)
+    assert (alpha > 0.99).mean() > 0.3
