@@ -134,7 +134,7 @@ def test_occlusion_mask_keeps_the_target_and_the_cli_passes_it(faces, photos, tm
 
 
 def test_shape_transfer_moves_the_outline_and_warps_only_near_the_face(faces, photos):
-    from diffswap_igfi.engines.geometric import reshaped_face
+    from diffswap_igfi.geometry.reshape import reshaped_face
 
     target, t_face = photos["grace_hopper"].rgb, faces["grace_hopper"][0]
     engine = GeometricSwapper(shape_transfer=1.0)
@@ -190,11 +190,11 @@ def test_drawn_targets_are_told_from_photos_and_get_flat_colours(detector, faces
 
 
 def test_source_eyes_look_where_the_target_looks(faces):
-    from diffswap_igfi.engines.geometric import _align_irises, eye_opening
+    from diffswap_igfi.faces.features import align_irises, eye_opening
 
     target, source = faces["grace_hopper"][0], faces["astronaut"][0]
     field = np.zeros((512, 512, 2), np.float32)
-    _align_irises(field, target, source)
+    align_irises(field, target, source)
     for centre in (topology.RIGHT_IRIS_CENTER, topology.LEFT_IRIS_CENTER):
         x, y = np.round(target.points[centre]).astype(int)
         # the target's iris centre samples the source's (rounding to a pixel moves it < 1 px,

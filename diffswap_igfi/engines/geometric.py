@@ -26,16 +26,17 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from scipy.spatial import Delaunay
 
 from diffswap_igfi.errors import InputError
 from diffswap_igfi.faces import masks, mesh, skin, style, topology
 from diffswap_igfi.faces.blend import composite, laplacian_blend, poisson_blend
+from diffswap_igfi.faces.features import OPEN_MOUTH, align_irises, eye_opening, mouth_opening
+from diffswap_igfi.faces.frame import WorkFrame, work_frame
 from diffswap_igfi.faces.lighting import (fit_sh, relative_shading, rgb_to_lab, sample,
                                           transfer_color)
 from diffswap_igfi.faces.record import FaceRecord
+from diffswap_igfi.geometry import reshape
 from diffswap_igfi.geometry.canonical import canonical_face
-from diffswap_igfi.geometry.mediapipe_backend import MediaPipeBackend
 from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
 
 BLENDS = ("laplacian", "poisson", "alpha")
@@ -76,139 +77,9 @@ def mesh_topology() -> MeshTopology:
     return MeshTopology(triangles, mesh.mirror_indices(vertices), skin, rim, hairline)
 
 
-def mouth_opening(face: FaceRecord) -> float:
-    """Area of the inner-lip polygon over the squared inter-ocular distance (0 = closed)."""
-    pts = face.points[list(topology.LIPS_INNER)].astype(np.float64)
-    x, y = pts[:, 0], pts[:, 1]
-    area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
-    return float(area / max(face.interocular, 1e-6) ** 2)
-
-
 FOREHEAD_TOP_CM = 8.0  # canonical height (cm above the mesh origin) where forehead texture ends
 FOREHEAD_FADE_CM = 2.5
 VALID_GAIN = 1.5  # alpha reaches 1 where two thirds of the texture weight is seen
-def eye_opening(face: FaceRecord) -> float:
-    """Mean lid gap over eye width of the two eyes (about 0.3 open, under 0.1 closed)."""
-    p = face.points
-    gaps = [np.linalg.norm(p[159] - p[145]) / max(np.linalg.norm(p[33] - p[133]), 1e-6),
-            np.linalg.norm(p[386] - p[374]) / max(np.linalg.norm(p[263] - p[362]), 1e-6)]
-    return float(np.mean(gaps))
-
-
-OPEN_MOUTH = 0.02  # mouth_opening above this shows teeth or tongue
-
-
-def face_roi(face: FaceRecord, shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
-    """Integer (x0, y0, x1, y1) around a face's mesh with ``margin`` pixels, inside the photo."""
-    x0, y0, x1, y1 = face.box
-    h, w = shape
-    return (int(max(0, np.floor(x0 - margin))), int(max(0, np.floor(y0 - margin))),
-            int(min(w, np.ceil(x1 + margin))), int(min(h, np.ceil(y1 + margin))))
-
-
-@dataclass
-class WorkFrame:
-    """A photo region resampled to the engine's working resolution.
-
-    roi: (x0, y0, x1, y1) in the photo; image: [h,w,3] uint8, the region resized (or the region
-    itself at scale 1); face: the face's record in this frame; scale: work pixels per photo
-    pixel (<= 1).
-    """
-
-    roi: tuple[int, int, int, int]
-    image: np.ndarray
-    face: FaceRecord
-    scale: float
-
-
-def work_frame(photo: np.ndarray, face: FaceRecord, margin: float, max_iod: float) -> WorkFrame:
-    """Cut the ROI around ``face`` (``margin`` photo pixels) and scale it down so the face's
-    inter-ocular distance is at most ``max_iod`` pixels. photo: [H,W,3] uint8."""
-    roi = face_roi(face, photo.shape[:2], margin)
-    x0, y0, x1, y1 = roi
-    patch = photo[y0:y1, x0:x1]
-    scale = min(1.0, max_iod / max(face.interocular, 1e-6))
-    w, h = x1 - x0, y1 - y0
-    ww, wh = max(1, round(w * scale)), max(1, round(h * scale))
-    if (ww, wh) == (w, h):
-        image, sx, sy = patch, 1.0, 1.0
-    else:
-        image = cv2.resize(patch, (ww, wh), interpolation=cv2.INTER_AREA)
-        sx, sy = ww / w, wh / h
-    # pixel centres: x_work = (x_photo - x0 + 0.5) * sx - 0.5
-    affine = np.array([[sx, 0.0, (0.5 - x0) * sx - 0.5], [0.0, sy, (0.5 - y0) * sy - 0.5]])
-    return WorkFrame(roi, np.ascontiguousarray(image), face.transformed(affine, (wh, ww)),
-                     float(np.sqrt(sx * sy)))
-
-
-EYES = ((topology.RIGHT_EYE, topology.RIGHT_IRIS + (topology.RIGHT_IRIS_CENTER,)),
-        (topology.LEFT_EYE, topology.LEFT_IRIS + (topology.LEFT_IRIS_CENTER,)))
-
-
-def _align_irises(sample_xy: np.ndarray, target: FaceRecord, source: FaceRecord) -> None:
-    """Re-map each eye opening so the source's iris lands on the target's: the eye is then
-    the source's, its gaze the target's. sample_xy: [h,w,2] float32 source pixel per target
-    pixel (changed in place inside the eye openings); faces in the same frames as it."""
-    h, w = sample_xy.shape[:2]
-    for contour, iris in EYES:
-        idx = list(contour) + list(iris)
-        pts = target.points[idx].astype(np.float64)
-        if np.ptp(pts[:, 0]) < 2 or np.ptp(pts[:, 1]) < 1:
-            continue
-        try:
-            tris = Delaunay(pts).simplices
-        except Exception:  # degenerate (a closed eye): keep the mesh's own map
-            continue
-        index = mesh.raster_index(pts, tris, (h, w))
-        opening = masks.polygon_mask(target.points[list(contour)], (h, w)) > 0
-        inside = (index >= 0) & opening
-        if inside.any():
-            xy = mesh.interpolate(pts, tris, source.points[idx].astype(np.float64), index)
-            sample_xy[inside] = xy[inside]
-
-
-@functools.lru_cache(maxsize=1)
-def _backend() -> MediaPipeBackend:
-    return MediaPipeBackend()
-
-
-def reshaped_face(target: FaceRecord, source_shape: np.ndarray, amount: float) -> FaceRecord:
-    """The target face with its identity shape moved ``amount`` (0..1) toward the source's:
-    source shape, target pose and expression (the swapped geometry of geometry.base), in the
-    target's pixels. source_shape: [1404] from ``MediaPipeBackend.fit``."""
-    backend = _backend()
-    fit = backend.fit(None, target)
-    swapped = backend.landmarks3d(source_shape, fit.expression, fit)  # [468,3]
-    lm = target.landmarks.copy()
-    delta = amount * (swapped - lm[:N])
-    delta[:, 2] -= delta[:, 2].mean()  # depth is relative; keep the target's offset
-    lm[:N] += delta
-    for iris, eye in ((topology.RIGHT_IRIS + (topology.RIGHT_IRIS_CENTER,), topology.RIGHT_EYE),
-                      (topology.LEFT_IRIS + (topology.LEFT_IRIS_CENTER,), topology.LEFT_EYE)):
-        lm[list(iris)] += delta[list(eye)].mean(0)
-    return FaceRecord(lm, target.image_size, target.blendshapes, target.blendshape_names,
-                      target.transform, dict(target.extras))
-
-
-def displacement_field(old: np.ndarray, new: np.ndarray, shape: tuple[int, int],
-                       sigma: float) -> np.ndarray:
-    """A smooth field that carries ``old`` points onto ``new`` ones and fades to zero away
-    from them: D(x) = sum_i g_i(x) (new_i - old_i) / (sum_i g_i(x) + 0.5), g_i a Gaussian of
-    width ``sigma`` around new_i. old, new: [K,2] pixels; shape: (H, W). Evaluated on a grid of
-    about sigma / 3 and interpolated. Returns [H,W,2] float32 (x, y) pixels."""
-    h, w = shape
-    step = max(1.0, sigma / 3.0)
-    gw, gh = max(2, int(np.ceil(w / step)) + 1), max(2, int(np.ceil(h / step)) + 1)
-    gx = np.linspace(0, w - 1, gw)
-    gy = np.linspace(0, h - 1, gh)
-    grid = np.stack(np.meshgrid(gx, gy), axis=-1).reshape(-1, 2)  # [G,2]
-    d2 = ((grid[:, None, :] - new[None, :, :]) ** 2).sum(-1)  # [G,K]
-    g = np.exp(-0.5 * d2 / sigma**2)
-    field = (g @ (new - old)) / (g.sum(1, keepdims=True) + 0.5)
-    field = field.reshape(gh, gw, 2).astype(np.float32)
-    return cv2.resize(field, (w, h), interpolation=cv2.INTER_LINEAR)
-
-
 @dataclass
 class PreparedSource:
     """Everything about a source face that does not depend on the target, computed once.
@@ -331,7 +202,7 @@ class GeometricSwapper:
         topo = mesh_topology()
         vis = vis * inside * topo.hairline
         return PreparedSource(frame, frame.image.astype(np.float32), vis, shade, model,
-                              _backend().fit(None, frame.face).shape)
+                              reshape.backend().fit(None, frame.face).shape)
 
     def swap_one(self, target: np.ndarray, target_face: FaceRecord,
                  source: np.ndarray | PreparedSource, source_face: FaceRecord | None = None
@@ -425,7 +296,7 @@ class GeometricSwapper:
         covered = index >= 0
         keep_eyes = self._keeps_eyes(face, source.frame.face)
         if not keep_eyes:
-            _align_irises(field_[..., 0:2], face, source.frame.face)
+            align_irises(field_[..., 0:2], face, source.frame.face)
         direct = cv2.remap(source.image, field_[..., 0:2], None, cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
         mirrored = cv2.remap(source.image, field_[..., 2:4], None, cv2.INTER_LINEAR,
@@ -482,10 +353,10 @@ class GeometricSwapper:
         """Move the target's face outline toward the source's face shape, warping the target
         around it smoothly. Returns (the frame with the warped image and moved landmarks, the
         soft [h,w] float32 mask of pixels the warp moved by more than a fraction of a pixel)."""
-        face = reshaped_face(frame.face, source.shape, self.shape_transfer)
+        face = reshape.reshaped_face(frame.face, source.shape, self.shape_transfer)
         h, w = frame.image.shape[:2]
         iod = frame.face.interocular
-        field = displacement_field(frame.face.points[:N].astype(np.float64),
+        field = reshape.displacement_field(frame.face.points[:N].astype(np.float64),
                                    face.points[:N].astype(np.float64), (h, w), 0.3 * iod)
         # nothing moves at the frame's border, so the photo around it stays exact
         ys, xs = np.mgrid[0:h, 0:w]

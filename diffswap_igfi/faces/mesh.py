@@ -107,8 +107,8 @@ def triangle_visibility(landmarks: np.ndarray, triangles: np.ndarray, *,
     """How well each triangle's texture can be seen in the photo, [T] float in [0,1].
 
     Two factors: facing, the cosine between its normal and the view direction ramped from
-    0 at FACING_FROM to 1 at FACING_TO (grazing triangles are smeared; back-facing ones show something
-    else), times the share of its area not hidden by nearer triangles, measured on a
+    0 at FACING_FROM to 1 at FACING_TO (grazing triangles are smeared; back-facing ones show
+    something else), times the share of its area not hidden by nearer triangles, measured on a
     ``raster_side`` px depth-ordered rasterisation (a turned head's nose hides part of a cheek).
     """
     lm = np.asarray(landmarks, np.float64)
