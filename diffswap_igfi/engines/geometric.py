@@ -77,8 +77,9 @@ def mesh_topology() -> MeshTopology:
     return MeshTopology(triangles, mesh.mirror_indices(vertices), skin, rim, hairline)
 
 
-FOREHEAD_TOP_CM = 8.0  # canonical height (cm above the mesh origin) where forehead texture ends
-FOREHEAD_FADE_CM = 2.5
+FOREHEAD_TOP_CM = 7.0  # canonical height (cm above the mesh origin) where forehead texture ends
+FOREHEAD_FADE_CM = 2.0
+CLOSED_MOUTH = 0.003  # mouth_opening below this: lips together
 VALID_GAIN = 1.5  # alpha reaches 1 where two thirds of the texture weight is seen
 @dataclass
 class PreparedSource:
@@ -129,7 +130,7 @@ class GeometricSwapper:
         this fraction of the inter-ocular distance; colour over 0.2 of it).
     keep_mouth_interior: the target's own mouth interior (teeth, tongue) is kept ``always``
         (default: a "mouth mask"; the lips around it are the source's), only when the target's
-        mouth is open and the source's closed (``auto``), or ``never``.
+        mouth is wide open (``auto``), or ``never``.
     keep_eyes: ``never``: the source's eyes with their irises moved to where the target's are
         (the target's gaze); ``always``: the target's eye openings (eyes, gaze, blinks);
         ``auto`` (default): the source's unless its eyes are much less open than the
@@ -290,7 +291,7 @@ class GeometricSwapper:
             src_pts, src_pts[mirror],
             source.vertex_weight[:, None], source.vertex_weight[mirror][:, None],
             source.shading[:, None], source.shading[mirror][:, None],
-            t_shade[:, None], topo.skin[:, None],
+            t_shade[:, None], topo.skin[:, None], topo.hairline[:, None],
         ], axis=1)
         field_ = mesh.interpolate(lm[:, :2], tri, values, index)
         covered = index >= 0
@@ -331,6 +332,7 @@ class GeometricSwapper:
         hard = masks.dilate(oval, int(round(self.grow * iod)))
         alpha = masks.feather(hard, max(1, int(round(self.feather * iod))))
         alpha *= np.clip(valid * VALID_GAIN, 0.0, 1.0)  # the target where no texture is seen
+        alpha *= np.clip(field_[..., 10], 0.0, 1.0)  # and at the top of its forehead
         if self.auto_occluders:
             # the target's own non-skin over its skin (glasses, hair, a hand) stays
             foreign = zone * (1 - skin.skin_likelihood(t_skin, rgb_to_lab(target_f)))
@@ -379,8 +381,10 @@ class GeometricSwapper:
                    ) -> np.ndarray | None:
         """Soft [h,w] float32 in [0,1] of the target parts kept: mouth interior, eyes."""
         regions = []
-        keep_mouth = self.keep_mouth_interior == "always" or (
-            self.keep_mouth_interior == "auto" and mouth_opening(face) > OPEN_MOUTH)
+        # a closed mouth's inner-lip polygon is a sliver: keeping it would only punch holes
+        opening = mouth_opening(face)
+        keep_mouth = opening > CLOSED_MOUTH and (self.keep_mouth_interior == "always" or (
+            self.keep_mouth_interior == "auto" and opening > OPEN_MOUTH))
         if keep_mouth:
             regions.append("mouth_inner")
         if keep_eyes:
