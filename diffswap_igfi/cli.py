@@ -120,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weight of the first identity with --mix-mode weighted")
     swap.add_argument("--blend", choices=["laplacian", "poisson", "alpha"], default="laplacian",
                       help="how the warped face is blended in (default: laplacian)")
+    swap.add_argument("--occlusion-mask", metavar="PATH",
+                      help="geometric: an image of the target's size, white where the target "
+                           "must stay (hands, glasses, hair over the face)")
+    swap.add_argument("--auto-occluders", action="store_true",
+                      help="geometric: also keep target pixels over the face that are not its "
+                           "skin colour (glasses, hair; partial, by colour only)")
+    swap.add_argument("--source-eyes", action="store_true",
+                      help="geometric: the source's eyes even when they are less open than "
+                           "the target's (default: the target's then); either way they look "
+                           "where the target looks")
+    swap.add_argument("--shape-transfer", action="store_true",
+                      help="geometric: move the face outline to the source's face shape")
+    swap.add_argument("--domain", choices=["auto", "photo", "stylized"], default=None,
+                      help="geometric: stylized = a drawn/animated target, the face takes its "
+                           "flat colours (default: auto)")
+    swap.add_argument("--source-mouth", action="store_true",
+                      help="geometric: take the source's mouth interior (default: the target's "
+                           "teeth and tongue)")
     swap.add_argument("--force", action="store_true",
                       help="overwrite an existing output (never an input)")
     swap.add_argument("--max-pixels", type=_positive_int, default=40_000_000,
@@ -237,7 +255,19 @@ def _engine(args: argparse.Namespace):
                              "--engine diffusion")
         from diffswap_igfi.engines.geometric import GeometricSwapper
 
-        return GeometricSwapper(blend=args.blend)
+        occlusion = (_load(args.occlusion_mask, args.max_pixels).rgb.max(axis=2) > 127
+                     if args.occlusion_mask else None)
+        return GeometricSwapper(blend=args.blend, occlusion_mask=occlusion,
+                                keep_eyes="never" if args.source_eyes else "auto",
+                                keep_mouth_interior="never" if args.source_mouth else "always",
+                                shape_transfer=1.0 if args.shape_transfer else 0.0,
+                                domain=args.domain or "auto",
+                                auto_occluders=args.auto_occluders)
+    if (args.occlusion_mask or args.source_eyes or args.source_mouth or args.shape_transfer
+            or args.domain or args.auto_occluders):
+        raise InputError("--occlusion-mask, --auto-occluders, --source-eyes, --source-mouth, "
+                         "--shape-transfer and --domain work with the geometric engine only: "
+                         "drop them or use --engine geometric")
     if args.warm_start is not None and not 0.0 < args.warm_start <= 1.0:
         raise InputError(f"--warm-start must be in (0, 1], got {args.warm_start}")
     if not 0.0 <= args.mix_weight <= 1.0:
