@@ -25,7 +25,9 @@ from diffswap_igfi.errors import InputError
 from diffswap_igfi.faces.detect import select_faces
 from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.io.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
+from diffswap_igfi.io.video import is_video_path
 from diffswap_igfi.provenance.verify import VerifyReport, verify_image
+from diffswap_igfi.provenance.video import VideoVerifyReport, verify_video
 from diffswap_igfi.provenance.write import write_synthetic_image
 from diffswap_igfi.swapper import FaceSelection, Swapper, choose_source
 
@@ -34,6 +36,8 @@ ENGINES = ("geometric", "diffusion")
 UI_SELECTORS = ("largest", "all", "picked", "reference")
 OUTPUT_FORMATS = ("png", "jpg", "webp")
 MAX_SOURCES = 8
+DEFAULT_MAX_VIDEO_SECONDS = 300.0  # videos swap at a few frames a second on a CPU
+DEFAULT_MAX_VIDEO_FRAMES = 9000
 THUMBNAIL_SIDE = 160
 
 
@@ -164,12 +168,17 @@ class SwapService:
     graph serves one caller at a time), loaded diffusion pipelines, and the limits."""
 
     def __init__(self, root: Path, *, upload_root: Path | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, concurrency: int = 2) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, concurrency: int = 2,
+                 max_video_seconds: float = DEFAULT_MAX_VIDEO_SECONDS,
+                 max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES) -> None:
         """root: where session folders go; upload_root: the server's upload folder, whose
-        files a closing session may delete (None: delete no upload)."""
+        files a closing session may delete (None: delete no upload); max_pixels: of a photo
+        or a video frame; max_video_seconds / max_video_frames: longest video taken."""
         self.root = Path(root)
         self.upload_root = upload_root
         self.max_pixels = max_pixels
+        self.max_video_seconds = max_video_seconds
+        self.max_video_frames = max_video_frames
         self.concurrency = concurrency
         self._idle: queue.LifoQueue[Swapper] = queue.LifoQueue()
         self._all: list[Swapper] = []
@@ -344,9 +353,10 @@ class _EngineView:
         return type(self.engine).swap_faces(self, sources, target, faces)
 
 
-def verify(path: str | Path, name: str | None = None) -> VerifyReport:
-    """verify_image, reported under the file's own name rather than its temporary path."""
-    report = verify_image(Path(path))
+def verify(path: str | Path, name: str | None = None) -> VerifyReport | VideoVerifyReport:
+    """verify_image (verify_video for a video file), reported under the file's own name rather
+    than its temporary path."""
+    report = verify_video(Path(path)) if is_video_path(path) else verify_image(Path(path))
     return dataclasses.replace(report, path=Path(name or Path(path).name))
 
 
