@@ -30,14 +30,13 @@ from diffswap_igfi.provenance.verify import VerifyReport, verify_image
 from diffswap_igfi.provenance.video import VideoVerifyReport, verify_video
 from diffswap_igfi.provenance.write import write_synthetic_image
 from diffswap_igfi.swapper import FaceSelection, Swapper, choose_source
+from diffswap_igfi.ui.server import DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_MAX_VIDEO_SECONDS
 
 ENGINES = ("geometric", "diffusion")
 # "picked" = the faces clicked in the UI (API: face_indices); the others as in the CLI
 UI_SELECTORS = ("largest", "all", "picked", "reference")
 OUTPUT_FORMATS = ("png", "jpg", "webp")
 MAX_SOURCES = 8
-DEFAULT_MAX_VIDEO_SECONDS = 300.0  # videos swap at a few frames a second on a CPU
-DEFAULT_MAX_VIDEO_FRAMES = 9000
 THUMBNAIL_SIDE = 160
 
 
