@@ -140,6 +140,38 @@ def test_an_error_reaches_the_api_client_as_one_line(client):
     assert "out of range" in message and "\n" not in message.strip()
 
 
+def _audio_packets(path) -> list[bytes]:
+    import av
+
+    with av.open(str(path)) as c:
+        return [bytes(p) for p in c.demux(c.streams.audio[0]) if p.size]
+
+
+def test_swap_video_api_returns_a_marked_video_with_the_same_frames_and_audio(
+        client, photos, tmp_path):
+    """A 256x192 clip of 12 frames with a sine track (the astronaut's face large, under a
+    moving camera), through /swap_video and then /verify."""
+    from gradio_client import handle_file
+
+    from diffswap_igfi.io.video import probe_video
+    from diffswap_igfi.provenance.video import verify_video
+    from diffswap_igfi.video.synthetic import camera_path, render_frames, write_test_video
+
+    photo = photos["astronaut"].rgb
+    affines = camera_path(12, photo.shape[:2], (192, 256), center=(230.0, 150.0), cover=1.4)
+    clip = write_test_video(tmp_path / "clip.mp4", render_frames(photo, affines, (192, 256)))
+    path, summary = client.predict(sources=[handle_file(str(sample_path("grace_hopper")))],
+                                   video=handle_file(str(clip)), api_name="/swap_video")
+    assert Path(path).suffix == ".mp4" and "SYNTHETIC" in summary.splitlines()[0]
+    assert "swapped 1 of 1 people in 12 of 12 frames" in summary
+    assert probe_video(path).frames == probe_video(clip).frames == 12
+    assert _audio_packets(path) == _audio_packets(clip)  # copied bit for bit
+    report = verify_video(path)
+    assert report.metadata.synthetic and report.watermark_found, report.lines()
+    summary, details = client.predict(image=handle_file(path), api_name="/verify")
+    assert details["synthetic"] is True and details["watermark"]["frames_marked"] > 0
+
+
 def test_uploads_over_the_size_cap_are_refused_by_server_and_client(client, server, tmp_path):
     import httpx
     from gradio_client import handle_file
