@@ -34,8 +34,9 @@ from diffswap_igfi.ui.service import (
 )
 from diffswap_igfi.ui.video_tab import video_tab
 
-RESPONSIBLE_USE = ("Swap only faces of people who consented. Every image written is marked as "
-                   "synthetic (metadata and an invisible watermark); this cannot be turned off.")
+RESPONSIBLE_USE = ("Swap only faces of people who consented. Every image and video written is "
+                   "marked as synthetic (metadata and an invisible watermark); this cannot be "
+                   "turned off.")
 SESSION_TTL_S = 3600  # an API client's folder lives this long after its last request
 PREVIEW_SIDE = 1280  # the before/after slider shows photos at most this large
 
@@ -86,7 +87,8 @@ def image_tab(service: SwapService, session: gr.State) -> None:
             with gr.Column(scale=1):
                 comparison = gr.ImageSlider(label="Before / after", type="numpy",
                                             slider_position=25, elem_id="comparison")
-                result = gr.File(label="Marked result (download)", elem_id="result")
+                result = gr.File(label="Marked result (download)", interactive=False,
+                                 elem_id="result")
                 report = gr.Textbox(label="Provenance of the written file (verify)", lines=3,
                                     elem_id="report")
 
@@ -209,8 +211,9 @@ def build_app(service: SwapService) -> gr.Blocks:
 
 # Gradio stretches a gallery of one or two pictures across its width; thumbnails stay small.
 CSS = """
-#faces .grid-container { grid-template-columns: repeat(auto-fill, 112px) !important; }
-#faces .thumbnail-item { width: 112px; height: 112px; }
+#faces .grid-container, #video_people .grid-container {
+  grid-template-columns: repeat(auto-fill, 112px) !important; }
+#faces .thumbnail-item, #video_people .thumbnail-item { width: 112px; height: 112px; }
 """
 
 

@@ -75,7 +75,8 @@ def video_tab(service: SwapService, session: gr.State) -> None:
                 caption = gr.Markdown(elem_id="video_caption")
                 player = gr.Video(label="Result (with its audio)", interactive=False,
                                   elem_id="video_player")
-                result = gr.File(label="Marked result (download)", elem_id="video_result")
+                result = gr.File(label="Marked result (download)", interactive=False,
+                                 elem_id="video_result")
                 report = gr.Textbox(label="Provenance of the written file (verify)", lines=3,
                                     elem_id="video_report")
 
@@ -108,8 +109,9 @@ def video_tab(service: SwapService, session: gr.State) -> None:
 
         video.change(on_video, [video], [about, at, frame, caption, people, gallery],
                      api_visibility="private", concurrency_id=CONCURRENCY_ID)
-        at.release(on_time, [video, at, people], [frame, caption], api_visibility="private",
-                   concurrency_id=CONCURRENCY_ID)
+        # dragging or typing; while one preview runs, only the latest value waits
+        at.change(on_time, [video, at, people], [frame, caption], api_visibility="private",
+                  concurrency_id=CONCURRENCY_ID, trigger_mode="always_last")
         find.click(on_find, [video, at, trim_start, trim_end],
                    [people, gallery, frame, caption], api_visibility="private",
                    concurrency_id=CONCURRENCY_ID)
