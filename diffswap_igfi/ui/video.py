@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,13 @@ from diffswap_igfi.errors import InputError
 from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.io.video import VideoInfo, frame_to_rgb, iter_frames, probe_video, to_upright
 from diffswap_igfi.provenance.video import VideoVerifyReport, verify_video
-from diffswap_igfi.ui.service import MAX_SOURCES, Session, SwapOptions, SwapService, thumbnail
+from diffswap_igfi.ui.service import (
+    Session,
+    SwapOptions,
+    SwapService,
+    take_files,
+    thumbnail,
+)
 from diffswap_igfi.video.job import VideoSwapOptions, VideoSwapResult, swap_video
 from diffswap_igfi.video.tracking import Tracker
 
@@ -257,18 +262,10 @@ def swap_video_file(service: SwapService, session: Session, source_paths: Sequen
     """Swap the source photo(s) onto the chosen people of the video and write an MP4 (H.264,
     the input's audio copied) into the session's folder, through ``swap_video``."""
     options.check()
-    source_paths = [p for p in source_paths or [] if p]
-    if not source_paths:
-        raise InputError("no source photo: upload at least one photo of the new face")
-    if len(source_paths) > MAX_SOURCES:
-        raise InputError(f"{len(source_paths)} source photos: use at most {MAX_SOURCES}")
-    if options.face_selector == "reference" and not reference_path:
-        raise InputError("the reference selector needs a reference photo of the person to "
-                         "replace: upload one")
-    session.uploads.update(str(p) for p in [*source_paths, video_path, reference_path,
-                                            *mix_paths] if p)
+    source_paths = take_files(session, source_paths, video_path, options.face_selector,
+                              reference_path, mix_paths)
     check_video(service, video_path)
-    engine = service._engine(options.engine, mix_paths)
+    engine = service.engine(options.engine, mix_paths)
     out = session.next_path(Path(video_path).stem, "mp4")
     progress = FrameRate(report) if report else False
     with service.swapper() as swapper:
@@ -278,9 +275,7 @@ def swap_video_file(service: SwapService, session: Session, source_paths: Sequen
         if options.face_selector == "reference":
             ref = swapper.source(service.load(reference_path))
             reference = swapper.recognizer.describe(ref.image.rgb, ref.face)
-        # one diffusion pipeline serves one request at a time (as in SwapService.swap)
-        lock = service._diffusion_lock if options.engine.engine == "diffusion" else nullcontext()
-        with lock:
+        with service.engine_lock(options.engine):
             swapper.engine = engine
             run = swap_video(swapper, sources, Path(video_path), out, options=options.job(),
                              reference=reference, progress=progress, log=lambda _: None)
