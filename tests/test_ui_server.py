@@ -306,6 +306,59 @@ def test_a_browser_uploads_two_photos_picks_faces_swaps_and_gets_the_marked_resu
     assert not folder.exists(), "the session folder outlived its tab"
 
 
+def test_a_browser_previews_a_video_picks_a_person_and_gets_the_swapped_video(
+        server, browser, tmp_path, photos):
+    """The Video tab: frame preview, 'Find people', a click on person 1, the swap, the player
+    and the verify report."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffswap_igfi.io.video import probe_video
+    from diffswap_igfi.video.synthetic import camera_path, render_frames, write_test_video
+
+    a, g = photos["astronaut"].rgb, photos["grace_hopper"].rgb
+    left = render_frames(a, camera_path(10, a.shape[:2], (192, 128), center=(230.0, 150.0),
+                                        cover=1.2), (192, 128))
+    right = render_frames(g, camera_path(10, g.shape[:2], (192, 128), center=(270.0, 250.0),
+                                         cover=1.6), (192, 128))
+    clip = write_test_video(tmp_path / "two.mp4",
+                            [np.concatenate([x, y], 1) for x, y in zip(left, right)])
+
+    def element(css, timeout=60):
+        WebDriverWait(browser, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
+        return browser.find_element(By.CSS_SELECTOR, css)
+
+    def text(css):
+        return element(css).text
+
+    browser.get(server[0])
+    element("#swap")  # the page is up
+    next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]")
+         if t.text.strip() == "Video").click()
+    element("#video_sources input[type=file]").send_keys(str(sample_path("tom_hanks")))
+    element("#video_target input[type=file]").send_keys(str(clip))
+    WebDriverWait(browser, 60).until(lambda d: "2 face(s) on this frame" in text(
+        "#video_caption"))
+    assert "10 frames" in text("#video_about") and "audio: aac" in text("#video_about")
+    element("#video_find").click()
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(
+        By.CSS_SELECTOR, "#video_people button.thumbnail-item")) == 2)
+    assert "2 of the video's 2 people" in text("#video_caption")
+    browser.find_elements(By.CSS_SELECTOR, "#video_people button.thumbnail-item")[1].click()
+    WebDriverWait(browser, 10).until(lambda d: element("#video_index input").get_attribute(
+        "value") == "1")
+    element("#video_swap").click()
+    link = element("#video_result a[href*='two_swapped']", timeout=120)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR,
+                                                               "#video_player video"))
+    report = element("#video_report textarea").get_attribute("value")
+    assert "SYNTHETIC" in report and "swapped 1 of 2 people in 10 of 10 frames" in report
+    downloaded = tmp_path / "downloaded.mp4"
+    with urllib.request.urlopen(link.get_attribute("href"), timeout=30) as response:
+        downloaded.write_bytes(response.read())
+    assert probe_video(downloaded).frames == 10
+
+
 def _save_marked_screenshot(browser, tmp_path: Path, dest: Path) -> None:
     """The screenshot shows swapped faces, so it is written with provenance like any result."""
     from PIL import Image
