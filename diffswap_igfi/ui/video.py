@@ -167,6 +167,10 @@ def find_people(service: SwapService, path: str, *, trim_start: float | None = N
     the people as the ``index`` selector does."""
     info = check_video(service, path)
     progress = FrameRate(report) if report else None
+    # frames between the trim times, estimated from the duration (known exactly only after)
+    end = min(trim_end or info.duration, info.duration)
+    kept = (end - (trim_start or 0.0)) / info.duration if info.duration > 0 else 1.0
+    total = max(1, min(info.frames, round(info.frames * kept)))
     thumbs: dict[int, np.ndarray] = {}
     seen: dict[int, list[tuple[int, FaceRecord]]] = {}
     with service.swapper() as swapper:
@@ -179,7 +183,7 @@ def find_people(service: SwapService, path: str, *, trim_start: float | None = N
                 if tracker.tracks[tid].best is face:  # this person's largest face so far
                     thumbs[tid] = thumbnail(frame.rgb, face)
             if progress:
-                progress("finding people", frame.index + 1, info.frames)
+                progress("finding people", min(frame.index + 1, total), total)
         tracks = list(tracker.tracks.values())
     # as plan.assign_sources ranks them (a stable sort of the tracker's tracks, by area)
     ranked = sorted(tracks, key=lambda t: t.area_sum, reverse=True)
