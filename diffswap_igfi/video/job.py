@@ -138,9 +138,8 @@ def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output
     face_map: (descriptor, sources) pairs for several people. The output's container and codec
     follow its extension and ``options.encode``. progress: tqdm bars on stderr (True), none
     (False), or a function called as ``progress("tracking" | "swapping", done, total)`` after
-    each frame. Raises InputError (unreadable video, no face),
-    OutputError (cannot write). A DiffSwapError removes the work folder; an interruption keeps
-    it for ``resume``.
+    each frame. Raises InputError (unreadable video, no face), OutputError (cannot write). A
+    DiffSwapError removes the work folder; an interruption keeps it for ``resume``.
     """
     options = options or VideoSwapOptions()
     if options.chunk_frames <= options.tracker.max_lost:
