@@ -53,6 +53,7 @@ from diffswap_igfi.video.smoothing import ColourSmoother, OneEuroSettings
 from diffswap_igfi.video.tracking import Track, Tracker, TrackerSettings
 
 WORK_VERSION = 1
+ProgressCallback = Callable[[str, int, int], None]  # (pass name, frames done, frames in all)
 
 
 @dataclass
@@ -104,14 +105,23 @@ def check_video_output(output: Path, inputs: Sequence[Path], *, force: bool) -> 
 
 
 class _Progress:
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+    """A tqdm bar on stderr (``enabled`` True), nothing (False), or calls of ``enabled(desc,
+    frames done, total)`` after each update (a caller's own display, e.g. the web UI's)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool | ProgressCallback) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="frame", disable=not enabled,
+        self.report = enabled if callable(enabled) else None
+        self.desc, self.total, self.done = desc, total, 0
+        self.bar = tqdm(total=total, desc=desc, unit="frame",
+                        disable=not enabled or self.report is not None,
                         file=sys.stderr, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         self.bar.update(n)
+        if self.report is not None:
+            self.done += n
+            self.report(self.desc, self.done, self.total)
 
     def close(self) -> None:
         self.bar.close()
@@ -120,15 +130,16 @@ class _Progress:
 def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output: Path, *,
                options: VideoSwapOptions | None = None, reference: np.ndarray | None = None,
                face_map: Sequence[tuple[np.ndarray, Sequence[Source]]] = (),
-               resume: bool = False, progress: bool = True,
+               resume: bool = False, progress: bool | ProgressCallback = True,
                log: Callable[[str], None] = print) -> VideoSwapResult:
     """Swap ``sources`` onto the selected people of the video ``target``, writing ``output``.
 
     reference: [D] dlib descriptor of the person to replace (selector ``reference``);
     face_map: (descriptor, sources) pairs for several people. The output's container and codec
-    follow its extension and ``options.encode``. Raises InputError (unreadable video, no face),
-    OutputError (cannot write). A DiffSwapError removes the work folder; an interruption keeps
-    it for ``resume``.
+    follow its extension and ``options.encode``. progress: tqdm bars on stderr (True), none
+    (False), or a function called as ``progress("tracking" | "swapping", done, total)`` after
+    each frame. Raises InputError (unreadable video, no face), OutputError (cannot write). A
+    DiffSwapError removes the work folder; an interruption keeps it for ``resume``.
     """
     options = options or VideoSwapOptions()
     if options.chunk_frames <= options.tracker.max_lost:
@@ -212,7 +223,7 @@ def _chunk_name(k: int, suffix: str) -> str:
 
 
 def _track_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSwapOptions,
-                progress: bool) -> tuple[int, list[Track]]:
+                progress: bool | ProgressCallback) -> tuple[int, list[Track]]:
     """Run (or finish) the tracking pass. Returns (kept frame count, every track)."""
     folder = work / "track"
     done_marker = folder / "done.json"
@@ -260,7 +271,7 @@ def _first_kept_pts(work: Path) -> int:
 
 
 def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSwapOptions,
-                 assignment: Assignment, frames: int, progress: bool) -> int:
+                 assignment: Assignment, frames: int, progress: bool | ProgressCallback) -> int:
     """Render every chunk not on disk yet, in one decoding pass. Returns the number of frames
     with a swapped face."""
     track_files = sorted((work / "track").glob("*.npz"))
