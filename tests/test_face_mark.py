@@ -139,6 +139,7 @@ def test_video_clip_marked_after_h264_and_clean_clip_not(photos, detector, tmp_p
     result = detect_clip(h264(marked, 28, fps=10), detector=detector, expect=payload)
     assert result.found and result.frames == 8 and result.agreeing >= result.needed
     assert result.match_fraction is not None and result.match_fraction > 0.5
+    assert result.payload_matches and result.expected == payload
     assert "found" in result.summary()
     untouched = detect_clip((f, detector.detect(f)) for f in h264(clean, 28, fps=10))
     assert not untouched.found and untouched.frames_with_faces == 8

@@ -21,7 +21,7 @@ from conftest import assert_one_line
 
 from diffswap_igfi.cli import main
 from diffswap_igfi.io.video import iter_frames, probe_video
-from diffswap_igfi.provenance.verify_video import verify_video
+from diffswap_igfi.provenance.verify_video import read_video_manifest, verify_video
 from diffswap_igfi.video.synthetic import camera_path, cartoon_face, render_frames, write_test_video
 
 SIZE = (192, 256)  # (height, width) as displayed
@@ -407,3 +407,53 @@ def test_person_who_leaves_and_returns_keeps_one_track(photos, tmp_path):
                             log=lambda m: None)
     assert result.tracks == 1
     assert result.swapped_frames == 10  # the blank frames pass through
+
+
+def test_no_unsigned_file_ever_at_the_output_path(tmp_path, monkeypatch):
+    """write_synthetic_video muxes into scratch and signs into place; while it signs the output
+    path holds nothing, and a failed signing leaves nothing behind. MKV is not signed."""
+    from diffswap_igfi.errors import OutputError
+    from diffswap_igfi.provenance import video as provenance_video
+    from diffswap_igfi.provenance.c2pa_sign import read_c2pa
+    from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
+
+    frames = [np.full((64, 64, 3), 20 * i, np.uint8) for i in range(12)]
+    source = write_test_video(tmp_path / "in.mp4", frames, audio_hz=None)
+    out, scratch = tmp_path / "out" / "out.mp4", tmp_path / "work"
+    out.parent.mkdir()
+    scratch.mkdir()
+
+    def mux(path: Path, tags: dict) -> Path:
+        assert tags["synthetic"] == "true" and "watermark=0123abcd" in tags["details"]
+        path.write_bytes(source.read_bytes())
+        return path
+
+    real_sign = provenance_video.sign_file
+    seen = []
+
+    def sign(path, **kwargs):
+        seen.append((path.parent, out.exists()))
+        return real_sign(path, **kwargs)
+
+    monkeypatch.setattr(provenance_video, "sign_file", sign)
+    kwargs = dict(digital_source_type=COMPOSITE_SYNTHETIC, engine="geometric",
+                  parent_path=source, watermark_payload="0123abcd")
+    provenance_video.write_synthetic_video(out, mux, scratch=scratch, **kwargs)
+    assert seen == [(scratch, False)]
+    report = read_c2pa(out)
+    assert report.binding_ok and report.parent == "in.mp4"
+    assert report.watermark_payload == "0123abcd"
+    assert list(scratch.iterdir()) == [] and list(out.parent.iterdir()) == [out]
+
+    def failing(path, **kwargs):
+        raise OutputError("disk full")
+
+    monkeypatch.setattr(provenance_video, "sign_file", failing)
+    again = tmp_path / "out" / "again.mp4"
+    with pytest.raises(OutputError):
+        provenance_video.write_synthetic_video(again, mux, **kwargs)
+    assert list(out.parent.iterdir()) == [out]  # no unsigned file, no temporary
+    mkv = provenance_video.write_synthetic_video(
+        tmp_path / "out" / "out.mkv", lambda p, t: write_test_video(p, frames, audio_hz=None),
+        **kwargs)
+    assert not read_video_manifest(mkv).present

@@ -73,8 +73,8 @@ class VideoVerifyReport:
             out.append("  " + self.c2pa.summary())
         best = max((r.score for _, r in self.frames), default=0.0)
         out += ["  " + metadata_line(self.metadata),
-                f"  block watermark: found in {self.marked} of {len(self.frames)} sampled "
-                f"frames (of {self.total_frames}); best z = {best:.1f}"]
+                (f"  block watermark: found in {self.marked} of {len(self.frames)} sampled "
+                 f"frames (of {self.total_frames}); best z = {best:.1f}")]
         if self.clip is not None:
             line = self.clip.summary()
             if self.clip.match_z is not None:
