@@ -436,8 +436,8 @@ def test_no_unsigned_file_ever_at_the_output_path(tmp_path, monkeypatch):
         return real_sign(path, **kwargs)
 
     monkeypatch.setattr(provenance_video, "sign_file", sign)
-    kwargs = dict(digital_source_type=COMPOSITE_SYNTHETIC, engine="geometric",
-                  parent_path=source, watermark_payload="0123abcd")
+    kwargs = {"digital_source_type": COMPOSITE_SYNTHETIC, "engine": "geometric",
+              "parent_path": source, "watermark_payload": "0123abcd"}
     provenance_video.write_synthetic_video(out, mux, scratch=scratch, **kwargs)
     assert seen == [(scratch, False)]
     report = read_c2pa(out)
