@@ -15,8 +15,7 @@ work folder beside the output (``.NAME.parts``):
 Finally the chunks and the input's audio are muxed with the synthetic-media container tags and,
 for MP4/MOV, signed with a C2PA manifest (the input as parent ingredient, the frames' payload)
 into the output, atomically (provenance.video.write_synthetic_video), and the work folder is
-removed. Every file in the work folder appears by an atomic rename once complete,
-so a killed run (even SIGKILL) loses at most the chunk in progress: ``resume=True`` skips
+removed. Every file in the work folder appears by an atomic rename once complete, so a killed run (even SIGKILL) loses at most the chunk in progress: ``resume=True`` skips
 every chunk already on disk.
 """
 
@@ -134,8 +133,8 @@ def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output
     follow its extension and ``options.encode``. c2pa_cert/c2pa_key: an organisation's PEM
     chain and key for the C2PA manifest (MP4/MOV; default: the local keys), checked before
     any work. Raises InputError (unreadable video, no face), OutputError (cannot write),
-    ConfigError (unusable signing keys). A DiffSwapError removes the work folder; an interruption keeps
-    it for ``resume``.
+    ConfigError (unusable signing keys). A DiffSwapError removes the work folder; an
+    interruption keeps it for ``resume``.
     """
     options = options or VideoSwapOptions()
     if options.chunk_frames <= options.tracker.max_lost:
