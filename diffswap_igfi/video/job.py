@@ -15,8 +15,9 @@ work folder beside the output (``.NAME.parts``):
 Finally the chunks and the input's audio are muxed with the synthetic-media container tags and,
 for MP4/MOV, signed with a C2PA manifest (the input as parent ingredient, the frames' payload)
 into the output, atomically (provenance.video.write_synthetic_video), and the work folder is
-removed. Every file in the work folder appears by an atomic rename once complete, so a killed run (even SIGKILL) loses at most the chunk in progress: ``resume=True`` skips
-every chunk already on disk.
+removed. Every file in the work folder appears by an atomic rename once complete, so a killed
+run (even SIGKILL) loses at most the chunk in progress: ``resume=True`` skips every chunk
+already on disk; signing happens once, at the end.
 """
 
 from __future__ import annotations
