@@ -43,11 +43,34 @@ def _config(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def _train(args: list[str], *, timeout: int = 600, launcher: list[str] | None = None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = (launcher or [sys.executable]) + [str(SCRIPT), *args]
+def _train(args: list[str], *, timeout: int = 600, launcher: list[str] | None = None,
+           script: Path = SCRIPT, env: dict | None = None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    command = (launcher or [sys.executable]) + [str(script), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=ROOT)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(processes: int) -> list[str]:
+    """``accelerate launch`` with the 2-process CPU config the README tells users to try, or
+    plain python for one process."""
+    if processes == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "--num_processes",
+            str(processes), "--main_process_port", str(_free_port())]
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -107,6 +130,22 @@ def test_tiny_training_lowers_the_loss_and_exports_a_pipeline_the_cli_swaps_with
     assert main(["swap", "-s", "sample:grace_hopper", "-t", "sample:astronaut", "-o", str(out),
                  "--checkpoint", str(run / "pipeline"), "--steps", "4", "--quiet"]) == 0
     assert out.is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_data_set_smaller_than_one_optimizer_step_trains_and_says_so(tmp_path, data_dir,
+                                                                        processes):
+    """9 samples; one optimizer step takes 2 x 8 = 16 (batch 8 with accumulation 2 on one
+    process, two processes of 8 on two): it used to spin forever at step 0 (issue 19)."""
+    config = _config(tmp_path, **{"train.batch_size": 8, "train.validation_every": 1000,
+                                  "train.gradient_accumulation_steps": 3 - processes})
+    run = tmp_path / "run"
+    proc = _train(["--config", str(config), "--data", str(data_dir), "--output", str(run),
+                   "--max-steps", "3"], launcher=launcher(processes), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "every epoch shows each sample 2 times" in proc.stdout
+    assert [r["step"] for r in _records(run)] == [1, 2, 3]
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ class SFIDataset(Dataset):
       mask [1,S,S] float {0,1} (1 = inpaint); geometry [7,S/f,S/f] float in [0,1] (landmark
       heatmaps of the target); kps [5,2] float32 target keypoints in crop pixels;
       identity [512] float (zeros when none was stored); has_identity, drop_identity,
-      drop_clip: bool scalars; index: int64 scalar.
+      drop_clip: bool scalars; index: int64 scalar (the stored sample's number).
     """
 
     def __init__(self, data_dir: str | os.PathLike, *, latent_factor: int = 8, seed: int = 0,
@@ -62,7 +62,16 @@ class SFIDataset(Dataset):
         self.latent_factor = latent_factor
         self.seed = int(seed)
         self.epoch = 0
+        self.repeat = 1
         self.augment = AugmentConfig.from_value(augment)
+
+    def set_repeat(self, times: int) -> None:
+        """Show every sample ``times`` times per epoch (for data sets smaller than one optimizer
+        step): item ``j`` is stored sample ``j % samples`` with the augmentations of key ``j``,
+        so the copies differ."""
+        if times < 1:
+            raise ValueError(f"repeat must be >= 1, got {times}")
+        self.repeat = int(times)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's augmentations. DataLoader workers copy the dataset when their
@@ -70,7 +79,7 @@ class SFIDataset(Dataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.shards)
+        return len(self.shards) * self.repeat
 
     def rng(self, i: int) -> np.random.Generator:
         """The generator of sample ``i`` at the current (seed, epoch)."""
@@ -79,10 +88,11 @@ class SFIDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= int(i) < len(self):
             raise IndexError(f"sample {i} out of range (dataset has {len(self)})")
-        i = int(i) % len(self)  # the rng is keyed by the non-negative index
+        j = int(i) % len(self)  # the rng is keyed by the non-negative index
+        i = j % len(self.shards)  # the stored sample (differs from j only with set_repeat)
         sample = self.shards[i]
         cfg = self.augment
-        rng = self.rng(i)
+        rng = self.rng(j)
         crop, kps = sample["crop"], sample["kps"].astype(np.float32)
         landmarks = sample["landmarks"].astype(np.float32)
         source, source_kps = reference_augment(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from diffswap_igfi.errors import ConfigError
 from diffswap_igfi.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from diffswap_igfi.training.config import EMAConfig, OptimConfig, RunConfig
 from diffswap_igfi.training.logs import MetricsLog
@@ -28,6 +29,14 @@ def noise_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """A seed for one micro-batch, a pure function of where it is in the run."""
     digest = hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).digest()
     return int.from_bytes(digest[:6], "little")
+
+
+def epoch_repeats(samples: int, processes: int, batch_size: int, accumulation: int) -> int:
+    """How many times an epoch shows each sample so that every process gets at least one
+    accumulation cycle of full batches: 1 unless the data set is smaller than one optimizer
+    step's ``processes * batch_size * accumulation`` samples."""
+    per_step = processes * batch_size * accumulation
+    return max(1, -(-per_step // max(samples, 1)))
 
 
 def flat(tree: dict, prefix: str = "") -> dict:
@@ -50,10 +59,15 @@ class TrainLoop:
         from accelerate.utils import set_seed
 
         self.run_dir, self.train, self.optim, self.ema_config = Path(run_dir), train, optim, ema
+        from accelerate.utils import GradientAccumulationPlugin
+
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # `--cpu` would silently start one process
             mixed_precision=train.mixed_precision,
-            gradient_accumulation_steps=train.gradient_accumulation_steps,
+            # cycles of exactly `gradient_accumulation_steps` micro-batches, across epoch ends
+            # (accelerate's default would cut a cycle short at the end of every epoch)
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=train.gradient_accumulation_steps, sync_with_dataloader=False),
             log_with="tensorboard", project_dir=str(self.run_dir),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
@@ -75,10 +89,19 @@ class TrainLoop:
                                       eps=o.eps, weight_decay=o.weight_decay)
         schedule = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps,
                                  num_training_steps=t.max_steps)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True,
-                                             num_workers=t.num_workers,
-                                             drop_last=len(dataset) >= t.batch_size)
         acc = self.accelerator
+        repeat = epoch_repeats(len(dataset), acc.num_processes, t.batch_size,
+                               t.gradient_accumulation_steps)
+        if repeat > 1:
+            dataset.set_repeat(repeat)
+            acc.print(f"data: {len(dataset) // repeat} samples are fewer than one optimizer step "
+                      f"takes ({acc.num_processes} processes x batch {t.batch_size} x "
+                      f"accumulation {t.gradient_accumulation_steps}): every epoch shows each "
+                      f"sample {repeat} times, with its own augmentations")
+        # drop_last: every process gets the same number of full batches (at least one
+        # accumulation cycle per epoch, thanks to the repeats above)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True,
+                                             num_workers=t.num_workers, drop_last=True)
         model, self.optimizer, self.loader, self.schedule = acc.prepare(model, optimizer, loader,
                                                                         schedule)
         self.ema = EMAModel(params, decay=self.ema_config.decay) if self.ema_config.use else None
@@ -98,21 +121,36 @@ class TrainLoop:
         from tqdm import tqdm
 
         t, acc = self.train, self.accelerator
-        per_epoch = max(1, len(self.loader) // t.gradient_accumulation_steps)
+        per_epoch = len(self.loader)  # micro-batches per process and epoch
+        if per_epoch < t.gradient_accumulation_steps:  # setup's repeats rule this out
+            raise ConfigError(f"an epoch holds {per_epoch} batches per process, fewer than "
+                              f"train.gradient_accumulation_steps "
+                              f"{t.gradient_accumulation_steps}: lower it")
         self.bar = tqdm(total=t.max_steps, initial=self.step_count, desc=self.project,
                         unit="step", disable=not acc.is_local_main_process)
         self._started = time.perf_counter()
+        # the run is one stream of micro-batches, epoch after epoch; an accumulation cycle may
+        # span two epochs, and a checkpoint always falls between two cycles
+        consumed = self.step_count * t.gradient_accumulation_steps
         while self.step_count < t.max_steps:
-            epoch = self.step_count // per_epoch
+            epoch, skip = divmod(consumed, per_epoch)
             self.dataset.set_epoch(epoch)
             self.loader.set_epoch(epoch)
-            skip = (self.step_count % per_epoch) * t.gradient_accumulation_steps
             batches = acc.skip_first_batches(self.loader, skip) if skip else self.loader
+            before, yielded = self.step_count, 0
             for batch in batches:
                 seed = noise_seed(t.seed, self.step_count, self._micro, acc.process_index)
+                consumed += 1
+                yielded += 1
                 yield batch, torch.tensor([seed])
                 if self.step_count >= t.max_steps:
                     break
+            if yielded == 0 or (yielded >= t.gradient_accumulation_steps
+                                and self.step_count == before):
+                raise ConfigError(
+                    f"epoch {epoch} gave {yielded} batches per process and no optimizer step "
+                    f"(accumulation {t.gradient_accumulation_steps}): call loop.step(...) on "
+                    f"every batch the loop yields")
         self.bar.close()
 
     def step(self, model: torch.nn.Module, batch: dict, seed: torch.Tensor) -> bool:
