@@ -92,6 +92,8 @@ def train(args: argparse.Namespace) -> int:
 
         model.unet.requires_grad_(False)
         add_lora(model.unet, config.lora.rank, config.lora.alpha, tuple(config.lora.targets))
+        # conv_in holds the geometry input channels (zero-initialised on SD): they must train
+        model.unet.conv_in.requires_grad_(True)
     if config.train.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -50,20 +50,87 @@ def flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def resolve_mixed_precision(configured: str, environ=os.environ) -> tuple[str, str | None]:
+    """The precision to train in, and a line to print when it is not the config's.
+
+    ``accelerate launch --mixed_precision X`` and an accelerate YAML's ``mixed_precision`` reach
+    the script as ACCELERATE_MIXED_PRECISION. A launcher asking for fp16/bf16 is honoured; its
+    "no" is also what it passes when nothing was asked, so it cannot switch a bf16 config off
+    (set ``train.mixed_precision: "no"`` for that)."""
+    launched = environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched in ("", "no") or launched == configured:
+        return configured, None
+    if launched not in ("fp16", "bf16"):
+        raise ConfigError(f"the launcher asks for mixed precision {launched!r}; this trainer "
+                          f"supports no, fp16 and bf16: change the accelerate config")
+    return launched, (f"mixed precision: {launched} from the launcher (the training config "
+                      f"says {configured})")
+
+
+def check_deepspeed(train: RunConfig, optim: OptimConfig, environ=os.environ) -> None:
+    """DeepSpeed takes accumulation and clipping from its own config and would silently
+    replace ours: refuse when they disagree (leave them out of the accelerate YAML)."""
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    accumulation = environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
+    if accumulation.isdigit() and int(accumulation) != train.gradient_accumulation_steps:
+        raise ConfigError(f"the DeepSpeed config sets gradient_accumulation_steps "
+                          f"{accumulation}, the training config "
+                          f"{train.gradient_accumulation_steps}: remove it from the accelerate "
+                          f"YAML (ours is used) or make them equal")
+    clipping = environ.get("ACCELERATE_GRADIENT_CLIPPING", "auto")
+    if clipping != "auto" and float(clipping) != optim.max_grad_norm:
+        raise ConfigError(f"the DeepSpeed config sets gradient_clipping {clipping}, the training "
+                          f"config optim.max_grad_norm {optim.max_grad_norm}: make them equal")
+
+
+def build_optimizer(params: list, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (optimizer state 2 bytes/parameter instead of 8)."""
+    kwargs = dict(lr=optim.learning_rate, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                  weight_decay=optim.weight_decay)
+    if optim.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ConfigError("optim.optimizer adamw_8bit needs bitsandbytes (CUDA only): pip "
+                              "install 'diffswap-igfi[bnb]', or use adamw") from None
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def misplaced_state(params: list, optimizer: torch.optim.Optimizer, ema) -> list[str]:
+    """Training state that is not on its parameter's device: the optimizer's moments (torch
+    moves them on load; checked anyway) and the EMA copies. Empty when all is well."""
+    found = []
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    for param in params:
+        for name, value in inner.state.get(param, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.device != param.device:
+                found.append(f"optimizer {name} on {value.device}, its parameter on "
+                             f"{param.device}")
+    if ema is not None:
+        found += ema.misplaced()
+    return found
+
+
 class TrainLoop:
-    """``for batch, seed in loop: loop.step(model, batch, seed)`` until ``train.max_steps``."""
+    """``for batch, seed in loop: loop.step(model, batch, seed)`` until ``train.max_steps``.
+
+    The dataset has ``__len__``, ``set_epoch(epoch)`` and ``set_repeat(times)`` (see
+    ``data.dataset.SFIDataset``).
+    """
 
     def __init__(self, run_dir: Path, train: RunConfig, optim: OptimConfig, ema: EMAConfig,
                  *, project: str, hparams: dict | None = None) -> None:
         from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-        from accelerate.utils import set_seed
+        from accelerate.utils import GradientAccumulationPlugin, set_seed
 
         self.run_dir, self.train, self.optim, self.ema_config = Path(run_dir), train, optim, ema
-        from accelerate.utils import GradientAccumulationPlugin
-
+        check_deepspeed(train, optim)
+        precision, note = resolve_mixed_precision(train.mixed_precision)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # `--cpu` would silently start one process
-            mixed_precision=train.mixed_precision,
+            mixed_precision=precision,
             # cycles of exactly `gradient_accumulation_steps` micro-batches, across epoch ends
             # (accelerate's default would cut a cycle short at the end of every epoch)
             gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -71,25 +138,38 @@ class TrainLoop:
             log_with="tensorboard", project_dir=str(self.run_dir),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        if note:
+            self.accelerator.print(note)
         set_seed(train.seed)
-        self.project, self.hparams = project, hparams or {}
+        self.project, self.hparams = project, {**(hparams or {}), "mixed_precision": precision}
         self.step_count = 0
         self._micro = 0
         self._last: dict = {}
 
+    @property
+    def deepspeed(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
     # ------------------------------------------------------------------------------ set-up
     def setup(self, model: torch.nn.Module, params: list, dataset, resume: str | None):
-        """Optimizer, schedule, loader, EMA; then resume. Returns the prepared model."""
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
+        """Optimizer, schedule, loader, EMA; then resume. Returns the prepared model.
 
-        t, o = self.train, self.optim
+        params: the parameters that train (the others of ``model`` are left out of
+        checkpoints: a LoRA checkpoint holds the adapter, not the frozen UNet)."""
+        from diffusers.optimization import get_scheduler
+
+        from diffswap_igfi.training.ema import EMA
+
+        t, o, acc = self.train, self.optim, self.accelerator
         self.params, self.dataset = params, dataset
-        optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.beta1, o.beta2),
-                                      eps=o.eps, weight_decay=o.weight_decay)
-        schedule = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps,
-                                 num_training_steps=t.max_steps)
-        acc = self.accelerator
+        optimizer = build_optimizer(params, o)
+        # stepped by us once per optimizer step: accelerate would step a prepared schedule
+        # once per process, running it N times too fast on N processes
+        self.schedule = get_scheduler(o.lr_scheduler, optimizer,
+                                      num_warmup_steps=o.lr_warmup_steps,
+                                      num_training_steps=t.max_steps)
         repeat = epoch_repeats(len(dataset), acc.num_processes, t.batch_size,
                                t.gradient_accumulation_steps)
         if repeat > 1:
@@ -102,19 +182,40 @@ class TrainLoop:
         # accumulation cycle per epoch, thanks to the repeats above)
         loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True,
                                              num_workers=t.num_workers, drop_last=True)
-        model, self.optimizer, self.loader, self.schedule = acc.prepare(model, optimizer, loader,
-                                                                        schedule)
-        self.ema = EMAModel(params, decay=self.ema_config.decay) if self.ema_config.use else None
+        model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
+        acc.register_for_checkpointing(self.schedule)
+        self.trained_names = self._keep_trained_only(model)
+        e = self.ema_config
+        self.ema = (EMA(params, e.decay, device="cpu" if e.on_cpu else None,
+                        every=e.update_every) if e.use else None)
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
         checkpoint = resolve_resume(self.run_dir, resume)
         if checkpoint is not None:
-            self.step_count = load_checkpoint(acc, checkpoint)
+            self.step_count = load_checkpoint(acc, checkpoint, required=self.trained_names)
+            wrong = misplaced_state(params, self.optimizer, self.ema)
+            if wrong:
+                raise ConfigError(f"resumed state is on the wrong device ({wrong[0]}; "
+                                  f"{len(wrong)} in all): report this with the command line")
             acc.print(f"resumed from {checkpoint} at step {self.step_count}")
         self.metrics = MetricsLog(self.run_dir, acc.is_main_process)
         self.metrics.truncate_after(self.step_count)
         acc.init_trackers(self.project, config=self.hparams)
         return model
+
+    def _keep_trained_only(self, model: torch.nn.Module) -> set[str]:
+        """Checkpoints hold the trained parameters (and buffers), not the frozen ones, which
+        the trainer rebuilds from the config. Returns the names of the trained parameters."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        frozen = {name for name, p in unwrapped.named_parameters() if not p.requires_grad}
+
+        def drop_frozen(models, weights, output_dir) -> None:
+            for i, state in enumerate(weights):
+                weights[i] = {k: v for k, v in state.items() if k not in frozen}
+
+        if frozen and not self.deepspeed:
+            self.accelerator.register_save_state_pre_hook(drop_frozen)
+        return {name for name, p in unwrapped.named_parameters() if p.requires_grad}
 
     # ------------------------------------------------------------------------------- looping
     def __iter__(self) -> Iterator[tuple[dict, torch.Tensor]]:
@@ -158,23 +259,26 @@ class TrainLoop:
         bookkeeping. Returns True when an optimisation step completed."""
         acc, t = self.accelerator, self.train
         with acc.accumulate(model):
-            out = model(batch, seed)
+            with self._cast():
+                out = model(batch, seed)
             acc.backward(out["loss"])
             if acc.sync_gradients and self.optim.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.params, self.optim.max_grad_norm)
             self.optimizer.step()
-            self.schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
         self._micro = (self._micro + 1) % t.gradient_accumulation_steps
         if not acc.sync_gradients:
             return False
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+        if not self.optimizer.step_was_skipped:  # fp16 overflow: the schedule waits too
+            self.schedule.step()
         self.step_count += 1
         if self.ema is not None:
-            self.ema.step(self.params)
+            self.ema.step()
         names = sorted(out)
         values = acc.gather(torch.stack([out[k].detach().float() for k in names])[None]).mean(0)
         record = {"step": self.step_count, **{k: float(v) for k, v in zip(names, values)},
-                  "lr": self.schedule.get_last_lr()[0],
+                  "lr": lr,
                   "seconds": time.perf_counter() - self._started}
         self._started = time.perf_counter()
         self._last = record
@@ -188,6 +292,18 @@ class TrainLoop:
                             info={"loss": record["loss"]})
         return True
 
+    def _cast(self):
+        """Under DeepSpeed fp16/bf16 the trained modules are cast to that dtype and nothing
+        casts their inputs (the frozen VAE and encoders stay fp32): autocast does. Elsewhere
+        accelerate's own autocast is already active inside the prepared model."""
+        import contextlib
+
+        precision = self.accelerator.mixed_precision
+        if not self.deepspeed or precision not in ("fp16", "bf16"):
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.accelerator.device.type, dtype=dtype)
+
     def due(self, every: int) -> bool:
         """Whether a periodic action falls on the step just completed (and on the last one)."""
         return self.step_count % every == 0 or self.step_count == self.train.max_steps
@@ -199,13 +315,13 @@ class TrainLoop:
         for m in modules:
             m.eval()
         if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
+            self.ema.store()
+            self.ema.copy_to()
         try:
             return fn()
         finally:
             if self.ema is not None:
-                self.ema.restore(self.params)
+                self.ema.restore()
             for m, mode in zip(modules, modes):
                 m.train(mode)
 
