@@ -22,7 +22,7 @@ def sfi_pipeline(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
-def test_jr_on_a_data_set_smaller_than_one_optimizer_step_trains(tmp_path, data_dir,
+def test_jr_on_a_data_set_smaller_than_one_optimizer_step_trains(tmp_path, data_dir,  # noqa: F811
                                                                  sfi_pipeline, processes):
     config = yaml.safe_load((ROOT / "configs" / "jr" / "tiny.yaml").read_text())
     config["train"].update(batch_size=8, gradient_accumulation_steps=3 - processes)
