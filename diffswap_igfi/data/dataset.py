@@ -90,9 +90,14 @@ class SFIDataset(Dataset):
             raise IndexError(f"sample {i} out of range (dataset has {len(self)})")
         j = int(i) % len(self)  # the rng is keyed by the non-negative index
         i = j % len(self.shards)  # the stored sample (differs from j only with set_repeat)
-        sample = self.shards[i]
+        return self.make_sample(self.shards[i], self.rng(j), i)
+
+    def make_sample(self, sample: dict, rng: np.random.Generator, index: int
+                    ) -> dict[str, torch.Tensor]:
+        """A stored sample (``ShardIndex`` item or a ``ShardStream`` item) -> the training
+        sample described in the class docstring, with the augmentations ``rng`` draws."""
         cfg = self.augment
-        rng = self.rng(j)
+        i = index
         crop, kps = sample["crop"], sample["kps"].astype(np.float32)
         landmarks = sample["landmarks"].astype(np.float32)
         source, source_kps = reference_augment(
