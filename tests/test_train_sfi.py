@@ -265,3 +265,27 @@ def test_lora_training_moves_the_geometry_channels_and_checkpoints_the_adapter_o
                    "--max-steps", "4", "--resume", "latest"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_streaming_reader_trains_across_epochs_and_resumes_exactly(tmp_path, data_dir):
+    """train.data_reader: stream (9 samples in one shard, batches of 2: 4 per epoch), 6 steps
+    straight vs. resumed from the step-3 checkpoint: the same losses."""
+    import shutil
+
+    config = _config(tmp_path, **{"train.data_reader": "stream", "train.shuffle_buffer": 4,
+                                  "train.batch_size": 2, "train.checkpoint_every": 3,
+                                  "train.validation_every": 1000})
+    common = ["--config", str(config), "--data", str(data_dir), "--max-steps", "6"]
+    straight = tmp_path / "straight"
+    proc = _train(common + ["--output", str(straight)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "checkpoint-00000003",
+                    resumed / "checkpoints" / "checkpoint-00000003")
+    proc = _train(common + ["--output", str(resumed), "--resume", "latest"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(a) == list(range(1, 7)) and sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])

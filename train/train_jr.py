@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from diffswap_igfi.data.dataset import SFIDataset
+from diffswap_igfi.data.dataset import training_data
 from diffswap_igfi.training.config import JRConfig, config_to_dict
 from diffswap_igfi.training.script import arguments, load_run_config, run
 
@@ -28,8 +28,9 @@ def main(argv=None) -> int:
 
 def train(args) -> int:
     config = load_run_config(args, JRConfig)
-    dataset = SFIDataset(args.data, latent_factor=8, seed=config.train.seed,
-                         augment=config.augment)
+    dataset = training_data(args.data, seed=config.train.seed, augment=config.augment,
+                            reader=config.train.data_reader,
+                            shuffle_buffer=config.train.shuffle_buffer)
     from diffswap_igfi.engines.diffusion import load_pipeline
     from diffswap_igfi.jr.losses import ContextualLoss, JRGeneratorLoss, PatchDiscriminator
     from diffswap_igfi.jr.network import JRNet

@@ -30,7 +30,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffswap_igfi.data.dataset import SFIDataset
+from diffswap_igfi.data.dataset import training_data
 from diffswap_igfi.errors import InputError
 from diffswap_igfi.training.config import SFIConfig, config_to_dict
 from diffswap_igfi.training.script import arguments, load_run_config, run
@@ -42,8 +42,9 @@ def main(argv=None) -> int:
 
 def train(args: argparse.Namespace) -> int:
     config = load_run_config(args, SFIConfig)
-    dataset = SFIDataset(args.data, latent_factor=8, seed=config.train.seed,
-                         augment=config.augment)
+    dataset = training_data(args.data, seed=config.train.seed, augment=config.augment,
+                            reader=config.train.data_reader,
+                            shuffle_buffer=config.train.shuffle_buffer)
     if dataset.crop_size != config.model.crop_size:
         raise InputError(f"{args.data} holds {dataset.crop_size}px crops but the config trains "
                          f"at {config.model.crop_size}px: preprocess with --crop-size "

@@ -28,7 +28,7 @@ from diffswap_igfi.geometry.condition import landmark_heatmaps
 ID_CROP_SIZE = 112
 IDENTITY_DIM = 512
 
-__all__ = ["AugmentConfig", "SFIDataset", "to_tensor_image"]
+__all__ = ["AugmentConfig", "SFIDataset", "to_tensor_image", "training_data"]
 
 
 def to_tensor_image(rgb: np.ndarray) -> torch.Tensor:
@@ -125,3 +125,17 @@ class SFIDataset(Dataset):
             "drop_clip": torch.tensor(drop_clip),
             "index": torch.tensor(i, dtype=torch.int64),
         }
+
+
+def training_data(data_dir: str | os.PathLike, *, seed: int, augment, reader: str = "index",
+                  shuffle_buffer: int = 1000, latent_factor: int = 8):
+    """The trainers' data: ``SFIDataset`` (reader "index": random access, any size) or a
+    ``ShardStream`` of SFI samples (reader "stream": shards split across processes and
+    workers, for data sets of many shards)."""
+    dataset = SFIDataset(data_dir, latent_factor=latent_factor, seed=seed, augment=augment)
+    if reader == "index":
+        return dataset
+    from diffswap_igfi.data.stream import ShardStream
+
+    return ShardStream(data_dir, seed=seed, shuffle_buffer=shuffle_buffer,
+                       transform=dataset.make_sample)

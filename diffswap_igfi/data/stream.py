@@ -74,6 +74,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shards = [(self.data_dir / e["name"], int(e["samples"]))
                        for e in index.get("shards", []) if e["samples"] > 0]
         self.total = sum(n for _, n in self.shards)
+        self.crop_size = int(index["crop_size"])
         if not self.shards:
             raise InputError(f"data folder {self.data_dir} holds no samples: run "
                              f"`diffswap-igfi preprocess IN_DIR DATA_DIR` first")
@@ -83,15 +84,24 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = int(rank), int(world_size)
         self.samples_per_reader = samples_per_reader
         self.transform = transform
-        self.epoch, self.done = 0, 0
+        self.epoch, self.done, self.batches = 0, 0, None
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """This process's place among ``world_size`` (the training loop knows it)."""
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.set_position(epoch, 0)
 
     def set_position(self, epoch: int, done: int) -> None:
-        """Start at ``epoch`` with ``done`` samples of it already given by every reader (use
-        ``reader_position`` for DataLoader workers: call this before iterating)."""
-        self.epoch, self.done = int(epoch), int(done)
+        """Start at ``epoch`` with ``done`` samples of it already given by every reader (call
+        this before iterating)."""
+        self.epoch, self.done, self.batches = int(epoch), int(done), None
+
+    def set_batches_done(self, epoch: int, batches: int, batch_size: int) -> None:
+        """Start at ``epoch`` after a DataLoader of this stream gave ``batches`` batches of
+        ``batch_size``: each worker skips what it gave (``reader_position``)."""
+        self.epoch, self.done, self.batches = int(epoch), 0, (int(batches), int(batch_size))
 
     def reader(self) -> tuple[int, int]:
         """(this reader's number, the number of readers) over processes and workers."""
@@ -121,12 +131,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         reader, readers = self.reader()
         mine, quota = self.shards_of(reader, readers), self.per_reader(readers)
         rng = np.random.default_rng([self.seed, self.epoch, reader])
+        done = self.done
+        if self.batches is not None:
+            info = torch.utils.data.get_worker_info()
+            worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+            done = reader_position(*self.batches, worker, workers)
         given = 0
         for key, fields in self._passes(mine, rng):
             if given >= quota:
                 return
             given += 1
-            if given <= self.done:
+            if given <= done:
                 continue  # resuming: skipped without decoding
             sample = {"__key__": key}
             for field, data in fields.items():

@@ -53,6 +53,8 @@ class RunConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
     num_workers: int = 0
+    data_reader: str = "index"  # index (random access) | stream (data.stream.ShardStream)
+    shuffle_buffer: int = 1000  # samples a streaming reader shuffles through (its memory)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validation_every: int = 500
@@ -202,6 +204,9 @@ def common_checks(config) -> list[tuple[bool, str]]:
          f"train.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}"),
         (0.0 <= e.decay < 1.0, f"ema.decay must be in [0, 1), got {e.decay}"),
         (e.update_every >= 1, f"ema.update_every must be >= 1, got {e.update_every}"),
+        (t.data_reader in ("index", "stream"),
+         f"train.data_reader must be index or stream, got {t.data_reader!r}"),
+        (t.shuffle_buffer >= 1, f"train.shuffle_buffer must be >= 1, got {t.shuffle_buffer}"),
     ]
 
 

@@ -170,19 +170,14 @@ class TrainLoop:
         self.schedule = get_scheduler(o.lr_scheduler, optimizer,
                                       num_warmup_steps=o.lr_warmup_steps,
                                       num_training_steps=t.max_steps)
-        repeat = epoch_repeats(len(dataset), acc.num_processes, t.batch_size,
-                               t.gradient_accumulation_steps)
-        if repeat > 1:
-            dataset.set_repeat(repeat)
-            acc.print(f"data: {len(dataset) // repeat} samples are fewer than one optimizer step "
-                      f"takes ({acc.num_processes} processes x batch {t.batch_size} x "
-                      f"accumulation {t.gradient_accumulation_steps}): every epoch shows each "
-                      f"sample {repeat} times, with its own augmentations")
-        # drop_last: every process gets the same number of full batches (at least one
-        # accumulation cycle per epoch, thanks to the repeats above)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True,
-                                             num_workers=t.num_workers, drop_last=True)
-        model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
+        self.streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+        if self.streaming:
+            loader = self._stream_loader(dataset)
+            model, self.optimizer = acc.prepare(model, optimizer)
+        else:
+            loader = self._index_loader(dataset)
+            model, self.optimizer, loader = acc.prepare(model, optimizer, loader)
+        self.loader = loader
         acc.register_for_checkpointing(self.schedule)
         self.trained_names = self._keep_trained_only(model)
         e = self.ema_config
@@ -203,6 +198,44 @@ class TrainLoop:
         acc.init_trackers(self.project, config=self.hparams)
         return model
 
+    def _index_loader(self, dataset) -> torch.utils.data.DataLoader:
+        """Random access (``SFIDataset``): accelerate shards the sample indices per process."""
+        t, acc = self.train, self.accelerator
+        repeat = epoch_repeats(len(dataset), acc.num_processes, t.batch_size,
+                               t.gradient_accumulation_steps)
+        if repeat > 1:
+            dataset.set_repeat(repeat)
+            acc.print(f"data: {len(dataset) // repeat} samples are fewer than one optimizer step "
+                      f"takes ({acc.num_processes} processes x batch {t.batch_size} x "
+                      f"accumulation {t.gradient_accumulation_steps}): every epoch shows each "
+                      f"sample {repeat} times, with its own augmentations")
+        # drop_last: every process gets the same number of full batches (at least one
+        # accumulation cycle per epoch, thanks to the repeats above)
+        return torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True,
+                                           num_workers=t.num_workers, drop_last=True)
+
+    def _stream_loader(self, stream) -> torch.utils.data.DataLoader:
+        """A ``ShardStream``: every process and worker reads its own shards; the loader is
+        not prepared (accelerate would make every process read everything), batches are
+        moved to the device in ``__iter__``. Every reader gives the same whole number of
+        batches per epoch."""
+        t, acc = self.train, self.accelerator
+        workers = max(1, t.num_workers)
+        readers = acc.num_processes * workers
+        stream.set_shard(acc.process_index, acc.num_processes)
+        stream.shards_of(0, readers)  # fewer shards than readers: refused here, in one line
+        quota = stream.total // readers // t.batch_size * t.batch_size
+        self.stream_batches = workers * quota // t.batch_size  # per process and epoch
+        if self.stream_batches < t.gradient_accumulation_steps:
+            raise ConfigError(
+                f"streaming {stream.total} samples to {readers} readers ({acc.num_processes} "
+                f"processes x {workers} workers) leaves {self.stream_batches} batches of "
+                f"{t.batch_size} per process and epoch, fewer than one optimizer step "
+                f"(accumulation {t.gradient_accumulation_steps}): use train.data_reader: index")
+        stream.samples_per_reader = quota
+        return torch.utils.data.DataLoader(stream, batch_size=t.batch_size,
+                                           num_workers=t.num_workers, drop_last=True)
+
     def _keep_trained_only(self, model: torch.nn.Module) -> set[str]:
         """Checkpoints hold the trained parameters (and buffers), not the frozen ones, which
         the trainer rebuilds from the config. Returns the names of the trained parameters."""
@@ -222,8 +255,9 @@ class TrainLoop:
         from tqdm import tqdm
 
         t, acc = self.train, self.accelerator
-        per_epoch = len(self.loader)  # micro-batches per process and epoch
-        if per_epoch < t.gradient_accumulation_steps:  # setup's repeats rule this out
+        # micro-batches per process and epoch
+        per_epoch = self.stream_batches if self.streaming else len(self.loader)
+        if per_epoch < t.gradient_accumulation_steps:  # setup rules this out
             raise ConfigError(f"an epoch holds {per_epoch} batches per process, fewer than "
                               f"train.gradient_accumulation_steps "
                               f"{t.gradient_accumulation_steps}: lower it")
@@ -235,9 +269,7 @@ class TrainLoop:
         consumed = self.step_count * t.gradient_accumulation_steps
         while self.step_count < t.max_steps:
             epoch, skip = divmod(consumed, per_epoch)
-            self.dataset.set_epoch(epoch)
-            self.loader.set_epoch(epoch)
-            batches = acc.skip_first_batches(self.loader, skip) if skip else self.loader
+            batches = self._epoch(epoch, skip)
             before, yielded = self.step_count, 0
             for batch in batches:
                 seed = noise_seed(t.seed, self.step_count, self._micro, acc.process_index)
@@ -253,6 +285,17 @@ class TrainLoop:
                     f"(accumulation {t.gradient_accumulation_steps}): call loop.step(...) on "
                     f"every batch the loop yields")
         self.bar.close()
+
+    def _epoch(self, epoch: int, skip: int):
+        """The batches of ``epoch`` after the first ``skip`` (a resumed run)."""
+        if self.streaming:
+            from accelerate.utils import send_to_device
+
+            self.dataset.set_batches_done(epoch, skip, self.train.batch_size)
+            return (send_to_device(b, self.accelerator.device) for b in self.loader)
+        self.dataset.set_epoch(epoch)
+        self.loader.set_epoch(epoch)
+        return self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
 
     def step(self, model: torch.nn.Module, batch: dict, seed: torch.Tensor) -> bool:
         """Forward, backward and (every accumulation cycle) an optimizer step with its
