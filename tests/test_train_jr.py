@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from test_train_sfi import ROOT, _records, _train, data_dir, launcher  # noqa: F401 (fixture)
 
 JR_SCRIPT = ROOT / "train" / "train_jr.py"

@@ -86,8 +86,8 @@ def check_deepspeed(train: RunConfig, optim: OptimConfig, environ=os.environ) ->
 
 def build_optimizer(params: list, optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit AdamW (optimizer state 2 bytes/parameter instead of 8)."""
-    kwargs = dict(lr=optim.learning_rate, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                  weight_decay=optim.weight_decay)
+    kwargs = {"lr": optim.learning_rate, "betas": (optim.beta1, optim.beta2), "eps": optim.eps,
+              "weight_decay": optim.weight_decay}
     if optim.optimizer == "adamw_8bit":
         try:
             import bitsandbytes
@@ -187,7 +187,8 @@ class TrainLoop:
             acc.register_for_checkpointing(self.ema)
         checkpoint = resolve_resume(self.run_dir, resume)
         if checkpoint is not None:
-            self.step_count = load_checkpoint(acc, checkpoint, required=self.trained_names)
+            self.step_count = load_checkpoint(acc, checkpoint, required=self.trained_names,
+                                              partial=self.partial_checkpoints)
             wrong = misplaced_state(params, self.optimizer, self.ema)
             if wrong:
                 raise ConfigError(f"resumed state is on the wrong device ({wrong[0]}; "
@@ -246,7 +247,9 @@ class TrainLoop:
             for i, state in enumerate(weights):
                 weights[i] = {k: v for k, v in state.items() if k not in frozen}
 
-        if frozen and not self.deepspeed:
+        # DeepSpeed writes its own checkpoint files, whole
+        self.partial_checkpoints = bool(frozen) and not self.deepspeed
+        if self.partial_checkpoints:
             self.accelerator.register_save_state_pre_hook(drop_frozen)
         return {name for name, p in unwrapped.named_parameters() if p.requires_grad}
 
