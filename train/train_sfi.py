@@ -123,7 +123,7 @@ def validate(loop, pipe, modules, run_dir: Path) -> None:
     target = load_image(sample_path("astronaut")).rgb
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), loop.autocast():  # DeepSpeed holds the UNet in bf16/fp16
             return pipe(source, target, num_inference_steps=10, guidance_scale=1.0,
                         generator=torch.Generator().manual_seed(0), refine=False)
 

@@ -67,10 +67,15 @@ def resolve_mixed_precision(configured: str, environ=os.environ) -> tuple[str, s
                       f"says {configured})")
 
 
+def using_deepspeed(environ=os.environ) -> bool:
+    """Whether ``accelerate launch`` asked for DeepSpeed."""
+    return environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def check_deepspeed(train: RunConfig, optim: OptimConfig, environ=os.environ) -> None:
     """DeepSpeed takes accumulation and clipping from its own config and would silently
     replace ours: refuse when they disagree (leave them out of the accelerate YAML)."""
-    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+    if not using_deepspeed(environ):
         return
     accumulation = environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
     if accumulation.isdigit() and int(accumulation) != train.gradient_accumulation_steps:
@@ -129,7 +134,8 @@ class TrainLoop:
         check_deepspeed(train, optim)
         precision, note = resolve_mixed_precision(train.mixed_precision)
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),  # `--cpu` would silently start one process
+            # `--cpu` would silently start one process; DeepSpeed picks its own (CPU) device
+            cpu=not torch.cuda.is_available() and not using_deepspeed(),
             mixed_precision=precision,
             # cycles of exactly `gradient_accumulation_steps` micro-batches, across epoch ends
             # (accelerate's default would cut a cycle short at the end of every epoch)
@@ -305,7 +311,7 @@ class TrainLoop:
         bookkeeping. Returns True when an optimisation step completed."""
         acc, t = self.accelerator, self.train
         with acc.accumulate(model):
-            with self._cast():
+            with self.autocast():
                 out = model(batch, seed)
             acc.backward(out["loss"])
             if acc.sync_gradients and self.optim.max_grad_norm > 0:
@@ -338,7 +344,7 @@ class TrainLoop:
                             info={"loss": record["loss"]})
         return True
 
-    def _cast(self):
+    def autocast(self):
         """Under DeepSpeed fp16/bf16 the trained modules are cast to that dtype and nothing
         casts their inputs (the frozen VAE and encoders stay fp32): autocast does. Elsewhere
         accelerate's own autocast is already active inside the prepared model."""
