@@ -183,3 +183,69 @@ def test_identity_loss_decodes_in_fp32_under_autocast_when_the_vae_asks(force_up
                                       source_embeds=torch.zeros(1, 512), id_loss=id_loss)
     loss.backward()
     assert seen == [expected] and weight.grad is not None
+
+
+# ------------------------------------------------------------- the loop itself, in-process
+class _Toy(torch.utils.data.Dataset):
+    """3 samples x: [2] float; the TrainLoop dataset protocol."""
+
+    def __init__(self):
+        self.repeat, self.epoch = 1, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def set_repeat(self, times):
+        self.repeat = times
+
+    def __len__(self):
+        return 3 * self.repeat
+
+    def __getitem__(self, i):
+        return {"x": torch.full((2,), float(i % 3))}
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, batch, seed):
+        return {"loss": ((batch["x"] * self.w) ** 2).mean()}
+
+
+@pytest.fixture
+def toy_loop(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from diffswap_igfi.training.config import EMAConfig
+    from diffswap_igfi.training.loop import TrainLoop
+
+    def make(max_steps, accumulation):
+        train = RunConfig(max_steps=max_steps, batch_size=2,
+                          gradient_accumulation_steps=accumulation, checkpoint_every=1000)
+        loop = TrainLoop(tmp_path / f"run{max_steps}", train, OptimConfig(), EMAConfig(),
+                         project="toy")
+        model = _Model()
+        return loop, loop.setup(model, list(model.parameters()), _Toy(), None)
+
+    yield make
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.slow
+def test_accumulation_cycles_span_epochs_and_every_step_is_counted(toy_loop):
+    # 3 samples, batch 2, accumulation 2: repeated twice -> 3 batches per epoch; 5 steps
+    # take 10 micro-batches, a cycle ending in the middle of epochs 1 and 3
+    loop, model = toy_loop(5, 2)
+    micro = sum(1 for batch, seed in loop if loop.step(model, batch, seed) or True)
+    assert loop.dataset.repeat == 2 and len(loop.loader) == 3
+    assert micro == 10 and loop.step_count == 5
+    assert [r["step"] for r in loop.metrics.read()] == [1, 2, 3, 4, 5]
+
+
+def test_an_epoch_without_an_optimizer_step_is_an_error_not_a_spin(toy_loop):
+    loop, model = toy_loop(3, 1)
+    with pytest.raises(ConfigError, match="no optimizer step"):
+        for _batch, _seed in loop:
+            pass  # a trainer that forgot loop.step(...)
