@@ -12,8 +12,9 @@ import torch
 from diffswap_igfi.errors import ConfigError
 from diffswap_igfi.training.config import OptimConfig, RunConfig, SFIConfig, load_config
 from diffswap_igfi.training.ema import EMA
-from diffswap_igfi.training.loop import (check_deepspeed, epoch_repeats, misplaced_state,
-                                         resolve_mixed_precision)
+from diffswap_igfi.training.loop import epoch_repeats
+from diffswap_igfi.training.runtime import (check_deepspeed, misplaced_state,
+                                            resolve_mixed_precision)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,7 +246,7 @@ def test_accumulation_cycles_span_epochs_and_every_step_is_counted(toy_loop):
 
 
 def test_an_epoch_without_an_optimizer_step_is_an_error_not_a_spin(toy_loop):
-    loop, model = toy_loop(3, 1)
+    loop, _model = toy_loop(3, 1)
     with pytest.raises(ConfigError, match="no optimizer step"):
         for _batch, _seed in loop:
             pass  # a trainer that forgot loop.step(...)
