@@ -168,6 +168,9 @@ class JRConfig:
     loss: JRLossConfig = field(default_factory=JRLossConfig)
     sfi_steps: int = 4  # sampling steps of the frozen SFI stage that makes JR's inputs
     augment: dict[str, Any] = field(default_factory=dict)
+    # HEAR-Net's synthetic occlusions: the share of targets that get a pasted occluder (glasses,
+    # hand, hair, microphone, texture patch: data.occluders) which JR must bring back
+    occlusion_p: float = 0.0
 
     def validate(self) -> None:
         checks = [
@@ -178,6 +181,8 @@ class JRConfig:
              "(JRNet and ComponentDictionary support it; the trainer does not feed landmarks); "
              "set it to false"),
             (self.sfi_steps > 0, "sfi_steps must be positive"),
+            (0.0 <= self.occlusion_p <= 1.0,
+             f"occlusion_p must be in [0, 1], got {self.occlusion_p}"),
             (self.train.max_steps > 0 and self.train.batch_size > 1,
              "train.max_steps must be positive and train.batch_size at least 2 (cross swaps)"),
             (self.loss.perceptual_weight == 0 or self.loss.perceptual_weights,
