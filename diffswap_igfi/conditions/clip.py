@@ -160,16 +160,11 @@ class ClipImageEncoder(torch.nn.Module):
         return self
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """images: [B,3,H,W] float in [-1,1] RGB -> [B,3,h,w] normalised at the model's size.
-
-        Differentiable torch version of open_clip's inference transform (resize by the
-        configured mode, centre crop or pad, then the model's mean/std).
-        """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise InputError(f"images must be [B,3,H,W], got {tuple(images.shape)}")
-        x = (images.to(self.mean.dtype) + 1.0) * 0.5
-        x = _resize(x, self.image_size, self.resize_mode, self.interpolation, self.fill_color)
-        return (x - self.mean) / self.std
+        """images: [B,3,H,W] float in [-1,1] RGB -> [B,3,h,w] normalised at the model's size
+        (``clip_preprocess``)."""
+        return clip_preprocess(images, self.image_size, self.mean, self.std,
+                               resize_mode=self.resize_mode, interpolation=self.interpolation,
+                               fill=self.fill_color)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images: [B,3,H,W] float in [-1,1] RGB, any size.
@@ -183,16 +178,54 @@ class ClipImageEncoder(torch.nn.Module):
     forward = encode
 
     @torch.no_grad()
-    def encode_uint8(self, crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """crops: [B,H,W,3] (or one [H,W,3]) uint8 RGB -> (tokens [B,T,D], pooled [B,E])."""
-        crops = np.asarray(crops)
-        if crops.ndim == 3:
-            crops = crops[None]
-        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
-            raise InputError(f"crops must be [B,H,W,3] uint8, got {crops.shape} {crops.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.mean.device)
-        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return self.encode(x)
+    def encode_uint8(self, crops: np.ndarray, mask: np.ndarray | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """crops: [B,H,W,3] (or one [H,W,3]) uint8 RGB; mask: optional [B,H,W] bool, pixels to
+        blank first (``blank_face``) -> (tokens [B,T,D], pooled [B,E])."""
+        return self.encode(uint8_images(crops, mask, self.mean.device))
+
+
+def blank_face(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The crop CLIP is conditioned on, in training and inference alike: the face blanked.
+
+    images: [B,3,S,S] float in [-1,1]; mask: [B,1,S,S] in [0,1] (1 = the face being replaced).
+    Returns images * (1 - mask): the face set to 0 (mid grey), so CLIP sees hair, lighting and
+    background, not the identity being replaced (the model would learn to copy it).
+    """
+    return images * (1 - mask.to(images))
+
+
+def uint8_images(crops: np.ndarray, mask: np.ndarray | None = None,
+                 device=None) -> torch.Tensor:
+    """crops: [B,H,W,3] (or [H,W,3]) uint8 RGB, mask: [B,H,W] bool or None -> [B,3,H,W] float32
+    in [-1,1], masked pixels blanked (``blank_face``)."""
+    crops = np.asarray(crops)
+    if crops.ndim == 3:
+        crops = crops[None]
+    if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
+        raise InputError(f"crops must be [B,H,W,3] uint8, got {crops.shape} {crops.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(crops)).to(device)
+    x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if mask is not None:
+        hard = torch.from_numpy(np.asarray(mask, bool).reshape(len(x), 1, *x.shape[-2:]))
+        x = blank_face(x, hard.to(x.device))
+    return x
+
+
+def clip_preprocess(images: torch.Tensor, size: tuple[int, int], mean: torch.Tensor,
+                    std: torch.Tensor, *, resize_mode: str = "shortest",
+                    interpolation: str = "bicubic", fill: float = 0.0) -> torch.Tensor:
+    """images: [B,3,H,W] float in [-1,1] RGB -> [B,3,*size] normalised CLIP input.
+
+    Differentiable torch version of open_clip's inference transform (resize by ``resize_mode``
+    with antialiasing as PIL does, centre crop or pad, then mean/std [1,3,1,1]); the one
+    preprocessing of every CLIP encoder here.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise InputError(f"images must be [B,3,H,W], got {tuple(images.shape)}")
+    x = (images.to(mean.dtype) + 1.0) * 0.5
+    x = _resize(x, tuple(size), resize_mode, interpolation, fill)
+    return (x - mean.to(x)) / std.to(x)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str, interpolation: str,

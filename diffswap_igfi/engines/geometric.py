@@ -9,12 +9,13 @@ It is also the baseline the diffusion stage is measured against and its optional
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from scipy.spatial import Delaunay
 
+from diffswap_igfi.conditions.source import Source
 from diffswap_igfi.faces import masks, topology
 from diffswap_igfi.faces.blend import (composite, laplacian_blend, match_color, match_shading,
                                        poisson_blend)
@@ -26,6 +27,8 @@ BLENDS = ("laplacian", "poisson", "alpha")
 
 def triangulate(points: np.ndarray) -> np.ndarray:
     """Delaunay triangles of the mesh vertices. points: [478,2]. Returns [T,3] int indices."""
+    from scipy.spatial import Delaunay  # scipy.spatial is slow to import; only swaps need it
+
     return Delaunay(points[: topology.NUM_MESH_POINTS].astype(np.float64)).simplices
 
 
@@ -184,6 +187,17 @@ class GeometricSwapper:
         full_alpha = np.zeros(target.shape[:2], np.float32)
         full_alpha[y0:y1, x0:x1] = alpha
         return out, full_alpha
+
+    def swap_pairs(self, target: np.ndarray, pairs: Sequence[tuple[FaceRecord, Source]]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """The engine contract (``engines.base.SwapEngine``): each target face with its own
+        source. Returns (image, union alpha) as swap_one."""
+        image = target
+        alpha = np.zeros(target.shape[:2], np.float32)
+        for face, source in pairs:
+            image, a = self.swap_one(image, face, source.image.rgb, source.face)
+            alpha = np.maximum(alpha, a)
+        return image, alpha
 
     def swap(self, target: np.ndarray, target_faces: list[FaceRecord], source: np.ndarray,
              source_face: FaceRecord) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
+from diffswap_igfi.conditions.clip import clip_preprocess, uint8_images
 from diffswap_igfi.conditions.identity import arcface_crop
+from diffswap_igfi.faces.align import align_face
+from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.conditions.iresnet import ARCHS, IResNet, load_iresnet
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,6 +50,13 @@ class ArcFaceEncoderModel(ModelMixin, ConfigMixin):
         """images: [B,3,H,W] in [-1,1]; kps: [B,5,2] pixels -> [B,512] (differentiable)."""
         return self(arcface_crop(images, kps, size=self.config.input_size))
 
+    @torch.no_grad()
+    def embed(self, rgb: np.ndarray, face: FaceRecord) -> np.ndarray:
+        """rgb: [H,W,3] uint8 photo; face: a face in it -> [512] float32 unit norm (the
+        ConditionBuilder's identity interface)."""
+        crop = align_face(rgb, face.kps, self.config.input_size, "arcface").crop
+        return self(to_tensor(crop[None], self.device, self.dtype))[0].float().cpu().numpy()
+
     @classmethod
     def from_iresnet_file(cls, path, arch: str = "r50") -> ArcFaceEncoderModel:
         """From an arcface_torch state dict (``backbone.pth`` or safetensors)."""
@@ -76,12 +86,17 @@ class ClipVisionEncoderModel(ModelMixin, ConfigMixin):
         return int(self.visual.conv1.out_channels)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        size = tuple(int(s) for s in self.visual.image_size)
-        x = (images + 1.0) * 0.5
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
-        pooled, tokens = self.visual((x - self.mean.to(x)) / self.std.to(x))
+        x = clip_preprocess(images, tuple(int(s) for s in self.visual.image_size), self.mean,
+                            self.std)
+        pooled, tokens = self.visual(x.to(self.mean.dtype))
         return tokens, pooled
+
+    @torch.no_grad()
+    def encode_uint8(self, crops: np.ndarray, mask: np.ndarray | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """crops: [B,S,S,3] uint8; mask: [B,S,S] bool pixels to blank first, or None
+        -> (tokens [B,T,D], pooled [B,E]); the ConditionBuilder's CLIP interface."""
+        return self(uint8_images(crops, mask, self.mean.device).to(self.dtype))
 
     @classmethod
     def from_open_clip(cls, model_name: str, pretrained) -> ClipVisionEncoderModel:
