@@ -21,7 +21,7 @@ from diffswap_igfi.jr import (COMPONENTS, ComponentDictionary, ComponentEncoder,
                               r1_penalty, reconstruction_loss, run_build_dictionaries)
 from diffswap_igfi.jr.network import crop_patches, paste_patches
 from diffswap_igfi.sfi.encoders import ArcFaceEncoderModel
-from diffswap_igfi.sfi.losses import IdentityLoss, PerceptualLoss
+from diffswap_igfi.losses import IdentityLoss, PerceptualLoss
 
 TINY = dict(base_channels=8, num_res_blocks=2, attr_dim=16, style_hidden=32)
 PATCHES = {name: 16 for name in COMPONENTS}

@@ -16,8 +16,8 @@ from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
 from diffswap_igfi.sfi.build import tiny_vae
 from diffswap_igfi.sfi.encoders import ArcFaceEncoderModel, to_tensor
-from diffswap_igfi.sfi.losses import (IdentityLoss, PerceptualLoss, diffusion_loss,
-                                      diffusion_target, midpoint_estimate,
+from diffswap_igfi.losses import IdentityLoss, PerceptualLoss
+from diffswap_igfi.sfi.losses import (diffusion_loss, diffusion_target, midpoint_estimate,
                                       midpoint_identity_loss, predicted_eps, predicted_x0)
 from diffswap_igfi.sfi.unet import tiny_sfi_unet
 
