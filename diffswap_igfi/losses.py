@@ -26,7 +26,7 @@ def _crop_size(encoder: nn.Module) -> int:
 class IdentityLoss(nn.Module):
     """1 - cos(ArcFace(image), source) on faces in generated images.
 
-    encoder: [B,3,S,S] in [-1,1] -> [B,512] unit norm (``ArcFaceEncoderModel``, ``TorchArcFace``);
+    encoder: [B,3,S,S] in [-1,1] -> [B,512] unit norm (``ArcFaceEncoderModel``);
     it is frozen here (no parameter requires grad, eval mode kept) but stays differentiable with
     respect to its input. The crop is ``arcface_crop`` at the encoder's input size S (112).
     """

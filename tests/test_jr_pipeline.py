@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from diffswap_igfi.conditions.source import Source
+from diffswap_igfi.conditions.tensors import to_tensor
 from diffswap_igfi.jr.network import JRNet
 from diffswap_igfi.sfi.build import tiny_pipeline
-from diffswap_igfi.sfi.encoders import to_tensor
 from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
+from diffswap_igfi.conditions.tensors import to_tensor
 from diffswap_igfi.jr.losses import (JRGeneratorLoss, PatchDiscriminator, discriminator_loss,
                                      r1_penalty)
 from diffswap_igfi.jr.network import JRNet
-from diffswap_igfi.sfi.encoders import to_tensor
 from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
 from diffswap_igfi.training.config import JRConfig
 

@@ -20,14 +20,15 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 
 from diffswap_igfi.conditions.builder import ConditionBuilder, SwapConditions
+from diffswap_igfi.conditions.clip import ClipVisionEncoderModel
+from diffswap_igfi.conditions.identity import ArcFaceEncoderModel
 from diffswap_igfi.conditions.projectors import ClipTokenProjector, IdentityTokenProjector
 from diffswap_igfi.conditions.source import Source
+from diffswap_igfi.conditions.tensors import to_tensor, to_uint8
 from diffswap_igfi.faces.blend import composite
 from diffswap_igfi.faces.paste import paste_back
 from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.sfi.conditioning import UNetConditions, encode_crops
-from diffswap_igfi.sfi.encoders import (ArcFaceEncoderModel, ClipVisionEncoderModel, to_tensor,
-                                        to_uint8)
 from diffswap_igfi.sfi.sampling import (guided, id_mix_processors, masked_sample,
                                         warm_start_timesteps)
 
