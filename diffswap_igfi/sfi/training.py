@@ -3,7 +3,6 @@ losses of one batch. ``train/train_sfi.py`` wires these into an accelerate loop.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,10 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from diffswap_igfi.conditions.source import Source
-from diffswap_igfi.faces.record import FaceRecord
-from diffswap_igfi.io.images import LoadedImage, load_image
-from diffswap_igfi.io.samples import sample_path
+from diffswap_igfi.data.validation import validation_pair
 from diffswap_igfi.sfi.conditioning import UNetConditions, encode_crops
 from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
 from diffswap_igfi.training.config import SFIConfig
@@ -29,9 +25,9 @@ def build_sfi_pipeline(config: SFIConfig) -> DiffSwapIGFIPipeline:
 
         pipe = tiny_pipeline(seed=config.train.seed, crop_size=m.crop_size)
         if m.arcface:
-            from diffswap_igfi.sfi.encoders import ArcFaceEncoderModel
+            from diffswap_igfi.conditions.identity import ArcFaceEncoderModel
 
-            pipe.identity_encoder = ArcFaceEncoderModel.from_iresnet_file(m.arcface,
+            pipe.identity_encoder = ArcFaceEncoderModel.from_file(m.arcface,
                                                                           m.arcface_arch)
     elif m.kind == "sd_inpaint":
         from diffswap_igfi.sfi.build import pipeline_from_sd_inpaint
@@ -165,24 +161,11 @@ class SFITrainable(torch.nn.Module):
         return rows[:keep]
 
 
-@functools.cache
-def validation_pair() -> tuple[Source, LoadedImage, FaceRecord]:
-    """The pair every validation samples: Grace Hopper's identity on the astronaut (photos that
-    ship with our dependencies), detected once per process; the records then keep their cached
-    conditions (identity, CLIP tokens of the frozen encoders) across validations."""
-    from diffswap_igfi.faces.detect import FaceDetector, pick_source_face
-
-    source, target = load_image(sample_path("grace_hopper")), load_image(sample_path("astronaut"))
-    with FaceDetector() as detector:
-        source_face = pick_source_face(detector.detect(source.rgb), what="grace_hopper")
-        target_face = pick_source_face(detector.detect(target.rgb), what="astronaut")
-    return Source(source, source_face), target, target_face
-
-
 @torch.no_grad()
 def validation_grid(pipe: DiffSwapIGFIPipeline, steps: int = 10) -> np.ndarray:
-    """One row source crop | target crop | swap ([S,3S,3] uint8) of ``validation_pair``, sampled
-    with a fixed seed, no guidance and no refiner."""
+    """One row source crop | target crop | swap ([S,3S,3] uint8) of
+    ``data.validation.validation_pair``, sampled with a fixed seed, no guidance and no
+    refiner."""
     source, target, face = validation_pair()
     pipe.set_progress_bar_config(disable=True)
     out = pipe(target.rgb, [(face, source)], num_inference_steps=steps, guidance_scale=1.0,
