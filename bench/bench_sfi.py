@@ -19,13 +19,14 @@ import time
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 
+from diffswap_igfi.conditions.clip import ClipVisionEncoderModel
+from diffswap_igfi.conditions.identity import ArcFaceEncoderModel
 from diffswap_igfi.conditions.projectors import ClipTokenProjector, IdentityTokenProjector
 from diffswap_igfi.conditions.source import Source
 from diffswap_igfi.faces.detect import FaceDetector
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
 from diffswap_igfi.sfi.build import tiny_pipeline
-from diffswap_igfi.sfi.encoders import ArcFaceEncoderModel, ClipVisionEncoderModel
 from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
 from diffswap_igfi.sfi.unet import sd15_geometry_unet
 
