@@ -1,8 +1,8 @@
-"""Command line: ``diffswap-igfi swap | verify | conditions | preprocess | eval | samples |
-demo | build-dictionaries``.
+"""Command line: ``diffswap-igfi swap | verify | keys | conditions | preprocess | eval | samples |
+demo | build-dictionaries | ui``.
 
-Errors from the library are DiffSwapErrors; they print as one ``error:`` line on stderr with a
-non-zero exit. ``--debug`` shows the traceback instead.
+Every failure prints one ``error:`` line on stderr (usage text only with ``--help``) and exits
+with a documented code (EXIT_CODES); ``--debug`` adds the traceback and keeps the code.
 """
 
 from __future__ import annotations
@@ -16,19 +16,56 @@ from pathlib import Path
 from diffswap_igfi import __version__
 from diffswap_igfi.errors import DiffSwapError, InputError, OutputError
 
+# The exit codes, as documented in README.md.
+EXIT_OK, EXIT_NOT_MARKED, EXIT_BAD_INPUT, EXIT_OUTPUT_REFUSED, EXIT_MISSING_MODEL = 0, 1, 2, 3, 4
+EXIT_BATCH_FAILURES, EXIT_INTERNAL, EXIT_INTERRUPTED = 5, 70, 130
+
 RESPONSIBLE_USE = ("Swap only faces of people who consented. Every image written is marked as "
                    "synthetic (metadata and an invisible watermark).")
 
 
+class UsageError(Exception):
+    """A command line argparse rejects: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage block only with --help) and no abbreviated
+    options (so an option's presence can be checked, see ``_given_options``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # argparse calls this for every bad command line
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
 
 
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from {low} to {high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="diffswap-igfi",
         description="Identity-guided face swapping. " + RESPONSIBLE_USE)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -87,13 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="overwrite an existing output (never an input)")
     swap.add_argument("--max-pixels", type=_positive_int, default=40_000_000,
                       help="refuse images with more pixels than this (default: 40000000)")
-    swap.add_argument("--jpeg-quality", type=int, default=95, choices=range(1, 101),
-                      metavar="1-100", help="quality of JPEG/WebP outputs (default: 95)")
+    swap.add_argument("--jpeg-quality", type=_int_in(1, 100), default=95, metavar="1-100",
+                      help="quality of JPEG/WebP outputs (default: 95)")
     swap.add_argument("--quiet", action="store_true", help="no progress bar")
+    swap.add_argument("--c2pa-cert", metavar="PEM", help="sign the C2PA manifest with this "
+                      "certificate chain (with --c2pa-key; default: the local keys)")
+    swap.add_argument("--c2pa-key", metavar="PEM", help="the private key of --c2pa-cert")
+    from diffswap_igfi.video.arguments import add_video_arguments
 
-    verify = sub.add_parser("verify", help="report provenance marks in image(s)")
-    verify.add_argument("images", nargs="+", metavar="IMAGE")
+    add_video_arguments(swap)
+
+    verify = sub.add_parser("verify", help="report provenance marks in image(s) and video(s)")
+    verify.add_argument("images", nargs="+", metavar="FILE", help="images or videos")
     verify.add_argument("--json", action="store_true", help="print JSON")
+    from diffswap_igfi.provenance.keys import add_keys_arguments
+
+    add_keys_arguments(sub.add_parser("keys", help="C2PA signing keys (keys init | keys show)"))
 
     cond = sub.add_parser(
         "conditions", help="compute the SFI conditions of a pair and draw them",
@@ -153,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("dir", nargs="?", metavar="DIR", help="folder to copy them into")
     samples.add_argument("--force", action="store_true", help="overwrite existing copies")
 
+    ui = sub.add_parser("ui", help="start the web UI (local only by default)",
+                        description="A Gradio web UI with /swap_image and /verify API "
+                                    "endpoints. " + RESPONSIBLE_USE)
+    from diffswap_igfi.ui.server import add_ui_arguments
+
+    add_ui_arguments(ui)
+
     demo = sub.add_parser("demo", help="swap two photos that ship with our dependencies")
     demo.add_argument("-o", "--output", default="demo", metavar="DIR",
                       help="folder for the results (default: ./demo)")
@@ -178,18 +231,76 @@ def _engine_options(args: argparse.Namespace, mix_sources=()):
                          progress=not args.quiet)
 
 
-def _engine(args: argparse.Namespace, swapper):
+def _engine(args: argparse.Namespace, swapper=None):
     """The swap engine the options ask for (diffusion when a checkpoint is given); --mix-source
     photos become Sources through the swapper's detector (so --source-face-index applies)."""
     from diffswap_igfi.engines.factory import build_engine
 
+    if args.mix_source and swapper is None:  # the video front end opens its swapper later
+        from diffswap_igfi.swapper import Swapper
+
+        with Swapper() as own:
+            return _engine(args, own)
     mix = [swapper.source(_load(p, args.max_pixels), args.source_face_index)
            for p in args.mix_source or []]
     return build_engine(_engine_options(args, mix))
 
 
+# Options that only mean something in one mode: (option, dest, needs, why). ``needs`` is a test
+# on the parsed arguments; a given option whose test fails is refused, never silently ignored.
+def _diffusion(args: argparse.Namespace) -> bool:
+    return (args.engine or ("diffusion" if args.checkpoint else "geometric")) == "diffusion"
+
+
+_MODE_OPTIONS = [
+    ("--face-index", "face_index", lambda a: a.face_selector == "index",
+     "it picks the face for --face-selector index"),
+    ("--reference-face", "reference_face", lambda a: a.face_selector == "reference",
+     "it is the person to find with --face-selector reference"),
+    ("--reference-distance", "reference_distance", lambda a: a.face_selector == "reference",
+     "it is the match threshold of --face-selector reference"),
+    ("--checkpoint", "checkpoint", _diffusion, "it is the model of --engine diffusion"),
+    ("--steps", "steps", _diffusion, "the geometric engine does not sample (use --engine diffusion)"),
+    ("--guidance", "guidance", _diffusion, "it is a diffusion option (use --engine diffusion)"),
+    ("--seed", "seed", _diffusion, "the geometric engine is deterministic (use --engine diffusion)"),
+    ("--device", "device", _diffusion, "the geometric engine runs on the CPU (use --engine diffusion)"),
+    ("--warm-start", "warm_start", _diffusion, "it is a diffusion option (use --engine diffusion)"),
+    ("--no-refine", "no_refine", _diffusion, "it is a diffusion option (use --engine diffusion)"),
+    ("--mix-source", "mix_source", _diffusion, "it is a diffusion option (use --engine diffusion)"),
+    ("--mix-mode", "mix_mode", lambda a: bool(a.mix_source),
+     "it says how to mix the identity of --mix-source"),
+    ("--mix-weight", "mix_weight", lambda a: bool(a.mix_source) and a.mix_mode == "weighted",
+     "it weights the identities with --mix-source and --mix-mode weighted"),
+    ("--blend", "blend", lambda a: not _diffusion(a) or a.warm_start is not None,
+     "the diffusion engine blends only the geometric swap of --warm-start"),
+]
+
+
+def refuse_unused_options(args: argparse.Namespace) -> None:
+    """Raise InputError for an option the user gave that has no effect in the chosen mode."""
+    given = getattr(args, "given", set())
+    for option, dest, needs, why in _MODE_OPTIONS:
+        if dest in given and not needs(args):
+            raise InputError(f"{option} has no effect here: {why}")
+
+
+def _given_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   argv: Sequence[str]) -> set[str]:
+    """The dests of the options written on the command line (abbreviations are off, so an
+    option is given exactly when one of its strings appears as a token or as ``--opt=...``)."""
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps them only here
+    sub = commands.get(getattr(args, "command", None))
+    if sub is None:
+        return set()
+    tokens = {tok.split("=", 1)[0] for tok in argv if tok.startswith("-")}
+    return {action.dest for action in sub._actions
+            if any(s in tokens for s in action.option_strings)}
+
+
 def cmd_swap(args: argparse.Namespace) -> int:
     from tqdm import tqdm
+
+    refuse_unused_options(args)
 
     from diffswap_igfi.io.images import check_output_path, list_images
     from diffswap_igfi.io.samples import resolve_input_path
@@ -198,6 +309,14 @@ def cmd_swap(args: argparse.Namespace) -> int:
     if args.face_selector == "reference" and not args.reference_face:
         raise InputError("--face-selector reference needs --reference-face PATH")
     target_path = resolve_input_path(args.target)
+    from diffswap_igfi.video.arguments import is_video_target, refuse_video_options
+
+    if is_video_target(target_path):  # a video or a folder of videos: video/command.py
+        from diffswap_igfi.video.command import run_video_swap
+
+        failed = run_video_swap(args, _engine(args), target_path)
+        return EXIT_BATCH_FAILURES if failed else EXIT_OK
+    refuse_video_options(args)
     output = Path(args.output).expanduser()
     source_paths = [resolve_input_path(s) for s in args.source]
     batch = target_path.is_dir()
@@ -233,7 +352,8 @@ def cmd_swap(args: argparse.Namespace) -> int:
                 if batch:
                     check_output_path(out_file, inputs, force=args.force)
                 result = swap_file(swapper, sources, target_file, out_file, selection=selection,
-                                   jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels)
+                                   jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels,
+                                   c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key)
             except DiffSwapError as err:
                 if not batch:
                     raise
@@ -246,14 +366,14 @@ def cmd_swap(args: argparse.Namespace) -> int:
         for line in failures:
             print(f"error: {line}", file=sys.stderr)
         print(f"wrote {done} of {len(jobs)} photo(s) to {output}")
-        return 1 if failures else 0
-    return 0
+        return EXIT_BATCH_FAILURES if failures else EXIT_OK
+    return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from diffswap_igfi.provenance.verify import verify_image
+    from diffswap_igfi.provenance.verify import verify_files
 
-    reports = [verify_image(Path(p).expanduser()) for p in args.images]
+    reports = verify_files([Path(p).expanduser() for p in args.images])
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     else:
@@ -360,6 +480,12 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     return run_preprocess(args)
 
 
+def _run_keys(args: argparse.Namespace) -> int:
+    from diffswap_igfi.provenance.keys import run_keys
+
+    return run_keys(args)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from diffswap_igfi.eval.run import run_eval
 
@@ -370,6 +496,12 @@ def _run_build_dictionaries(args: argparse.Namespace) -> int:
     from diffswap_igfi.jr.dictionary import run_build_dictionaries
 
     return run_build_dictionaries(args)
+
+
+def _run_ui(args: argparse.Namespace) -> int:
+    from diffswap_igfi.ui.server import run_ui
+
+    return run_ui(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -388,28 +520,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    args.given = _given_options(parser, args, argv)
     handlers = {"swap": cmd_swap, "verify": cmd_verify, "demo": cmd_demo,
                 "conditions": cmd_conditions, "samples": cmd_samples,
                 "preprocess": _run_preprocess, "eval": _run_eval,
-                "build-dictionaries": _run_build_dictionaries}
+                "build-dictionaries": _run_build_dictionaries, "ui": _run_ui,
+                "keys": _run_keys}
     try:
         return handlers[args.command](args)
     except DiffSwapError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return _fail(args, str(err), err.exit_code)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return _fail(args, "interrupted", EXIT_INTERRUPTED)
     except Exception as err:  # a bug, not bad input: still one line unless --debug
-        if args.debug:
-            raise
         message = str(err).splitlines()[0] if str(err) else ""
-        print(f"error: internal error ({type(err).__name__}: {message}): rerun with --debug "
-              f"and report it", file=sys.stderr)
-        return 70
+        return _fail(args, f"internal error ({type(err).__name__}: {message}): rerun with "
+                           f"--debug and report it", EXIT_INTERNAL)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """One ``error:`` line with the documented code; ``--debug`` prints the traceback first."""
+    if args.debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@ from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _provenance_config_dir(tmp_path_factory):
+    """Signing keys made by tests go to a temporary folder, never the user's real config."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIFFSWAP_IGFI_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def detector():
     with FaceDetector() as det:

@@ -1,7 +1,9 @@
 """Identity adapter on a stock diffusers inpainting pipeline, and LoRA through peft.
 
 Everything runs on a tiny SD-inpainting folder built locally (tests/tiny_models.py); nothing is
-downloaded. Output comparisons are exact.
+downloaded. Output comparisons are exact where exactness holds by construction (the same call
+twice, scale 0 handing the call to the stock processor, a zero LoRA term); where two different
+computations are compared they use tests/tolerances.py.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from diffswap_igfi.adapters.lora import (CONFIG_NAME, WEIGHTS_NAME, add_lora, lo
                                          lora_parameters, save_lora)
 from diffswap_igfi.errors import ConfigError, InputError, ModelNotFoundError
 from tiny_models import make_tiny_pipeline, make_tiny_sd_inpaint_folder, tiny_inpaint_inputs
+from tolerances import assert_same_maths, clearly_different
 
 SMALL = {"projector_hidden_dim": 32, "projector_depth": 1, "projector_heads": 4}
 
@@ -139,30 +142,35 @@ def test_cfg_unconditional_half_gets_null_tokens(sd_folder):
     attach_identity_adapter(unet, adapter)
     with identity_embedding(unet, embedding(3), guidance=True):
         out = unet_out(unet, doubled)
-    # null tokens start at zero: zero identity keys/values add exactly nothing to the uncond half
-    assert torch.equal(out[0], stock[0]) and not torch.equal(out[1], stock[1])
+    # null tokens start at zero: zero identity keys/values add nothing to the uncond half (our
+    # processor's text path vs diffusers': the same maths, compared with a tolerance)
+    assert_same_maths(out[0], stock[0])
+    assert clearly_different(out[1], stock[1])
     with identity_embedding(unet, embedding(3)):  # no guidance: both rows conditional
         both = unet_out(unet, doubled)
-    assert torch.equal(both[0], both[1]) and torch.equal(both[1], out[1])
+    assert_same_maths(both[0], both[1])
+    assert_same_maths(both[1], out[1])
     pair = torch.cat([embedding(4), embedding(3)])
     with identity_embedding(unet, pair):
         kept = unet_out(unet, doubled)
     with identity_embedding(unet, pair, drop=torch.tensor([True, False])):
         dropped = unet_out(unet, doubled)  # condition dropout: row 0 gets the null tokens
-    assert torch.equal(dropped[0], stock[0]) and torch.equal(dropped[1], kept[1])
-    assert not torch.equal(kept[0], stock[0])
+    assert_same_maths(dropped[0], stock[0])
+    assert_same_maths(dropped[1], kept[1])
+    assert clearly_different(kept[0], stock[0])
     with torch.no_grad():
         adapter.projector.null_tokens.normal_()
     with identity_embedding(unet, embedding(3), guidance=True):
         learned = unet_out(unet, doubled)
-    assert not torch.equal(learned[0], stock[0]) and torch.equal(learned[1], out[1])
+    assert clearly_different(learned[0], stock[0])
+    assert_same_maths(learned[1], out[1])
 
 
 def test_zero_init_adapter_is_exact_no_op(pipe):
     stock = generate(pipe)
     attach_identity_adapter(pipe, IdentityAdapter.for_unet(pipe.unet, init="zero", **SMALL))
-    with identity_embedding(pipe, embedding(1)):
-        assert np.array_equal(generate(pipe), stock)
+    with identity_embedding(pipe, embedding(1)):  # our processor with zero identity values
+        assert_same_maths(generate(pipe), stock)
 
 
 def test_adapter_save_load_round_trip(pipe, tmp_path):
@@ -180,7 +188,8 @@ def test_adapter_save_load_round_trip(pipe, tmp_path):
         with identity_embedding(pipe, embedding(5)):
             outputs.append(generate(pipe))
         detach_identity_adapter(pipe)
-    assert np.array_equal(outputs[0], outputs[1])
+    assert_same_maths(outputs[0], outputs[1])  # equal weights; a reloaded model's memory layout
+    # may pick other kernels
 
 
 def test_adapter_errors(pipe):
@@ -228,7 +237,7 @@ def test_lora_add_perturb_save_load(sd_folder, tmp_path):
         for p in params:
             p.normal_(std=0.05)
     tuned = unet_out(unet, inputs)
-    assert not torch.equal(tuned, base)
+    assert clearly_different(tuned, base)
 
     folder = save_lora(unet, tmp_path / "lora")
     tensors = safetensors.torch.load_file(folder / WEIGHTS_NAME)
@@ -238,7 +247,7 @@ def test_lora_add_perturb_save_load(sd_folder, tmp_path):
 
     fresh = UNet2DConditionModel.from_pretrained(sd_folder / "unet")
     load_lora(fresh, folder)
-    assert torch.equal(unet_out(fresh, inputs), tuned)
+    assert_same_maths(unet_out(fresh, inputs), tuned)  # reloaded weights: other memory layout
 
 
 def test_lora_file_loads_in_stock_diffusers(sd_folder, tmp_path):
@@ -251,7 +260,7 @@ def test_lora_file_loads_in_stock_diffusers(sd_folder, tmp_path):
     save_lora(unet, tmp_path / "lora")
     stock = make_tiny_pipeline(sd_folder)
     stock.load_lora_weights(tmp_path / "lora")
-    assert torch.equal(unet_out(stock.unet, inputs), unet_out(unet, inputs))
+    assert_same_maths(unet_out(stock.unet, inputs), unet_out(unet, inputs))  # diffusers' LoRA path
 
 
 def test_lora_errors(sd_folder, tmp_path):

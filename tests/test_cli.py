@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import assert_one_line, file_bytes
-from diffswap_igfi.cli import main
+from diffswap_igfi.cli import EXIT_BATCH_FAILURES, main
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
 from diffswap_igfi.provenance.verify import verify_image
@@ -120,7 +120,7 @@ def test_batch_writes_what_it_can_and_lists_what_failed(workdir, capsys):
     out = workdir / "results"
     code = main(["swap", "-s", "sample:grace_hopper", "-t", str(targets), "-o", str(out)])
     captured = capsys.readouterr()
-    assert code == 1
+    assert code == EXIT_BATCH_FAILURES == 5
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.jpg"]
     errors = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "c.jpg" in errors[0]

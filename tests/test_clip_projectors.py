@@ -14,6 +14,7 @@ from diffswap_igfi.conditions.clip import ClipImageEncoder, register_local_confi
 from diffswap_igfi.conditions.projectors import ClipTokenProjector, IdentityTokenProjector
 from diffswap_igfi.errors import ConfigError, InputError, ModelNotFoundError
 from diffswap_igfi.faces.align import align_face
+from tolerances import assert_same_maths
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -208,9 +209,9 @@ def test_projector_save_and_load_round_trip(kind, tmp_path):
 
     assert public(loaded.config) == public(proj.config)
     drop = torch.tensor([False, True, False, False, True])
-    assert torch.equal(loaded(x), proj(x))
-    assert torch.equal(loaded(x, drop), proj(x, drop))
-    assert torch.equal(loaded.null(2), proj.null(2))
+    assert_same_maths(loaded(x), proj(x))  # reloaded weights: kernels may round differently on another memory layout
+    assert_same_maths(loaded(x, drop), proj(x, drop))
+    assert torch.equal(loaded.null(2), proj.null(2))  # copied parameters
 
 
 @pytest.mark.parametrize("kind", ["identity", "clip"])

@@ -22,6 +22,7 @@ from diffswap_igfi.jr import (COMPONENTS, ComponentDictionary, ComponentEncoder,
                               r1_penalty, reconstruction_loss, run_build_dictionaries)
 from diffswap_igfi.jr.network import crop_patches, paste_patches
 from diffswap_igfi.losses import IdentityLoss, PerceptualLoss
+from tolerances import assert_same_maths
 
 TINY = dict(base_channels=8, num_res_blocks=2, attr_dim=16, style_hidden=32)
 PATCHES = {name: 16 for name in COMPONENTS}
@@ -104,7 +105,8 @@ def test_jr_save_load_round_trip_with_dictionary(tmp_path, dictionary, faces):
     with torch.no_grad():
         a = net(*args)
         b = loaded(*args[:-1], dict_loaded)
-    assert a.shape == (2, 3, 128, 128) and torch.equal(a, b)
+    assert a.shape == (2, 3, 128, 128)
+    assert_same_maths(a, b)  # reloaded weights: kernels may round differently on another memory layout
 
 
 def test_identity_and_attributes_steer_the_output():
@@ -334,7 +336,7 @@ def test_adversarial_losses_and_r1(tmp_path):
     penalty.backward()  # every weight gets a gradient (the last bias cannot: D' ignores it)
     assert all(p.grad.abs().sum() > 0 for n, p in disc.named_parameters() if "weight" in n)
     disc.save_pretrained(tmp_path / "d")
-    assert torch.equal(PatchDiscriminator.from_pretrained(tmp_path / "d")(real), disc(real))
+    assert_same_maths(PatchDiscriminator.from_pretrained(tmp_path / "d")(real), disc(real))
 
 
 def test_generator_loss_combines_the_terms(faces, tmp_path):

@@ -247,8 +247,11 @@ def test_verify_reports_both_markers_after_jpeg75(tmp_path, marked):
     report = verify_image(path)
     assert report.synthetic and report.watermark.found and report.metadata.synthetic
     lines = report.lines()
-    assert "SYNTHETIC" in lines[0] and "compositeWithTrainedAlgorithmicMedia" in lines[1]
-    assert lines[2].startswith("  watermark: found")
+    assert "SYNTHETIC" in lines[0]
+    assert "  C2PA manifest: none" in lines  # written by PIL here, not by the tool
+    assert any(ln.startswith("  metadata: synthetic, compositeWithTrainedAlgorithmicMedia")
+               for ln in lines)
+    assert any(ln.startswith("  block watermark: found") for ln in lines)
     data = json.loads(json.dumps(report.to_dict()))
     assert data["synthetic"] is True and data["watermark"]["found"] is True
 

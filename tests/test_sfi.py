@@ -16,6 +16,7 @@ from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline, IdMix
 from diffswap_igfi.sfi.sampling import (is_coarse, keep_unmasked, latent_mask, masked_sample,
                                         warm_start_timesteps)
 from diffswap_igfi.sfi.unet import expand_input_channels, sfi_in_channels, tiny_sfi_unet
+from tolerances import assert_same_image, assert_same_maths
 
 SCHEDULERS = [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler]
 
@@ -120,7 +121,8 @@ def test_save_and_load_give_the_identical_image(pipe, photos, faces, tmp_path):
     loaded = DiffSwapIGFIPipeline.from_pretrained(tmp_path / "ckpt")
     loaded.set_progress_bar_config(disable=True)
     after = _run(loaded, photos, faces)
-    assert np.array_equal(before.images[0], after.images[0])
+    # the same weights, reloaded: kernels may round differently on a reloaded model's memory
+    assert_same_image(before.images[0], after.images[0])
     assert loaded.config.crop_size == 64
 
 
@@ -194,7 +196,8 @@ def test_new_geometry_channels_start_at_zero():
     with torch.no_grad():
         a = base(x, 10, encoder_hidden_states=ctx).sample
         b = wide(torch.cat([x, geometry], 1), 10, encoder_hidden_states=ctx).sample
-    assert torch.equal(a, b)
+    # zero weights on the new channels: a 16- vs a 9-channel convolution, equal up to rounding
+    assert_same_maths(a, b, atol=1e-5)
 
 
 def test_cli_swaps_through_a_checkpoint_folder(pipe, tmp_path, capsys):
@@ -220,7 +223,7 @@ def test_cli_swaps_through_a_checkpoint_folder(pipe, tmp_path, capsys):
 @pytest.mark.parametrize("args,expected", [
     (["--engine", "diffusion"], "needs a checkpoint"),
     (["--checkpoint", "no-such-folder"], "not a DiffSwapIGFIPipeline folder"),
-    (["--engine", "geometric", "--mix-source", "sample:tom_hanks"], "need --engine diffusion"),
+    (["--engine", "geometric", "--mix-source", "sample:tom_hanks"], "--mix-source has no effect"),
 ])
 def test_cli_diffusion_errors_say_what_to_do(tmp_path, capsys, args, expected):
     from diffswap_igfi.cli import main
@@ -247,6 +250,6 @@ def test_sfi_unet_from_a_local_sd_inpainting_folder(tmp_path):
     with torch.no_grad():
         a = base(x, 10, encoder_hidden_states=ctx).sample
         b = wide(torch.cat([x, torch.rand(1, 7, 8, 8)], 1), 10, encoder_hidden_states=ctx).sample
-    assert torch.equal(a, b)  # new geometry channels start at zero
+    assert_same_maths(a, b, atol=1e-5)  # new geometry channels start at zero (16 vs 9 channels)
     with pytest.raises(ModelNotFoundError, match="inpainting UNet"):
         sfi_unet_from_sd_inpaint(tmp_path / "nothing")

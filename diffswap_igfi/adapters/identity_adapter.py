@@ -176,19 +176,27 @@ def _broadcast(tokens: torch.Tensor, rows: int) -> torch.Tensor:
 class IdentityAttnProcessor:
     """Decoupled cross-attention: text attention + scale * identity attention (torch SDPA).
 
-    The text path is diffusers' ``AttnProcessor2_0`` step for step, so with no identity tokens
-    (or scale 0) the output is bit-identical to the stock processor's.
+    With no identity tokens (or scale 0) the call is handed to the layer's original processor,
+    so the output is the stock output by construction, bit for bit on any CPU. With identity
+    tokens the text path follows diffusers' ``AttnProcessor2_0`` step for step: the same maths,
+    equal to the stock text path up to float rounding.
     """
 
-    def __init__(self, kv: _IdentityKV, state: _IdentityState) -> None:
+    def __init__(self, kv: _IdentityKV, state: _IdentityState, stock: Any) -> None:
         self.kv = kv
         self.state = state
+        self.stock = stock
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
         """hidden_states: [B,L,C] (or [B,C,H,W]); encoder_hidden_states: text [B,T,D]."""
+        rows = hidden_states.shape[0]
+        ids = self.state.context_for(rows)
+        if ids is None:
+            return self.stock(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              attention_mask=attention_mask, temb=temb, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -220,14 +228,12 @@ class IdentityAttnProcessor:
                                              dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
 
-        ids = self.state.context_for(batch_size)
-        if ids is not None:
-            id_key = self._heads(self.kv.to_k(ids.to(query.dtype)), attn, head_dim)
-            id_value = self._heads(self.kv.to_v(ids.to(query.dtype)), attn, head_dim)
-            if attn.norm_k is not None:
-                id_key = attn.norm_k(id_key)
-            id_out = F.scaled_dot_product_attention(query, id_key, id_value)
-            out = out + self.state.scale * id_out.transpose(1, 2).reshape(out.shape)
+        id_key = self._heads(self.kv.to_k(ids.to(query.dtype)), attn, head_dim)
+        id_value = self._heads(self.kv.to_v(ids.to(query.dtype)), attn, head_dim)
+        if attn.norm_k is not None:
+            id_key = attn.norm_k(id_key)
+        id_out = F.scaled_dot_product_attention(query, id_key, id_value)
+        out = out + self.state.scale * id_out.transpose(1, 2).reshape(out.shape)
 
         out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
         if input_ndim == 4:
@@ -288,7 +294,8 @@ def attach_identity_adapter(pipe_or_unet: Any, adapter: IdentityAdapter,
     state = _IdentityState(adapter=adapter, scale=float(scale), originals=originals)
     procs = dict(originals)
     for name, kv in zip(names, adapter.layers):
-        procs[f"{name}.processor"] = IdentityAttnProcessor(kv, state)
+        key = f"{name}.processor"
+        procs[key] = IdentityAttnProcessor(kv, state, originals[key])
     unet.set_attn_processor(procs)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,47 @@ HOW_TO_GET_A_CHECKPOINT = (
 )
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickles(path: Path) -> None:
+    """Checkpoints load from safetensors only: a component folder holding only pickled weights
+    is refused with how to convert it (unpickling runs code from the file)."""
+    for component in sorted(p for p in path.iterdir() if p.is_dir()):
+        files = [f for f in component.iterdir() if f.is_file()]
+        pickled = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
+        if pickled and not any(f.suffix == ".safetensors" for f in files):
+            raise ModelNotFoundError(
+                f"{component} holds pickled weights only ({pickled[0]}); checkpoints load from "
+                f"safetensors only: convert it once, on a machine where you trust the file, with "
+                f"DiffSwapIGFIPipeline.from_pretrained(DIR, use_safetensors=False)"
+                f".save_pretrained(NEW_DIR)")
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No progress bars, notices or warnings from diffusers/transformers/torch while loading:
+    the CLI prints one line per outcome."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        diffusers_logging.set_verbosity(verbosity[0])
+        transformers_logging.set_verbosity(verbosity[1])
+
+
 def load_pipeline(checkpoint: str | Path | None, device: str = "cpu", *, progress: bool = True):
-    """A DiffSwapIGFIPipeline from a local folder, with errors that say what to do."""
+    """A DiffSwapIGFIPipeline from a local folder (safetensors only), with errors that say what
+    to do. ``progress`` is the sampling progress bar; loading is always quiet."""
     if checkpoint is None:
         raise ModelNotFoundError(f"the diffusion engine needs a checkpoint: "
                                  f"{HOW_TO_GET_A_CHECKPOINT}")
@@ -28,21 +69,16 @@ def load_pipeline(checkpoint: str | Path | None, device: str = "cpu", *, progres
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(f"{path} is not a DiffSwapIGFIPipeline folder (no "
                                  f"model_index.json): {HOW_TO_GET_A_CHECKPOINT}")
+    _refuse_pickles(path)
     from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
 
-    from diffusers.utils import logging as diffusers_logging
-
-    if not progress:
-        diffusers_logging.disable_progress_bar()
     try:
-        pipe = DiffSwapIGFIPipeline.from_pretrained(path)
+        with quiet_loading():
+            pipe = DiffSwapIGFIPipeline.from_pretrained(path, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelNotFoundError(f"cannot load the checkpoint {path} ({first}): "
                                  f"{HOW_TO_GET_A_CHECKPOINT}") from err
-    finally:
-        if not progress:
-            diffusers_logging.enable_progress_bar()
     return pipe.to(device)
 
 

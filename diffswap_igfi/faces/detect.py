@@ -140,12 +140,14 @@ def _with_size(face: FaceRecord, size: tuple[int, int]) -> FaceRecord:
 
 def select_faces(faces: Sequence[FaceRecord], selector: str = "largest", *, index: int = 0,
                  reference_distances: Sequence[float] | None = None,
-                 reference_threshold: float = 0.6, what: str = "the photo") -> list[FaceRecord]:
+                 reference_threshold: float = 0.6, what: str = "the photo",
+                 index_option: str = "--face-index") -> list[FaceRecord]:
     """Pick the faces to work on, FaceFusion-style.
 
     selector: ``largest`` (one face), ``index`` (the ``index``-th face, largest first), ``all``,
     or ``reference`` (every face whose distance to a reference face, given per face in
-    ``reference_distances``, is below ``reference_threshold``).
+    ``reference_distances``, is below ``reference_threshold``). ``index_option`` is the option
+    that set ``index``, named in the error when it is out of range.
     """
     if not faces:
         raise FaceNotFoundError(
@@ -158,7 +160,7 @@ def select_faces(faces: Sequence[FaceRecord], selector: str = "largest", *, inde
     if selector == "index":
         if not 0 <= index < len(faces):
             raise AmbiguousFaceError(
-                f"--face-index {index} is out of range: {what} has {len(faces)} face(s), "
+                f"{index_option} {index} is out of range: {what} has {len(faces)} face(s), "
                 f"numbered 0..{len(faces) - 1} from the largest"
             )
         return [faces[index]]
@@ -186,7 +188,8 @@ def pick_source_face(faces: Sequence[FaceRecord], *, index: int | None = None,
     if not faces:
         raise FaceNotFoundError(f"no face found in {what}: use a photo with a clearly visible face")
     if index is not None:
-        return select_faces(faces, "index", index=index, what=what)[0]
+        return select_faces(faces, "index", index=index, what=what,
+                            index_option="--source-face-index")[0]
     if len(faces) > 1 and faces[0].area < 2.0 * faces[1].area:
         raise AmbiguousFaceError(
             f"{what} has {len(faces)} faces of similar size: pass --source-face-index N "

@@ -8,6 +8,7 @@ so nothing is downloaded at run time. A user may point at another copy with the
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import importlib.util
 import os
@@ -69,27 +70,55 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+# Lifetimes of MediaPipe graphs. A graph is closed only at a safe point: by ``close()``, at the
+# next construction, by ``close_abandoned()`` or at interpreter exit, never by the garbage
+# collector. A collection can start inside another graph's ``detect`` (on MediaPipe's dispatch
+# thread); closing a graph there waits on a dispatcher that cannot run, and the process hangs.
+# MediaPipe's own task objects close themselves in ``__del__``, so every open task is kept
+# referenced here until it is closed on purpose: a wrapper dropped without ``close()`` only hands
+# its task to ``_ABANDONED`` (a deque append, safe in any thread) through ``weakref.finalize``.
 _OPEN: weakref.WeakSet = weakref.WeakSet()
+_ABANDONED: collections.deque = collections.deque()
+
+
+def close_abandoned() -> int:
+    """Close the graphs of landmarkers that were dropped without ``close()``; returns how many.
+
+    Call it from ordinary code (it runs at every construction and at exit anyway), never from a
+    finaliser or a callback.
+    """
+    closed = 0
+    while True:
+        try:
+            task = _ABANDONED.popleft()
+        except IndexError:
+            return closed
+        with contextlib.suppress(Exception):
+            task.close()
+        closed += 1
 
 
 @atexit.register
 def _close_all() -> None:
     # MediaPipe's own finaliser fails (harmlessly, but loudly) once the interpreter is shutting
-    # down, so every landmarker still open is closed while the runtime is intact.
+    # down, so every graph still open is closed while the runtime is intact.
     for landmarker in list(_OPEN):
         with contextlib.suppress(Exception):
             landmarker.close()
+    close_abandoned()
 
 
 class Landmarker:
     """A MediaPipe FaceLandmarker in IMAGE mode returning raw per-face arrays.
 
-    Use as a context manager (or call ``close``): MediaPipe otherwise prints a harmless
-    TypeError at interpreter exit.
+    Use as a context manager (or call ``close``). One dropped without ``close`` is not closed by
+    the garbage collector (that can deadlock, see ``close_abandoned``): its graph is closed at
+    the next construction or at exit.
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, max_faces: int = 20,
                  min_confidence: float = 0.5) -> None:
+        close_abandoned()
         path = landmarker_model_path(model_path)
         os.environ.setdefault("GLOG_minloglevel", "2")
         with _quiet_stderr():
@@ -115,6 +144,8 @@ class Landmarker:
         self._mp = mp
         self._warm = False
         self.model_path = path
+        self._finalizer = weakref.finalize(self, _ABANDONED.append, self._task)
+        self._finalizer.atexit = False  # _close_all closes what is open at exit
         _OPEN.add(self)
 
     def run(self, rgb: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -150,16 +181,16 @@ class Landmarker:
         return faces
 
     def close(self) -> None:
-        if getattr(self, "_task", None) is not None:
-            self._task.close()
+        """Release the MediaPipe graph now (idempotent)."""
+        task = getattr(self, "_task", None)
+        if task is not None:
+            self._finalizer.detach()
             self._task = None
+            task.close()
+        close_abandoned()
 
     def __enter__(self) -> Landmarker:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()

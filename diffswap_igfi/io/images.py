@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import threading
 import warnings
 from collections.abc import Collection, Iterator, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from diffswap_igfi.errors import ImageReadError, InputError, OutputError
+from diffswap_igfi.io.atomic import remove_stale_temporaries, temporary_path
 
 DEFAULT_MAX_PIXELS = 40_000_000
 MIN_SIDE = 32
@@ -265,10 +265,11 @@ def save_image(
 
     # Hidden, beside the target (os.replace is atomic only within one file system); os.open with
     # 0o666 lets the umask set the permissions, as for any new file (mkstemp would force 0o600).
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    temporary = temporary_path(path)
     created = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         created = True
         with os.fdopen(fd, "wb") as handle:

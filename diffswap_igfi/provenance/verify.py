@@ -1,7 +1,8 @@
-"""Check one image file for our provenance markers: synthetic-media metadata and the watermark.
+"""Check one image file for our provenance markers: the signed C2PA manifest, synthetic-media
+metadata, the block watermark and the face-anchored watermark.
 
-Pixels are read exactly as stored (no EXIF orientation applied): the watermark lives on the
-stored 8x8 grid, and rotating first would move it off that grid.
+Pixels are read exactly as stored (no EXIF orientation applied): the block mark lives on the
+stored 8x8 grid, and rotating first would move it off that grid (the face mark does not care).
 """
 
 from __future__ import annotations
@@ -14,27 +15,42 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from diffswap_igfi.errors import ImageReadError, InputError
-from diffswap_igfi.provenance.metadata import ProvenanceMetadata, read_metadata
+from diffswap_igfi.io.video import is_video_path
+from diffswap_igfi.provenance import face_mark
+from diffswap_igfi.provenance.c2pa_sign import C2paReport, read_c2pa
+from diffswap_igfi.provenance.face_mark import FaceMarkResult, detect_face_mark
+from diffswap_igfi.provenance.keys import watermark_key
+from diffswap_igfi.provenance.metadata import (
+    ProvenanceMetadata,
+    is_synthetic_source_type,
+    read_metadata,
+)
 from diffswap_igfi.provenance.watermark import WatermarkResult, detect_watermark
 
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What :func:`verify_image` found in one file."""
+    """What :func:`verify_image` found in one file. ``face_mark`` and ``c2pa`` are None only
+    when the caller skipped them."""
 
     path: Path
     metadata: ProvenanceMetadata | None
     watermark: WatermarkResult
+    face_mark: FaceMarkResult | None = None
+    c2pa: C2paReport | None = None
 
     @property
     def synthetic(self) -> bool:
-        """True when either marker says synthetic; either alone suffices (metadata is easy to
-        strip, the watermark does not survive resizing)."""
-        return bool(self.metadata and self.metadata.synthetic) or self.watermark.found
+        """True when any marker says synthetic; any one suffices (metadata and manifests are
+        easy to strip, the block mark does not survive resizing, the face mark needs a face)."""
+        manifest = bool(self.c2pa and self.c2pa.present
+                        and is_synthetic_source_type(self.c2pa.digital_source_type))
+        return (bool(self.metadata and self.metadata.synthetic) or self.watermark.found
+                or bool(self.face_mark and self.face_mark.found) or manifest)
 
     def lines(self) -> list[str]:
         """Human-readable report, one finding per line, verdict first."""
-        md, wm = self.metadata, self.watermark
+        md, wm, fm = self.metadata, self.watermark, self.face_mark
         if self.synthetic:
             verdict = f"{self.path}: SYNTHETIC (marked as made or altered by a generator)"
         else:
@@ -48,21 +64,46 @@ class VerifyReport:
                        f"generator {md.generator or 'unknown'} (in {', '.join(md.where)})")
             md_line += "".join(f"; {k}={v}" for k, v in md.details.items())
         if wm.window is None:
-            wm_line = "watermark: image smaller than one 8x8 block, cannot hold one"
+            wm_line = "block watermark: image smaller than one 8x8 block, cannot hold one"
         else:
             top, left, bottom, right = wm.window
-            wm_line = (f"watermark: {'found' if wm.found else 'not found'}, z = {wm.score:.1f} "
-                       f"(threshold {wm.threshold:.1f}), best window x {left}-{right}, "
-                       f"y {top}-{bottom} ({wm.blocks} blocks)")
-        return [verdict, "  " + md_line, "  " + wm_line]
+            wm_line = (f"block watermark: {'found' if wm.found else 'not found'}, "
+                       f"z = {wm.score:.1f} (threshold {wm.threshold:.1f}), best window "
+                       f"x {left}-{right}, y {top}-{bottom} ({wm.blocks} blocks)")
+        out = [verdict]
+        if self.c2pa is not None:
+            out.append("  " + self.c2pa.summary())
+        out += ["  " + md_line, "  " + wm_line]
+        if fm is not None:
+            out.append("  " + _face_line(fm))
+        return out
 
     def to_dict(self) -> dict:
         return {
             "path": str(self.path),
             "synthetic": self.synthetic,
+            "c2pa": self.c2pa.to_dict() if self.c2pa else None,
             "metadata": self.metadata.to_dict() if self.metadata else None,
             "watermark": self.watermark.to_dict(),
+            "face_mark": self.face_mark.to_dict() if self.face_mark else None,
         }
+
+
+def _face_line(fm: FaceMarkResult) -> str:
+    need = (f"reads faces with >= {face_mark.MIN_FACE_PX} px between the eyes, reliably from "
+            f"{face_mark.RELIABLE_FACE_PX} px after JPEG q75")
+    if not fm.faces:
+        small = f"{fm.faces_too_small} face(s) too small; " if fm.faces_too_small else ""
+        return f"face watermark: no face to read ({small}{need})"
+    line = (f"face watermark: {'found' if fm.found else 'not found'}, z = {fm.score:.1f} "
+            f"(threshold {fm.threshold:.1f}) over {len(fm.faces)} face(s) ({need})")
+    if fm.found:
+        if fm.payload_matches is not None:
+            line += (f"; payload {'matches' if fm.payload_matches else 'does NOT match'} the "
+                     f"manifest (z = {fm.match:.1f})")
+        if fm.payload:
+            line += f"; payload {fm.payload}"
+    return line
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:
@@ -108,8 +149,51 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def verify_image(path: str | Path) -> VerifyReport:
-    """Read ``path`` and report its provenance metadata and watermark detection."""
+def verify_image(path: str | Path, *, detector=None, faces: bool = True,
+                 c2pa: bool = True) -> VerifyReport:
+    """Read ``path`` and report its C2PA manifest, metadata and both watermarks (a video file
+    gets the video report, which has the same ``synthetic``/``lines``/``to_dict``).
+
+    detector: a faces.detect.FaceDetector to reuse (one is opened and closed otherwise);
+    ``faces=False`` / ``c2pa=False`` skip the face mark / the manifest.
+    """
     path = Path(path)
+    if is_video_path(path):
+        from diffswap_igfi.provenance.verify_video import verify_video
+
+        return verify_video(path, detector=detector)
     rgb = load_rgb_as_stored(path)
-    return VerifyReport(path=path, metadata=read_metadata(path), watermark=detect_watermark(rgb))
+    metadata = read_metadata(path)
+    manifest = read_c2pa(path) if c2pa else None
+    expect = (manifest.watermark_payload if manifest and manifest.watermark_payload
+              else (metadata.details.get("watermark") if metadata else None))
+    found_faces = None
+    if faces:
+        found_faces = detect_faces_for_mark(rgb, expect=expect, detector=detector)
+    return VerifyReport(path=path, metadata=metadata, watermark=detect_watermark(rgb),
+                        face_mark=found_faces, c2pa=manifest)
+
+
+def detect_faces_for_mark(rgb: np.ndarray, *, expect: str | None = None, detector=None
+                          ) -> FaceMarkResult:
+    """Detect the faces in ``rgb`` ([H,W,3] uint8) and read the face mark on each."""
+    from diffswap_igfi.faces.detect import FaceDetector
+
+    if detector is None:
+        with FaceDetector() as own:
+            records = own.detect(rgb)
+    else:
+        records = detector.detect(rgb)
+    return detect_face_mark(rgb, [f.kps for f in records], key=watermark_key(), expect=expect)
+
+
+def verify_files(paths: list[str | Path]) -> list:
+    """Verify images and videos (by extension) with one face detector for all of them.
+    Returns a VerifyReport or VideoVerifyReport per path, in order."""
+    from diffswap_igfi.faces.detect import FaceDetector
+    from diffswap_igfi.provenance.verify_video import verify_video
+
+    with FaceDetector() as detector:
+        return [verify_video(p, detector=detector)
+                if is_video_path(p)
+                else verify_image(p, detector=detector) for p in map(Path, paths)]

@@ -1,4 +1,6 @@
-"""Keyed spread-spectrum watermark in the 8x8 block-DCT domain of luminance.
+"""Keyed spread-spectrum watermark in the 8x8 block-DCT domain of luminance (the "block mark"),
+and :func:`embed_watermark`, which adds the face-anchored mark (face_mark.py) first when the
+swapped faces are known.
 
 Every 8x8 block on the image's absolute grid (rows and columns that are multiples of 8) owns a
 pseudo-random sign pattern ``s[b,k] = ±1`` over ``K = 13`` mid-frequency DCT coefficients,
@@ -32,11 +34,14 @@ does not resist forgery or deliberate removal.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from diffswap_igfi.errors import InputError
+from diffswap_igfi.provenance import face_mark
+from diffswap_igfi.provenance.keys import watermark_key
 
 BLOCK = 8
 DEFAULT_STRENGTH = 0.6  # target |coefficient| as a fraction of JPEG q75's quantiser step
@@ -134,22 +139,58 @@ def _check_rgb(rgb: np.ndarray) -> None:
 
 
 def embed_watermark(
-    rgb: np.ndarray, region: np.ndarray | None = None, *, strength: float = DEFAULT_STRENGTH
-) -> np.ndarray:
-    """Mark every 8x8 grid block that lies entirely inside ``region``.
+    rgb: np.ndarray, region: np.ndarray | None = None, *, strength: float = DEFAULT_STRENGTH,
+    faces: Sequence | None = None, payload: str | None = None, return_payload: bool = False,
+    detector=None,
+) -> np.ndarray | tuple[np.ndarray, str | None]:
+    """Mark the synthetic region: the face-anchored mark on ``faces``, then the block mark.
 
-    rgb: [H,W,3] uint8. region: [H,W] bool, None for the whole image. strength: target
-    |coefficient| as a fraction of JPEG q75's step (> 0.5 to survive q75). Returns a new
-    [H,W,3] uint8 array; pixels outside the marked blocks (so every pixel where ``region`` is
-    False) are bit-identical to ``rgb``. The same luma change goes to R, G and B, so chroma is
-    untouched. An image smaller than one block comes back unchanged.
+    rgb: [H,W,3] uint8. region: [H,W] bool, None for the whole image. strength: the block
+    mark's target |coefficient| as a fraction of JPEG q75's step (> 0.5 to survive q75).
+    faces: FaceRecords (or anything with a ``kps`` [5,2] attribute, or [5,2] arrays) of the
+    swapped faces; each face with an interocular distance >= face_mark.MIN_FACE_PX also gets
+    the face-anchored mark (see face_mark.py), keyed by keys.watermark_key() and carrying
+    ``payload`` (8 hex digits; default face_mark.payload_for(rgb)). The mark is anchored
+    where a reader will find the face in ``rgb`` (face_mark.reader_kps, with ``detector``, a
+    faces.detect.FaceDetector; one is opened for the call when None), not where the target's
+    face was before the swap.
+    Returns a new [H,W,3] uint8 array (with ``return_payload``: the array and the payload, None
+    when no face mark was embedded); pixels where ``region`` is False are bit-identical to
+    ``rgb``. The same luma change goes to R, G and B, so chroma is untouched.
     """
     _check_rgb(rgb)
     if not strength > 0:
         raise InputError(f"watermark strength must be > 0, got {strength}")
+    if region is not None and np.shape(region) != rgb.shape[:2]:
+        raise InputError(f"watermark region is {np.shape(region)}, image is {rgb.shape[:2]}")
+    payload_used = None
+    kps = [_kps(f) for f in faces or ()]
+    kps = [k for k in kps if face_mark.interocular(k) >= face_mark.MIN_FACE_PX]
+    if kps:
+        payload_used = payload or face_mark.payload_for(rgb)
+        if detector is None:
+            from diffswap_igfi.faces.detect import FaceDetector
+
+            with FaceDetector() as own:
+                kps = [face_mark.reader_kps(rgb, k, own) for k in kps]
+        else:
+            kps = [face_mark.reader_kps(rgb, k, detector) for k in kps]
+        rgb = face_mark.embed_face_mark(rgb, kps, region, key=watermark_key(),
+                                        payload=payload_used)
+    out = _embed_blocks(rgb, region, strength)
+    return (out, payload_used) if return_payload else out
+
+
+def _kps(face) -> np.ndarray:
+    kps = np.asarray(getattr(face, "kps", face), np.float64)
+    if kps.shape != (5, 2):
+        raise InputError(f"a face for the watermark needs [5,2] keypoints, got {kps.shape}")
+    return kps
+
+
+def _embed_blocks(rgb: np.ndarray, region: np.ndarray | None, strength: float) -> np.ndarray:
+    """The block-DCT mark on every 8x8 grid block entirely inside ``region`` (see above)."""
     h, w = rgb.shape[:2]
-    if region is not None and np.shape(region) != (h, w):
-        raise InputError(f"watermark region is {np.shape(region)}, image is {(h, w)}")
     out = rgb.copy()
     hb, wb = h // BLOCK, w // BLOCK
     if hb == 0 or wb == 0:

@@ -1,0 +1,282 @@
+"""The Gradio app: an Image tab and a Verify tab, with the named API endpoints ``/swap_image``
+and ``/verify``.
+
+A tab is a function ``tab(service, session)`` that lays out its components and wires its events
+inside the app's ``gr.Blocks``; ``TABS`` lists them in order. A Video tab (``/swap_video``) is
+one more such function over the video module, appended to ``TABS``.
+
+Inputs are ``gr.File`` components, so the photo reaches the engine byte for byte as uploaded
+(``gr.Image`` would re-encode it, dropping ICC profiles and EXIF orientation); pictures are
+shown in separate output components.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import gradio as gr
+import numpy as np
+
+from diffswap_igfi.engines.geometric import BLENDS
+from diffswap_igfi.errors import DiffSwapError
+from diffswap_igfi.io.images import load_image
+from diffswap_igfi.ui.service import (
+    ENGINES,
+    OUTPUT_FORMATS,
+    UI_SELECTORS,
+    DetectedFaces,
+    Session,
+    SwapOptions,
+    SwapService,
+    parse_indices,
+    verify,
+)
+
+RESPONSIBLE_USE = ("Swap only faces of people who consented. Every image written is marked as "
+                   "synthetic (metadata and an invisible watermark); this cannot be turned off.")
+SESSION_TTL_S = 3600  # an API client's folder lives this long after its last request
+PREVIEW_SIDE = 1280  # the before/after slider shows photos at most this large
+CONCURRENCY_ID = "engine"  # swaps and detections share one concurrency limit
+
+log = logging.getLogger(__name__)
+
+
+def one_line_errors(fn: Callable) -> Callable:
+    """DiffSwapErrors become gr.Error (one line in the UI, an error for API clients); anything
+    else is a bug: its traceback goes to the server log and the user sees one line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DiffSwapError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as err:
+            log.exception("internal error in %s", fn.__name__)
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise gr.Error(f"internal error ({type(err).__name__}: {first}): see the server "
+                           f"log", print_exception=False) from None
+
+    return wrapper
+
+
+def preview(path: str, max_pixels: int) -> np.ndarray:
+    """[h,w,3] uint8 picture of a photo for display, at most PREVIEW_SIDE on its long side."""
+    import cv2
+
+    rgb = load_image(path, max_pixels=max_pixels).rgb
+    scale = PREVIEW_SIDE / max(rgb.shape[:2])
+    if scale < 1:
+        rgb = cv2.resize(rgb, (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)),
+                         interpolation=cv2.INTER_AREA)
+    return rgb
+
+
+def image_tab(service: SwapService, session: gr.State) -> None:
+    with gr.Tab("Image"):
+        detected = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                sources = gr.File(label="Source photo(s): the face to put in",
+                                  file_count="multiple", file_types=["image"], type="filepath",
+                                  elem_id="sources")
+                target = gr.File(label="Target photo: the picture to change",
+                                 file_types=["image"], type="filepath", elem_id="target")
+                faces = gr.Gallery(label="Faces found in the target (click to pick)",
+                                   columns=6, height=170, object_fit="contain",
+                                   allow_preview=False, elem_id="faces")
+                selector = gr.Radio(list(UI_SELECTORS), value="largest", label="Faces to swap",
+                                    info="picked: the thumbnails you clicked; reference: every "
+                                         "face that matches a reference photo")
+                picked = gr.Textbox(label="Picked faces (numbers, largest first from 0)",
+                                    visible=False, elem_id="picked")
+                with gr.Group(visible=False) as reference_group:
+                    reference = gr.File(label="Reference photo of the person to replace",
+                                        file_types=["image"], type="filepath")
+                    reference_distance = gr.Slider(0.3, 0.9, value=0.6, step=0.01,
+                                                   label="Match threshold (dlib distance)")
+                engine = gr.Radio(list(ENGINES), value="geometric", label="Engine",
+                                  info="geometric: landmark warp and blending, no weights; "
+                                       "diffusion: the SFI pipeline from a checkpoint folder")
+                with gr.Group(visible=True) as geometric_group:
+                    blend = gr.Radio(list(BLENDS), value="laplacian", label="Blend")
+                    mouth = gr.Radio(["auto", "always", "never"], value="auto",
+                                     label="Keep the target's open mouth (teeth, tongue)")
+                with gr.Group(visible=False) as diffusion_group:
+                    checkpoint = gr.Textbox(label="Checkpoint folder on the server "
+                                                  "(DiffSwapIGFIPipeline)")
+                    with gr.Row():
+                        steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
+                        guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.1,
+                                             label="Identity guidance (1 = off)")
+                    with gr.Row():
+                        seed = gr.Number(0, precision=0, label="Seed")
+                        device = gr.Textbox("cpu", label="Device")
+                    warm_start = gr.Slider(0.0, 1.0, value=0.0, step=0.05,
+                                           label="Warm start from the geometric swap "
+                                                 "(strength, 0 = off)")
+                    refine = gr.Checkbox(True, label="JR refinement (if the checkpoint has it)")
+                    mix_sources = gr.File(label="Second identity to mix in (optional)",
+                                          file_count="multiple", file_types=["image"],
+                                          type="filepath")
+                    with gr.Row():
+                        mix_mode = gr.Radio(["blocks", "weighted"], value="blocks",
+                                            label="Mixing")
+                        mix_weight = gr.Slider(0.0, 1.0, value=0.5, step=0.05,
+                                               label="Weight of the first identity")
+                with gr.Accordion("More", open=False):
+                    source_face_index = gr.Number(-1, precision=0,
+                                                  label="Face in a source photo with several "
+                                                        "people (-1 = the clear main face)")
+                    output_format = gr.Radio(list(OUTPUT_FORMATS), value="png",
+                                             label="Output format")
+                swap = gr.Button("Swap", variant="primary", elem_id="swap")
+            with gr.Column(scale=1):
+                comparison = gr.ImageSlider(label="Before / after", type="numpy",
+                                            slider_position=25, elem_id="comparison")
+                result = gr.File(label="Marked result (download)", elem_id="result")
+                report = gr.Textbox(label="Provenance of the written file (verify)", lines=3,
+                                    elem_id="report")
+
+        @one_line_errors
+        def on_target(path):
+            if not path:
+                return [], None, ""
+            found, thumbs = service.detect(path)
+            return thumbs, found, ""
+
+        def on_pick(text: str, evt: gr.SelectData):
+            chosen = list(parse_indices(text))
+            if evt.index in chosen:
+                chosen.remove(evt.index)
+            else:
+                chosen.append(evt.index)
+            return ", ".join(map(str, chosen)), "picked"
+
+        target.change(on_target, [target], [faces, detected, picked],
+                      api_visibility="private", concurrency_id=CONCURRENCY_ID)
+        faces.select(on_pick, [picked], [picked, selector], api_visibility="private",
+                     queue=False)
+        selector.change(lambda s: (gr.update(visible=s == "picked"),
+                                   gr.update(visible=s == "reference")),
+                        [selector], [picked, reference_group], api_visibility="private",
+                        queue=False)
+        engine.change(lambda e: (gr.update(visible=e == "geometric"),
+                                 gr.update(visible=e == "diffusion")),
+                      [engine], [geometric_group, diffusion_group], api_visibility="private",
+                      queue=False)
+
+        @one_line_errors
+        def swap_image(sources, target, engine=None, face_selector=None, face_indices=None,
+                       reference=None, reference_distance=None, source_face_index=None,
+                       blend=None, keep_mouth_interior=None, checkpoint=None, steps=None,
+                       guidance=None, seed=None, device=None, warm_start=None, refine=None,
+                       mix_sources=None, mix_mode=None, mix_weight=None, output_format=None,
+                       session=None, detected=None, request: gr.Request = None):
+            """Swap the face(s) of the source photo(s) onto the target photo.
+
+            Returns the written file (marked as synthetic: metadata and invisible watermark)
+            and the verify summary of that file. Options left out (None) take the defaults
+            of SwapOptions, which are the CLI's.
+            """
+            session = session or service.new_session(request.session_hash if request else None)
+            given = {"engine": engine, "face_selector": face_selector,
+                     "face_indices": parse_indices(face_indices),
+                     "reference_distance": reference_distance, "blend": blend,
+                     "keep_mouth_interior": keep_mouth_interior,
+                     "checkpoint": (checkpoint or "").strip(), "steps": steps,
+                     "guidance": guidance, "seed": seed, "device": (device or "").strip() or None,
+                     "warm_start": warm_start or None, "refine": refine, "mix_mode": mix_mode,
+                     "mix_weight": mix_weight, "output_format": output_format}
+            options = SwapOptions(**{k: v for k, v in given.items() if v is not None})
+            if source_face_index is not None and source_face_index >= 0:
+                options.source_face_index = int(source_face_index)
+            done = service.swap(session, sources or [], target, options,
+                                reference_path=reference, mix_paths=mix_sources or [],
+                                detected=detected if isinstance(detected, DetectedFaces)
+                                else None)
+            return str(done.path), "\n".join(done.report.lines()), session
+
+        @one_line_errors
+        def show_comparison(target, result):
+            if not target or not result:
+                return None
+            return preview(target, service.max_pixels), preview(result, service.max_pixels)
+
+        swap.click(swap_image,
+                   [sources, target, engine, selector, picked, reference, reference_distance,
+                    source_face_index, blend, mouth, checkpoint, steps, guidance, seed, device,
+                    warm_start, refine, mix_sources, mix_mode, mix_weight, output_format,
+                    session, detected],
+                   [result, report, session], api_name="swap_image",
+                   concurrency_id=CONCURRENCY_ID
+                   ).success(show_comparison, [target, result], [comparison],
+                             api_visibility="private")
+
+
+def verify_tab(service: SwapService, session: gr.State) -> None:
+    with gr.Tab("Verify"):
+        gr.Markdown("Check any image for diffswap-igfi's provenance marks (synthetic-media "
+                    "metadata and the invisible watermark).")
+        image = gr.File(label="Image to check", type="filepath", elem_id="verify_file")
+        check = gr.Button("Verify", elem_id="verify")
+        summary = gr.Textbox(label="Report", lines=3)
+        details = gr.JSON(label="Details")
+
+        @one_line_errors
+        def verify_file(image):
+            """Report the provenance marks of an image: (summary text, details as JSON)."""
+            if not image:
+                raise gr.Error("no image given: upload a file to check", print_exception=False)
+            found = verify(image)
+            # a "path" key would make gradio_client take the dict for a file to download
+            details = {"file": found.path.name, **found.to_dict()}
+            del details["path"]
+            return "\n".join(found.lines()), details
+
+        check.click(verify_file, [image], [summary, details], api_name="verify")
+
+
+TABS: list[Callable[[SwapService, gr.State], None]] = [image_tab, verify_tab]
+
+
+def build_app(service: SwapService) -> gr.Blocks:
+    """The Blocks app over ``service``; call ``queue`` and ``launch`` on it (see server.py)."""
+    with gr.Blocks(title="diffswap-igfi", analytics_enabled=False,
+                   delete_cache=(600, SESSION_TTL_S)) as demo:
+        gr.Markdown("## diffswap-igfi: identity-guided face swapping\n" + RESPONSIBLE_USE)
+
+        def close_session(session: Session | None) -> None:
+            """State delete callback: an API client was quiet for the TTL (or a closed tab's
+            state expired)."""
+            if session is not None and session.key is None:
+                session.close()
+            elif session is not None:
+                service.end_session(session.key)
+
+        def tab_closed(request: gr.Request) -> None:
+            service.end_session(request.session_hash)
+
+        session = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=close_session)
+        for tab in TABS:
+            tab(service, session)
+        demo.unload(tab_closed)  # Gradio itself drops a closed tab's state only an hour later
+    return demo
+
+
+# Gradio stretches a gallery of one or two pictures across its width; thumbnails stay small.
+CSS = """
+#faces .grid-container { grid-template-columns: repeat(auto-fill, 112px) !important; }
+#faces .thumbnail-item { width: 112px; height: 112px; }
+"""
+
+
+def theme() -> gr.themes.Base:
+    """Gradio's default look with local system fonts (the stock theme fetches Google Fonts,
+    which a machine without internet waits for)."""
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "monospace"])

@@ -1,0 +1,1 @@
+"""Video face swap: faces tracked across frames, smoothed, swapped, streamed in chunks."""

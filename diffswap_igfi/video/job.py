@@ -1,0 +1,360 @@
+"""Swap faces in a video: track, plan, render in chunks, mux; resumable, bounded memory.
+
+Two passes over the video, each in chunks of ``chunk_frames`` frames kept on disk in a hidden
+work folder beside the output (``.NAME.parts``):
+
+1. **track**: decode, detect (crops around known faces, full frames now and then), link faces
+   into tracks; each chunk's observations and the tracker's state go to ``track/NNNNN.npz``.
+2. **render**: choose the tracks to swap and one source each (face selection over the whole
+   video), then decode again and, frame by frame, swap the planned faces (landmarks bridged
+   and smoothed, colour offset smoothed per track), watermark the swapped pixels and encode;
+   each chunk goes to ``video/NNNNN.nut``. Frames without a planned face are passed through
+   without an RGB round trip.
+
+Finally the chunks and the input's audio are muxed into the output, atomically, and the work
+folder is removed. Every file in the work folder appears by an atomic rename once complete,
+so a killed run (even SIGKILL) loses at most the chunk in progress: ``resume=True`` skips
+every chunk already on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from diffswap_igfi import __version__
+from diffswap_igfi.errors import DiffSwapError, InputError
+from diffswap_igfi.io.video import (
+    CHUNK_SUFFIX,
+    OUTPUT_FORMATS,
+    ChunkWriter,
+    EncodeSettings,
+    VideoInfo,
+    frame_to_rgb,
+    iter_frames,
+    mux_chunks,
+    probe_video,
+    to_upright,
+)
+from diffswap_igfi.provenance.video import container_metadata, watermark_frame
+from diffswap_igfi.swapper import Source, Swapper
+from diffswap_igfi.video.bounded import DEFAULT_MAX_IOD, MIN_WORK_IOD, swap_face_bounded
+from diffswap_igfi.video.plan import AnalysisChunk, Assignment, Planner, assign_sources
+from diffswap_igfi.video.smoothing import ColourSmoother, OneEuroSettings
+from diffswap_igfi.video.tracking import Track, Tracker, TrackerSettings
+
+WORK_VERSION = 1
+
+
+@dataclass
+class VideoSwapOptions:
+    """Everything that shapes the result (the work folder is only resumed when these match).
+
+    selector/index/reference_distance: face selection over tracks (see plan.assign_sources);
+    trim_start/trim_end: seconds of the input to keep (end excluded); chunk_frames: frames per
+    resumable chunk (at least max_gap + 1); smooth_landmarks / smooth_colour: stability filters;
+    max_iod: faces are swapped at most this many pixels between the eyes (video/bounded.py),
+    and no finer than the source face (down to MIN_WORK_IOD).
+    """
+
+    selector: str = "largest"
+    index: int = 0
+    reference_distance: float = 0.6
+    encode: EncodeSettings = field(default_factory=EncodeSettings)
+    trim_start: float | None = None
+    trim_end: float | None = None
+    chunk_frames: int = 48
+    tracker: TrackerSettings = field(default_factory=TrackerSettings)
+    smoothing: OneEuroSettings = field(default_factory=OneEuroSettings)
+    smooth_landmarks: bool = True
+    smooth_colour: bool = True
+    colour_rate: float = 0.3
+    max_iod: float = DEFAULT_MAX_IOD
+
+
+@dataclass
+class VideoSwapResult:
+    output: Path
+    frames: int
+    swapped_frames: int
+    tracks: int
+    swapped_tracks: list[int]
+    seconds: dict[str, float]
+
+
+def work_folder(output: Path) -> Path:
+    return output.with_name(f".{output.name}.parts")
+
+
+def check_video_output(output: Path, inputs: Sequence[Path], *, force: bool) -> None:
+    """Refuse an output that is an input, a folder, of an unsupported extension, or exists
+    (without ``force``)."""
+    from diffswap_igfi.io.images import check_output_path
+
+    check_output_path(output, inputs, force=force, extensions=OUTPUT_FORMATS.keys())
+
+
+class _Progress:
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="frame", disable=not enabled,
+                        file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output: Path, *,
+               options: VideoSwapOptions | None = None, reference: np.ndarray | None = None,
+               face_map: Sequence[tuple[np.ndarray, Sequence[Source]]] = (),
+               resume: bool = False, progress: bool = True,
+               log: Callable[[str], None] = print) -> VideoSwapResult:
+    """Swap ``sources`` onto the selected people of the video ``target``, writing ``output``.
+
+    reference: [D] dlib descriptor of the person to replace (selector ``reference``);
+    face_map: (descriptor, sources) pairs for several people. The output's container and codec
+    follow its extension and ``options.encode``. Raises InputError (unreadable video, no face),
+    OutputError (cannot write). A DiffSwapError removes the work folder; an interruption keeps
+    it for ``resume``.
+    """
+    options = options or VideoSwapOptions()
+    if options.chunk_frames <= options.tracker.max_lost:
+        raise InputError(f"--chunk-frames must be more than {options.tracker.max_lost} (the "
+                         f"longest bridged gap), got {options.chunk_frames}")
+    engine = swapper.engine
+    output = Path(output)
+    info = probe_video(target)
+    work = work_folder(output)
+    stamp = _fingerprint(info, sources, options, reference, face_map, engine)
+    try:
+        if resume and _manifest_matches(work, stamp):
+            log(f"resuming from {work}")
+        else:
+            if work.exists():
+                if resume:
+                    log(f"{work} belongs to another input or other options: starting over")
+                shutil.rmtree(work)
+            (work / "track").mkdir(parents=True)
+            (work / "video").mkdir()
+            _write_json(work / "manifest.json", stamp)
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        frames, tracks = _track_pass(swapper, info, work, options, progress)
+        seconds["track"] = time.perf_counter() - start
+        if frames == 0:
+            raise InputError(f"{target} has no frame between --trim-start and --trim-end")
+        assignment = assign_sources(tracks, sources, selector=options.selector,
+                                    index=options.index, reference=reference,
+                                    reference_distance=options.reference_distance,
+                                    face_map=face_map, what=target.name)
+        start = time.perf_counter()
+        swapped = _render_pass(swapper, info, work, options, assignment, frames, progress)
+        seconds["render"] = time.perf_counter() - start
+        start = time.perf_counter()
+        chunks = sorted((work / "video").glob(f"*{CHUNK_SUFFIX}"))
+        trimmed = bool(options.trim_start or options.trim_end)
+        trim = (float(_first_kept_pts(work) * info.time_base), options.trim_end) if trimmed \
+            else None
+        metadata = container_metadata(digital_source_type=engine.digital_source_type,
+                                      generator=f"diffswap-igfi {__version__}",
+                                      engine=engine.name)
+        mux_chunks(chunks, info, output, metadata=metadata, trim=trim, log=log)
+        seconds["mux"] = time.perf_counter() - start
+    except DiffSwapError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return VideoSwapResult(output, frames, swapped, len(tracks), sorted(assignment.sources),
+                           seconds)
+
+
+def _fingerprint(info: VideoInfo, sources, options, reference, face_map, engine) -> dict:
+    stat = info.path.stat()
+    h = hashlib.sha256()
+    for src in list(sources) + [s for _, group in face_map for s in group]:
+        h.update(np.ascontiguousarray(src.image.rgb).tobytes())
+        h.update(src.face.landmarks.tobytes())
+    for arr in ([reference] if reference is not None else []) + [r for r, _ in face_map]:
+        h.update(np.asarray(arr, np.float64).tobytes())
+    return {"version": WORK_VERSION, "input": str(info.path.resolve()), "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "options": json.loads(json.dumps(asdict(options))),
+            "sources": h.hexdigest(), "engine": repr(engine)}
+
+
+def _manifest_matches(work: Path, stamp: dict) -> bool:
+    try:
+        return json.loads((work / "manifest.json").read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _chunk_name(k: int, suffix: str) -> str:
+    return f"{k:05d}{suffix}"
+
+
+def _track_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSwapOptions,
+                progress: bool) -> tuple[int, list[Track]]:
+    """Run (or finish) the tracking pass. Returns (kept frame count, every track)."""
+    folder = work / "track"
+    done_marker = folder / "done.json"
+    tracker = Tracker(swapper.detector, swapper.recognizer.describe, settings=options.tracker)
+    if done_marker.exists():
+        summary = json.loads(done_marker.read_text())
+        tracker.load_state(summary["state"])
+        return summary["frames"], list(tracker.tracks.values())
+    done = sorted(folder.glob("*.npz"))
+    # chunks are complete files (atomic rename), so the last one on disk is whole; every chunk
+    # but the video's last holds exactly chunk_frames frames
+    frames = 0
+    if done:
+        last = AnalysisChunk.load(done[-1])
+        tracker.load_state(last.tracker_state)
+        frames = last.first + len(last.pts)
+    c = options.chunk_frames
+    bar = _Progress(info.frames, "tracking", progress)
+    bar.update(min(frames, info.frames))
+    pts: list[int] = []
+    observations: list = []
+    for frame in iter_frames(info, start=options.trim_start, end=options.trim_end,
+                             first_index=frames):
+        seen = tracker.step(frame.index, frame.rgb)
+        pts.append(frame.pts)
+        observations.extend((frame.index, tid, face) for tid, face in seen.faces)
+        frames = frame.index + 1
+        if len(pts) == c:
+            AnalysisChunk.build(frames - c, pts, observations, tracker.state()).save(
+                folder / _chunk_name(frames // c - 1, ".npz"))
+            pts, observations = [], []
+        bar.update()
+    if pts:
+        AnalysisChunk.build(frames - len(pts), pts, observations, tracker.state()).save(
+            folder / _chunk_name((frames - 1) // c, ".npz"))
+    bar.close()
+    _write_json(done_marker, {"frames": frames, "state": tracker.state()})
+    return frames, list(tracker.tracks.values())
+
+
+def _first_kept_pts(work: Path) -> int:
+    first = min((work / "track").glob("*.npz"))
+    with np.load(first) as z:
+        return int(z["pts"][0]) if len(z["pts"]) else 0
+
+
+def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSwapOptions,
+                 assignment: Assignment, frames: int, progress: bool) -> int:
+    """Render every chunk not on disk yet, in one decoding pass. Returns the number of frames
+    with a swapped face."""
+    track_files = sorted((work / "track").glob("*.npz"))
+    video = work / "video"
+    smoothing = options.smoothing if options.smooth_landmarks else OneEuroSettings(
+        min_cutoff=1e6, beta=0.0)
+    planner = Planner(list(assignment.sources), info.upright_size, info.time_base,
+                      max_gap=options.tracker.max_lost, smoothing=smoothing)
+    colour = ColourSmoother(rate=options.colour_rate if options.smooth_colour else 1.0)
+    trimmed = bool(options.trim_start or options.trim_end)
+    shift = _first_kept_pts(work) if trimmed else 0
+    # one watermark payload per clip (same input, sources and options: same payload)
+    payload = hashlib.sha256((work / "manifest.json").read_bytes()).hexdigest()[:8]
+
+    def chunk_files(k: int) -> tuple[Path, Path]:
+        return video / _chunk_name(k, CHUNK_SUFFIX), video / _chunk_name(k, ".colour.json")
+
+    # The planner carries filter state from chunk to chunk, so it runs over the chunks already
+    # rendered too (cheap: no decoding). Plans are made one chunk ahead of use and dropped
+    # after, so memory does not grow with the video's length.
+    loaded = {0: AnalysisChunk.load(track_files[0])}
+
+    def plan(k: int) -> dict:
+        if k + 1 < len(track_files):
+            loaded[k + 1] = AnalysisChunk.load(track_files[k + 1])
+        result = planner.plan(loaded.pop(k), loaded.get(k + 1))
+        nonlocal swapped
+        swapped += len(result)
+        return result
+
+    swapped = 0
+    first = 0
+    while first < len(track_files) and all(f.exists() for f in chunk_files(first)):
+        plan(first)
+        first += 1
+    if first == len(track_files):
+        return swapped
+    if first:
+        colour.load_state(json.loads(chunk_files(first - 1)[1].read_text()))
+    c = options.chunk_frames
+    bar = _Progress(frames, "swapping", progress)
+    bar.update(first * c)
+    wanted: dict = plan(first)
+    k = first
+
+    def needs_rgb(index: int) -> bool:  # reads ``wanted`` as it is when the frame is decoded
+        return index in wanted
+
+    writer = ChunkWriter(chunk_files(k)[0], info, options.encode)
+    try:
+        for frame in iter_frames(info, start=options.trim_start, end=options.trim_end,
+                                 first_index=first * c, rgb=needs_rgb):
+            if frame.index >= (k + 1) * c:
+                writer.close()
+                _write_json(chunk_files(k)[1], colour.state())
+                k += 1
+                wanted = plan(k)
+                writer = ChunkWriter(chunk_files(k)[0], info, options.encode)
+                if frame.rgb is None and frame.index in wanted:  # converted before the switch
+                    frame.rgb = to_upright(frame_to_rgb(frame.raw), info.rotation)
+            faces = wanted.get(frame.index)
+            if faces:
+                swapped_rgb = _swap_frame(swapper, frame.rgb, faces, assignment, colour,
+                                          options.max_iod, payload)
+                writer.write_rgb(swapped_rgb, frame.pts - shift, frame.raw.duration)
+            else:
+                writer.write_raw(frame.raw, frame.pts - shift)
+            bar.update()
+        writer.close()
+        _write_json(chunk_files(k)[1], colour.state())
+        if k + 1 < len(track_files):
+            raise InputError(f"{info.path} decoded to fewer frames the second time (chunk {k} "
+                             f"of {len(track_files)}): re-export it")
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return swapped
+
+
+def _swap_frame(swapper: Swapper, rgb: np.ndarray, faces, assignment: Assignment,
+                colour: ColourSmoother, max_iod: float, payload: str) -> np.ndarray:
+    """Swap each planned face with its track's source (on a crop, at a bounded resolution),
+    smooth its colour, and watermark the swapped pixels."""
+    image = rgb.copy()
+    region = np.zeros(rgb.shape[:2], bool)
+    for track, face in faces:
+        source = assignment.sources[track]
+        # no finer than the source face itself: its texture holds no more detail than that
+        work_iod = min(max_iod, max(MIN_WORK_IOD, source.face.interocular))
+        crop, alpha, (x0, y0, x1, y1) = swap_face_bounded(swapper, image, face, source,
+                                                          max_iod=work_iod)
+        crop = colour(track, crop, image[y0:y1, x0:x1], alpha)
+        image[y0:y1, x0:x1] = crop
+        region[y0:y1, x0:x1] |= alpha > 0
+    return watermark_frame(image, region, [f for _, f in faces], payload)

@@ -1,0 +1,117 @@
+"""Temporal stability: a motion-adaptive one-euro filter on landmarks, and per-track colour.
+
+One-euro filter (Casiez et al. 2012, used on landmarks by FSGANv2): an exponential smoother
+whose cut-off rises with speed, ``fc = min_cutoff + beta * |dx/dt|``, so a still face is held
+steady (low cut-off kills detector jitter) and a moving one is followed without lag. Positions
+and speeds are measured in inter-ocular distances (and per second, from the real timestamps),
+so one setting fits every face size and frame rate.
+
+Colour: the swap matches the source's colours to the target face in every frame, from
+statistics over a mask that moves with the landmarks, so the swapped face's mean colour
+flickers a little from frame to frame. :class:`ColourSmoother` keeps, per track, the offset
+between the swapped face's mean colour and the target's own mean colour under the same mask,
+smooths that offset exponentially, and shifts the swapped pixels (weighted by alpha) by the
+difference. Real lighting changes in the target pass straight through (the offset, not the
+colour, is smoothed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OneEuroSettings:
+    """min_cutoff: Hz at rest (lower = steadier); beta: how fast the cut-off rises with speed
+    (in inter-ocular distances per second); d_cutoff: Hz of the speed estimate's own filter."""
+
+    min_cutoff: float = 1.0
+    beta: float = 1.5
+    d_cutoff: float = 1.0
+
+
+def _alpha(cutoff: np.ndarray | float, dt: float) -> np.ndarray | float:
+    tau = 1.0 / (2.0 * math.pi * cutoff)
+    return 1.0 / (1.0 + tau / dt)
+
+
+class OneEuroFilter:
+    """Filters one array-valued signal (e.g. [478,3] landmarks) sample by sample.
+
+    ``scale`` divides positions before the speed is measured (the face's inter-ocular distance),
+    so ``beta`` is independent of the face's size in pixels.
+    """
+
+    def __init__(self, settings: OneEuroSettings | None = None) -> None:
+        self.settings = settings or OneEuroSettings()
+        self.x: np.ndarray | None = None
+        self.dx: np.ndarray | None = None
+        self.t: float | None = None
+
+    def __call__(self, x: np.ndarray, t: float, scale: float = 1.0) -> np.ndarray:
+        """x: any float array (same shape every call); t: seconds. Returns the filtered x."""
+        x = np.asarray(x, np.float64)
+        if self.x is None or self.t is None or t <= self.t:
+            self.x, self.dx, self.t = x.copy(), np.zeros_like(x), t
+            return x.astype(np.float32)
+        s = self.settings
+        dt = t - self.t
+        speed = (x - self.x) / (dt * max(scale, 1e-6))
+        a_d = _alpha(s.d_cutoff, dt)
+        self.dx = a_d * speed + (1 - a_d) * self.dx
+        a = _alpha(s.min_cutoff + s.beta * np.abs(self.dx), dt)
+        self.x = a * x + (1 - a) * self.x
+        self.t = t
+        return self.x.astype(np.float32)
+
+    def state(self) -> dict:
+        return {"x": None if self.x is None else self.x.tolist(),
+                "dx": None if self.dx is None else self.dx.tolist(), "t": self.t}
+
+    def load_state(self, state: dict) -> None:
+        self.x = None if state["x"] is None else np.asarray(state["x"], np.float64)
+        self.dx = None if state["dx"] is None else np.asarray(state["dx"], np.float64)
+        self.t = state["t"]
+
+
+class ColourSmoother:
+    """Per-track exponential smoothing of the swapped face's colour offset (see module doc).
+
+    rate: weight of the newest frame (1 = no smoothing); core: alpha above which a pixel counts
+    as swapped face for the statistics.
+    """
+
+    def __init__(self, rate: float = 0.3, core: float = 0.9) -> None:
+        self.rate = rate
+        self.core = core
+        self.offsets: dict[int, np.ndarray] = {}
+
+    def __call__(self, track: int, swapped: np.ndarray, target: np.ndarray,
+                 alpha: np.ndarray) -> np.ndarray:
+        """swapped, target: [H,W,3] uint8 (a crop after / before this face's swap); alpha:
+        [H,W] float32 in [0,1] of this face. Returns swapped with the smoothed offset applied
+        (pixels where alpha == 0 are returned bit for bit)."""
+        core = (alpha >= self.core).astype(np.uint8)
+        if cv2.countNonZero(core) < 16:
+            return swapped
+        offset = (np.array(cv2.mean(swapped, core)[:3], np.float32)
+                  - np.array(cv2.mean(target, core)[:3], np.float32))
+        previous = self.offsets.get(track)
+        smoothed = offset if previous is None else previous + self.rate * (offset - previous)
+        self.offsets[track] = smoothed
+        shift = (smoothed - offset).astype(np.float32)
+        if np.abs(shift).max() < 0.5:  # rounds to no change anywhere
+            return swapped
+        moved = swapped.astype(np.float32) + alpha[..., None] * shift + 0.5
+        moved = np.clip(moved, 0, 255).astype(np.uint8)
+        return np.where(alpha[..., None] > 0, moved, swapped)
+
+    def state(self) -> dict:
+        return {str(k): v.tolist() for k, v in self.offsets.items()}
+
+    def load_state(self, state: dict) -> None:
+        self.offsets = {int(k): np.asarray(v, np.float32) for k, v in state.items()}
