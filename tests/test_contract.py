@@ -123,7 +123,7 @@ def test_one_detector_for_a_cli_swap_and_a_batch(tmp_path, landmarkers):
     folder = tmp_path / "targets"
     folder.mkdir()
     for name in ("astronaut", "group"):
-        shutil.copy(sample_path(name), folder / f"{name}.png")
+        shutil.copy(sample_path(name), folder / sample_path(name).name)
     landmarkers.clear()
     assert main(["swap", "-s", "sample:grace_hopper", "-t", str(folder), "-o",
                  str(tmp_path / "batch"), "--face-selector", "all", "--quiet"]) == 0
