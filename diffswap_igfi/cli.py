@@ -120,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weight of the first identity with --mix-mode weighted")
     swap.add_argument("--blend", choices=["laplacian", "poisson", "alpha"], default="laplacian",
                       help="how the warped face is blended in (default: laplacian)")
+    swap.add_argument("--occlusion-mask", metavar="PATH",
+                      help="geometric: an image of the target's size, white where the target "
+                           "must stay (hands, glasses, hair over the face)")
+    swap.add_argument("--auto-occluders", action="store_true",
+                      help="geometric: also keep target pixels over the face that are not its "
+                           "skin colour (glasses, hair; partial, by colour only)")
+    swap.add_argument("--source-eyes", action="store_true",
+                      help="geometric: the source's eyes even when they are less open than "
+                           "the target's (default: the target's then); either way they look "
+                           "where the target looks")
+    swap.add_argument("--shape-transfer", action="store_true",
+                      help="geometric: move the face outline to the source's face shape")
+    swap.add_argument("--domain", choices=["auto", "photo", "stylized"], default=None,
+                      help="geometric: stylized = a drawn/animated target, the face takes its "
+                           "flat colours (default: auto)")
+    swap.add_argument("--source-mouth", action="store_true",
+                      help="geometric: take the source's mouth interior (default: the target's "
+                           "teeth and tongue)")
     swap.add_argument("--force", action="store_true",
                       help="overwrite an existing output (never an input)")
     swap.add_argument("--max-pixels", type=_positive_int, default=40_000_000,
@@ -206,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ui_arguments(ui)
 
+    conv = sub.add_parser("convert", help="convert a released checkpoint (REFace's last.ckpt) "
+                          "to a pipeline folder that swap --checkpoint loads")
+    conv.add_argument("--from", dest="source_format", required=True, choices=["reface"])
+    conv.add_argument("checkpoint", metavar="CKPT")
+    conv.add_argument("out", metavar="OUT", help="new folder to write")
+    conv.add_argument("--allow-pickle", action="store_true",
+                      help="unpickle CKPT (it can run code: only for a file from a trusted source)")
+    conv.add_argument("--config", metavar="JSON", help="overrides of the model configuration")
+
     demo = sub.add_parser("demo", help="swap two photos that ship with our dependencies")
     demo.add_argument("-o", "--output", default="demo", metavar="DIR",
                       help="folder for the results (default: ./demo)")
@@ -223,9 +250,15 @@ def _engine_options(args: argparse.Namespace, mix_sources=()):
     """The swap options as engine options (checked: InputError on a bad combination)."""
     from diffswap_igfi.engines.factory import EngineOptions
 
-    return EngineOptions(engine=args.engine, blend=args.blend, checkpoint=args.checkpoint,
-                         steps=args.steps, guidance=args.guidance, seed=args.seed,
-                         device=args.device, warm_start=args.warm_start,
+    occlusion = (_load(args.occlusion_mask, args.max_pixels).rgb.max(axis=2) > 127
+                 if args.occlusion_mask else None)
+    return EngineOptions(engine=args.engine, blend=args.blend, occlusion_mask=occlusion,
+                         keep_eyes="never" if args.source_eyes else "auto",
+                         keep_mouth_interior="never" if args.source_mouth else "always",
+                         shape_transfer=1.0 if args.shape_transfer else 0.0,
+                         domain=args.domain or "auto", auto_occluders=args.auto_occluders,
+                         checkpoint=args.checkpoint, steps=args.steps, guidance=args.guidance,
+                         seed=args.seed, device=args.device, warm_start=args.warm_start,
                          refine=not args.no_refine, mix_sources=tuple(mix_sources),
                          mix_mode=args.mix_mode, mix_weight=args.mix_weight,
                          progress=not args.quiet)
@@ -503,6 +536,11 @@ def _run_ui(args: argparse.Namespace) -> int:
 
     return run_ui(args)
 
+def _run_convert(args: argparse.Namespace) -> int:
+    from diffswap_igfi.convert.reface import run_convert
+
+    return run_convert(args)
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.output)
@@ -531,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "conditions": cmd_conditions, "samples": cmd_samples,
                 "preprocess": _run_preprocess, "eval": _run_eval,
                 "build-dictionaries": _run_build_dictionaries, "ui": _run_ui,
-                "keys": _run_keys}
+                "keys": _run_keys, "convert": _run_convert}
     try:
         return handlers[args.command](args)
     except DiffSwapError as err:

@@ -12,9 +12,16 @@ from diffswap_igfi.io.samples import sample_path
 
 @pytest.fixture(scope="session", autouse=True)
 def _provenance_config_dir(tmp_path_factory):
-    """Signing keys made by tests go to a temporary folder, never the user's real config."""
+    """Signing keys made by tests go to a temporary folder, never the user's real config. They
+    are made up front, so the one-time "created a local C2PA signing key" note never lands in
+    the output of whichever test happens to write first (tests of that note use their own
+    folder)."""
+    from diffswap_igfi.provenance.keys import init_keys
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DIFFSWAP_IGFI_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
+        folder = tmp_path_factory.mktemp("config")
+        patch.setenv("DIFFSWAP_IGFI_CONFIG_DIR", str(folder))
+        init_keys()
         yield
 
 

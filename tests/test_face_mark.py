@@ -139,6 +139,7 @@ def test_video_clip_marked_after_h264_and_clean_clip_not(photos, detector, tmp_p
     result = detect_clip(h264(marked, 28, fps=10), detector=detector, expect=payload)
     assert result.found and result.frames == 8 and result.agreeing >= result.needed
     assert result.match_fraction is not None and result.match_fraction > 0.5
+    assert result.payload_matches and result.expected == payload
     assert "found" in result.summary()
     untouched = detect_clip((f, detector.detect(f)) for f in h264(clean, 28, fps=10))
     assert not untouched.found and untouched.frames_with_faces == 8
@@ -156,3 +157,20 @@ def test_video_clip_marked_after_h264_and_clean_clip_not(photos, detector, tmp_p
     write_h264(clean, plain, 28, fps=10)
     assert main(["verify", str(plain)]) == 1
     assert "no synthetic-media marker found" in capsys.readouterr().out
+
+
+def test_mark_frame_on_the_face_crop_equals_the_whole_frame_mark(photos, faces):
+    """mark_frame marks each face on the crop its aligned frame covers; the result is the
+    whole-frame mark's up to OpenCV's fixed-point rounding (warps of shifted coordinates)."""
+    rgb = np.zeros((720, 1280, 3), np.uint8)
+    rgb[100:612, 300:812] = photos["grace_hopper"].rgb[:512, :512]
+    kps = faces["grace_hopper"][0].kps + (300, 100)
+    region = np.zeros(rgb.shape[:2], bool)
+    region[150:550, 350:750] = True
+    cropped = mark_frame(rgb, [kps], region, payload="0123abcd")
+    whole = embed_watermark(face_mark.embed_face_mark(rgb, [kps], region,
+                                                      key=DEFAULT_WATERMARK_KEY,
+                                                      payload="0123abcd"), region)
+    diff = np.abs(cropped.astype(int) - whole)
+    assert diff.max() <= 1 and (diff > 0).sum() < 50
+    assert np.array_equal(cropped[~region], rgb[~region])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from diffswap_igfi.errors import AmbiguousFaceError, FaceNotFoundError, ModelNotFoundError
-from diffswap_igfi.faces import masks, topology
+from diffswap_igfi.faces import masks, mesh, topology
 from diffswap_igfi.faces.align import (align_face, invert_affine, similarity_transform,
                                        template_points)
 from diffswap_igfi.faces.detect import box_iou, pick_source_face, select_faces
@@ -192,3 +192,84 @@ def test_missing_or_bad_landmarker_bundle_is_a_clear_error(tmp_path, monkeypatch
     monkeypatch.delenv(ENV_VAR)
     path = landmarker_model_path()
     assert path.name == "face_landmarker.task" and os.path.getsize(path) > 1_000_000
+
+
+def test_mesh_interpolation_reproduces_linear_values_and_paints_nearest_last():
+    # two triangles of a square, plus one in front of them (smaller depth = nearer)
+    pts = np.array([[10, 10], [90, 10], [90, 90], [10, 90], [40, 40], [60, 40], [50, 60]],
+                   np.float64)
+    tris = np.array([[0, 1, 2], [0, 2, 3], [4, 5, 6]])
+    depth = np.array([5, 5, 5, 5, 1, 1, 1], np.float64)
+    index = mesh.raster_index(pts, tris, (100, 100), depth=depth)
+    assert index[50, 50] == 2 and index[20, 80] == 0 and index[80, 20] == 1
+    assert index[5, 5] == -1
+    # a linear function of position is reproduced exactly by barycentric interpolation
+    values = np.stack([3 * pts[:, 0] - pts[:, 1], pts[:, 1] + 7], axis=1)
+    got = mesh.interpolate(pts, tris, values, index)
+    ys, xs = np.nonzero(index >= 0)
+    np.testing.assert_allclose(got[ys, xs, 0], 3 * xs - ys, atol=1e-3)  # float32 rounding
+    np.testing.assert_allclose(got[ys, xs, 1], ys + 7, atol=1e-3)
+    assert not got[index < 0].any()
+
+
+def test_canonical_mesh_mirror_and_visibility_of_a_turned_head(faces):
+    from diffswap_igfi.geometry.canonical import canonical_face
+
+    vertices, tris = canonical_face()
+    mirror = mesh.mirror_indices(vertices)
+    assert np.array_equal(mirror[mirror], np.arange(len(vertices)))  # an involution
+    assert mirror[topology.NOSE_TIP] == topology.NOSE_TIP  # the midline maps to itself
+    assert mirror[33] == 263  # outer eye corners swap sides
+    # a frontal face shows the triangles that face forward; the canonical face turned 70
+    # degrees hides the far cheek and shows the near one
+    normals = np.cross(vertices[tris[:, 1]] - vertices[tris[:, 0]],
+                       vertices[tris[:, 2]] - vertices[tris[:, 0]])
+    front = normals[:, 2] / np.linalg.norm(normals, axis=1) > 0.5
+    vis = mesh.triangle_visibility(faces["grace_hopper"][0].landmarks[:468], tris)
+    assert vis[front].mean() > 0.9
+    yaw = np.radians(70)
+    rot = np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]])
+    cam = vertices @ rot.T * 20
+    turned = cam * np.array([1, -1, -1]) + (300, 300, 0)  # back to landmark convention
+    vis = mesh.triangle_visibility(turned, tris)
+    centre_x = vertices[tris].mean(1)[:, 0]
+    assert vis[centre_x < -3].mean() > 0.6 and vis[centre_x > 3].mean() < 0.1  # +x turns away
+
+
+def test_skin_model_tells_the_face_from_what_covers_it(faces, photos):
+    from diffswap_igfi.faces import skin
+    from diffswap_igfi.faces.lighting import rgb_to_lab, sample
+
+    face = faces["astronaut"][0]
+    lab = rgb_to_lab(photos["astronaut"].rgb.astype(np.float32))
+    cheeks = [50, 280, 205, 425, 187, 411, 117, 346]  # cheek vertices of the mesh
+    model = skin.fit_skin_model(sample(lab, face.points[cheeks * 3]), np.ones(24))
+    assert model is not None
+    x0, y0, x1, y1 = face.box.astype(int)
+    likely = skin.skin_likelihood(model, lab)
+    nose_x, nose_y = face.points[topology.NOSE_TIP].astype(int)
+    assert likely[nose_y - 10:nose_y + 10, nose_x - 20:nose_x + 20].mean() > 0.8  # skin
+    assert likely[20:60, 20:60].mean() < 0.1  # the dark flag at the top left
+    assert skin.skin_likelihood(None, lab).min() == 1.0
+
+
+@pytest.mark.slow
+def test_tiny_faces_in_a_large_photo_are_found(detector, photos, faces, rng):
+    # five faces 20-40 px wide pasted into a 3000x2000 background of smooth colour noise
+    noise = rng.uniform(60, 200, (40, 60, 3)).astype(np.uint8)
+    canvas = cv2.resize(noise, (3000, 2000), interpolation=cv2.INTER_CUBIC)
+    centres = []
+    for i, (name, side) in enumerate([("astronaut", 20), ("grace_hopper", 40), ("astronaut", 40),
+                                      ("grace_hopper", 24), ("astronaut", 30)]):
+        face = faces[name][0]
+        x0, y0, x1, y1 = face.box
+        m = 0.6 * (x1 - x0)
+        crop = photos[name].rgb[int(max(0, y0 - m)):int(y1 + m), int(max(0, x0 - m)):int(x1 + m)]
+        s = side / (x1 - x0)
+        small = cv2.resize(crop, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+        x, y = 300 + i * 520, 400 + (i % 2) * 900
+        canvas[y:y + small.shape[0], x:x + small.shape[1]] = small
+        centres.append((x + small.shape[1] / 2, y + small.shape[0] / 2))
+    found = detector.detect(canvas)
+    for cx, cy in centres:
+        assert any(abs(f.center[0] - cx) < 15 and abs(f.center[1] - cy) < 15 for f in found)

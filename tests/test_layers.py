@@ -17,7 +17,7 @@ LAYERS = [
     ["geometry", "provenance"],
     ["conditions"],
     ["sfi", "data", "adapters", "jr", "losses"],
-    ["engines"],
+    ["engines", "convert"],  # convert: foreign checkpoints into our pipeline folders
     ["swapper"],
     ["video"],
     ["eval", "ui"],

@@ -140,6 +140,38 @@ def test_an_error_reaches_the_api_client_as_one_line(client):
     assert "out of range" in message and "\n" not in message.strip()
 
 
+def _audio_packets(path) -> list[bytes]:
+    import av
+
+    with av.open(str(path)) as c:
+        return [bytes(p) for p in c.demux(c.streams.audio[0]) if p.size]
+
+
+def test_swap_video_api_returns_a_marked_video_with_the_same_frames_and_audio(
+        client, photos, tmp_path):
+    """A 256x192 clip of 12 frames with a sine track (the astronaut's face large, under a
+    moving camera), through /swap_video and then /verify."""
+    from gradio_client import handle_file
+
+    from diffswap_igfi.io.video import probe_video
+    from diffswap_igfi.provenance.video import verify_video
+    from diffswap_igfi.video.synthetic import camera_path, render_frames, write_test_video
+
+    photo = photos["astronaut"].rgb
+    affines = camera_path(12, photo.shape[:2], (192, 256), center=(230.0, 150.0), cover=1.4)
+    clip = write_test_video(tmp_path / "clip.mp4", render_frames(photo, affines, (192, 256)))
+    path, summary = client.predict(sources=[handle_file(str(sample_path("grace_hopper")))],
+                                   video=handle_file(str(clip)), api_name="/swap_video")
+    assert Path(path).suffix == ".mp4" and "SYNTHETIC" in summary.splitlines()[0]
+    assert "swapped 1 of 1 people in 12 of 12 frames" in summary
+    assert probe_video(path).frames == probe_video(clip).frames == 12
+    assert _audio_packets(path) == _audio_packets(clip)  # copied bit for bit
+    report = verify_video(path)
+    assert report.metadata.synthetic and report.watermark_found, report.lines()
+    summary, details = client.predict(image=handle_file(path), api_name="/verify")
+    assert details["synthetic"] is True and details["watermark"]["frames_marked"] > 0
+
+
 def test_uploads_over_the_size_cap_are_refused_by_server_and_client(client, server, tmp_path):
     import httpx
     from gradio_client import handle_file
@@ -272,6 +304,59 @@ def test_a_browser_uploads_two_photos_picks_faces_swaps_and_gets_the_marked_resu
     while folder.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not folder.exists(), "the session folder outlived its tab"
+
+
+def test_a_browser_previews_a_video_picks_a_person_and_gets_the_swapped_video(
+        server, browser, tmp_path, photos):
+    """The Video tab: frame preview, 'Find people', a click on person 1, the swap, the player
+    and the verify report."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from diffswap_igfi.io.video import probe_video
+    from diffswap_igfi.video.synthetic import camera_path, render_frames, write_test_video
+
+    a, g = photos["astronaut"].rgb, photos["grace_hopper"].rgb
+    left = render_frames(a, camera_path(10, a.shape[:2], (192, 128), center=(230.0, 150.0),
+                                        cover=1.2), (192, 128))
+    right = render_frames(g, camera_path(10, g.shape[:2], (192, 128), center=(270.0, 250.0),
+                                         cover=1.6), (192, 128))
+    clip = write_test_video(tmp_path / "two.mp4",
+                            [np.concatenate([x, y], 1) for x, y in zip(left, right)])
+
+    def element(css, timeout=60):
+        WebDriverWait(browser, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
+        return browser.find_element(By.CSS_SELECTOR, css)
+
+    def text(css):
+        return element(css).text
+
+    browser.get(server[0])
+    element("#swap")  # the page is up
+    next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]")
+         if t.text.strip() == "Video").click()
+    element("#video_sources input[type=file]").send_keys(str(sample_path("tom_hanks")))
+    element("#video_target input[type=file]").send_keys(str(clip))
+    WebDriverWait(browser, 60).until(lambda d: "2 face(s) on this frame" in text(
+        "#video_caption"))
+    assert "10 frames" in text("#video_about") and "audio: aac" in text("#video_about")
+    element("#video_find").click()
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(
+        By.CSS_SELECTOR, "#video_people button.thumbnail-item")) == 2)
+    assert "2 of the video's 2 people" in text("#video_caption")
+    browser.find_elements(By.CSS_SELECTOR, "#video_people button.thumbnail-item")[1].click()
+    WebDriverWait(browser, 10).until(lambda d: element("#video_index input").get_attribute(
+        "value") == "1")
+    element("#video_swap").click()
+    link = element("#video_result a[href*='two_swapped']", timeout=120)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR,
+                                                               "#video_player video"))
+    report = element("#video_report textarea").get_attribute("value")
+    assert "SYNTHETIC" in report and "swapped 1 of 2 people in 10 of 10 frames" in report
+    downloaded = tmp_path / "downloaded.mp4"
+    with urllib.request.urlopen(link.get_attribute("href"), timeout=30) as response:
+        downloaded.write_bytes(response.read())
+    assert probe_video(downloaded).frames == 10
 
 
 def _save_marked_screenshot(browser, tmp_path: Path, dest: Path) -> None:

@@ -195,13 +195,18 @@ def test_other_hosts_need_allow_remote_and_print_a_warning(capsys):
     assert capsys.readouterr().err.startswith("warning: listening on 0.0.0.0")
 
 
-def test_ui_defaults_are_local_without_a_share_link():
+def test_ui_defaults_are_local_without_a_share_link_and_video_limits_are_options():
     parser = argparse.ArgumentParser()
     add_ui_arguments(parser)
     args = parser.parse_args([])
     assert (args.host, args.port, args.share, args.allow_remote) == ("127.0.0.1", 7860, False,
                                                                      False)
     assert args.max_pixels == 40_000_000
+    assert (args.max_video_seconds, args.max_video_frames) == (300.0, 9000)
+    args = parser.parse_args(["--max-video-seconds", "12.5", "--max-video-frames", "200"])
+    assert (args.max_video_seconds, args.max_video_frames) == (12.5, 200)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-video-seconds", "0"])
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from conftest import assert_one_line
 
 from diffswap_igfi.cli import main
 from diffswap_igfi.io.video import iter_frames, probe_video
-from diffswap_igfi.provenance.video import verify_video
+from diffswap_igfi.provenance.verify_video import read_video_manifest, verify_video
 from diffswap_igfi.video.synthetic import camera_path, cartoon_face, render_frames, write_test_video
 
 SIZE = (192, 256)  # (height, width) as displayed
@@ -135,10 +135,98 @@ def test_verify_finds_marks(clip, swapped, capsys):
     # a ~70 px face in a 256x192 frame after H.264 is near the image watermark's limit (32 px
     # windows): not every frame decodes, but any one is evidence (1e-6 false alarms per frame)
     assert report.watermark_found and report.marked >= 2, report.lines()
+    # the signed manifest: valid, bound, and its signer reported as the untrusted local one
+    manifest = report.c2pa
+    assert manifest.present and manifest.signature_ok and manifest.binding_ok
+    assert manifest.trusted is False and manifest.failures == ["signingCredential.untrusted"]
+    assert manifest.actions == ["c2pa.opened", "c2pa.edited"] and manifest.parent == "clip.mp4"
+    assert manifest.engine == "geometric"
+    # one payload for the clip, named by the manifest and the container tags alike
+    assert manifest.watermark_payload == report.metadata.details["watermark"]
+    # the face mark over the clip, expecting the manifest's payload
+    assert report.clip.found and report.clip.frames_with_faces == 16
+    assert report.clip.expected == manifest.watermark_payload
+    # The payload link is weak on this 30 px face (eyes) after H.264: over six payloads the
+    # clip's match z was 3.9-5.4 (threshold 3.72), so only a clear positive lean is asserted;
+    # unrelated payloads centre on 0 with unit spread.
+    assert report.clip.match_z > 2.0, report.lines()
     assert main(["verify", str(swapped)]) == 0
-    assert "SYNTHETIC" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "SYNTHETIC" in out and "signed by an untrusted local certificate" in out
+    assert "video face watermark: found" in out
     plain = verify_video(clip[0])
     assert plain.metadata is None and plain.marked == 0
+    assert not plain.c2pa.present and not plain.clip.found and not plain.synthetic
+    assert plain.clip.frames_with_faces == 16  # the face was read, and carries no mark
+    assert main(["verify", str(clip[0])]) == 1
+
+
+def _mdat_payload_offset(data: bytes) -> tuple[int, int]:
+    """(start, end) of the payload of the top-level ``mdat`` box of an MP4 (the coded frames)."""
+    pos = 0
+    while pos + 8 <= len(data):
+        size, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        header = 8
+        if size == 1:
+            size, header = int.from_bytes(data[pos + 8:pos + 16], "big"), 16
+        elif size == 0:
+            size = len(data) - pos
+        if kind == b"mdat":
+            return pos + header, pos + size
+        pos += size
+    raise AssertionError("no mdat box")
+
+
+def test_one_changed_byte_of_video_data_breaks_the_binding(swapped, tmp_path, capsys):
+    data = bytearray(swapped.read_bytes())
+    start, end = _mdat_payload_offset(bytes(data))
+    data[(start + end) // 2] ^= 0x01
+    edited = tmp_path / "edited.mp4"
+    edited.write_bytes(bytes(data))
+    report = verify_video(edited)
+    assert report.c2pa.present and report.c2pa.binding_ok is False, report.c2pa
+    assert any(code.endswith("mismatch") for code in report.c2pa.failures)
+    assert main(["verify", str(edited)]) == 0  # the other marks still say synthetic
+    assert "binding BROKEN" in capsys.readouterr().out
+
+
+def test_webm_carries_tags_and_marks_but_no_manifest(clip, tmp_path, capsys):
+    out = tmp_path / "swapped.webm"
+    assert main(["swap", "-s", "sample:grace_hopper", "-t", str(clip[0]), "-o", str(out),
+                 "--quiet", "--trim-end", "0.5"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swapped.webm"]  # nothing left over
+    report = verify_video(out)
+    assert report.synthetic and report.metadata.synthetic and report.clip.found
+    assert not report.c2pa.present and "cannot hold a C2PA manifest" in report.c2pa.error
+    assert report.clip.expected == report.metadata.details["watermark"]
+    assert main(["verify", str(out)]) == 0
+    assert "C2PA manifest: none (.webm files cannot hold" in capsys.readouterr().out
+
+
+def test_video_signed_with_the_organisation_key_from_the_command_line(clip, tmp_path, capsys):
+    from diffswap_igfi.provenance.c2pa_sign import read_c2pa
+    from diffswap_igfi.provenance.keys import make_certificate_chain
+
+    chain, key, _ = make_certificate_chain("Example Newsroom signer")
+    (tmp_path / "org.pem").write_bytes(chain)
+    (tmp_path / "org.key").write_bytes(key)
+    out = tmp_path / "org.mp4"
+    # one without the other, or a key that is not one: refused before any work
+    assert main(["swap", "-s", "sample:grace_hopper", "-t", str(clip[0]), "-o", str(out),
+                 "--quiet", "--c2pa-cert", str(tmp_path / "org.pem")]) == 2
+    assert "--c2pa-key" in capsys.readouterr().err
+    (tmp_path / "bad.key").write_text("not a key\n")
+    assert main(["swap", "-s", "sample:grace_hopper", "-t", str(clip[0]), "-o", str(out),
+                 "--quiet", "--c2pa-cert", str(tmp_path / "org.pem"), "--c2pa-key",
+                 str(tmp_path / "bad.key")]) == 2
+    assert_one_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.key", "org.key", "org.pem"]
+    assert main(["swap", "-s", "sample:grace_hopper", "-t", str(clip[0]), "-o", str(out),
+                 "--quiet", "--trim-end", "0.3", "--c2pa-cert", str(tmp_path / "org.pem"),
+                 "--c2pa-key", str(tmp_path / "org.key")]) == 0
+    report = read_c2pa(out)
+    assert report.signer == "Example Newsroom signer" and report.binding_ok
+    assert report.signature_ok and report.parent == "clip.mp4"
 
 
 @pytest.mark.parametrize("start,end", [(0.2, 0.5), (None, 0.25)])
@@ -234,6 +322,11 @@ def test_resume_after_sigkill(clip, swapped, tmp_path):
     a, b = _packets(swapped, "video"), _packets(out, "video")
     assert [d for d, _ in a] == [d for d, _ in b]
     assert _packets(path, "audio") == _packets(out, "audio")
+    # signed once, at the end, with the same payload as the uninterrupted run (same inputs)
+    resumed, whole = verify_video(out), verify_video(swapped)
+    assert resumed.c2pa.binding_ok and resumed.c2pa.signature_ok
+    assert resumed.c2pa.watermark_payload == whole.c2pa.watermark_payload is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
 def test_map_faces_two_people(photos, faces, recognizer, detector, tmp_path):
@@ -314,3 +407,53 @@ def test_person_who_leaves_and_returns_keeps_one_track(photos, tmp_path):
                             log=lambda m: None)
     assert result.tracks == 1
     assert result.swapped_frames == 10  # the blank frames pass through
+
+
+def test_no_unsigned_file_ever_at_the_output_path(tmp_path, monkeypatch):
+    """write_synthetic_video muxes into scratch and signs into place; while it signs the output
+    path holds nothing, and a failed signing leaves nothing behind. MKV is not signed."""
+    from diffswap_igfi.errors import OutputError
+    from diffswap_igfi.provenance import video as provenance_video
+    from diffswap_igfi.provenance.c2pa_sign import read_c2pa
+    from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
+
+    frames = [np.full((64, 64, 3), 20 * i, np.uint8) for i in range(12)]
+    source = write_test_video(tmp_path / "in.mp4", frames, audio_hz=None)
+    out, scratch = tmp_path / "out" / "out.mp4", tmp_path / "work"
+    out.parent.mkdir()
+    scratch.mkdir()
+
+    def mux(path: Path, tags: dict) -> Path:
+        assert tags["synthetic"] == "true" and "watermark=0123abcd" in tags["details"]
+        path.write_bytes(source.read_bytes())
+        return path
+
+    real_sign = provenance_video.sign_file
+    seen = []
+
+    def sign(path, **kwargs):
+        seen.append((path.parent, out.exists()))
+        return real_sign(path, **kwargs)
+
+    monkeypatch.setattr(provenance_video, "sign_file", sign)
+    kwargs = {"digital_source_type": COMPOSITE_SYNTHETIC, "engine": "geometric",
+              "parent_path": source, "watermark_payload": "0123abcd"}
+    provenance_video.write_synthetic_video(out, mux, scratch=scratch, **kwargs)
+    assert seen == [(scratch, False)]
+    report = read_c2pa(out)
+    assert report.binding_ok and report.parent == "in.mp4"
+    assert report.watermark_payload == "0123abcd"
+    assert list(scratch.iterdir()) == [] and list(out.parent.iterdir()) == [out]
+
+    def failing(path, **kwargs):
+        raise OutputError("disk full")
+
+    monkeypatch.setattr(provenance_video, "sign_file", failing)
+    again = tmp_path / "out" / "again.mp4"
+    with pytest.raises(OutputError):
+        provenance_video.write_synthetic_video(again, mux, **kwargs)
+    assert list(out.parent.iterdir()) == [out]  # no unsigned file, no temporary
+    mkv = provenance_video.write_synthetic_video(
+        tmp_path / "out" / "out.mkv", lambda p, t: write_test_video(p, frames, audio_hz=None),
+        **kwargs)
+    assert not read_video_manifest(mkv).present

@@ -49,14 +49,40 @@ def quiet_loading() -> Iterator[None]:
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # "Loading weights" of transformers components
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
         diffusers_logging.set_verbosity(verbosity[0])
         transformers_logging.set_verbosity(verbosity[1])
+
+
+# model_index.json's ``_class_name`` -> (module, class): the pipeline classes a folder may name
+PIPELINE_CLASSES = {
+    "DiffSwapIGFIPipeline": ("diffswap_igfi.sfi.pipeline", "DiffSwapIGFIPipeline"),
+    "RefacePipeline": ("diffswap_igfi.sfi.reface_pipeline", "RefacePipeline"),
+}
+
+
+def pipeline_class_for(path: Path):
+    """The pipeline class a checkpoint folder's model_index.json names (only ours)."""
+    import importlib
+    import json
+
+    try:
+        name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"cannot read {path / 'model_index.json'} ({err}): "
+                                 f"{HOW_TO_GET_A_CHECKPOINT}") from err
+    if name not in PIPELINE_CLASSES:
+        raise ModelNotFoundError(f"{path} holds a {name!r} pipeline; this engine runs "
+                                 f"{', '.join(sorted(PIPELINE_CLASSES))}")
+    module, cls = PIPELINE_CLASSES[name]
+    return getattr(importlib.import_module(module), cls)
 
 
 def load_pipeline(checkpoint: str | Path | None, device: str = "cpu", *, progress: bool = True):
@@ -70,11 +96,10 @@ def load_pipeline(checkpoint: str | Path | None, device: str = "cpu", *, progres
         raise ModelNotFoundError(f"{path} is not a DiffSwapIGFIPipeline folder (no "
                                  f"model_index.json): {HOW_TO_GET_A_CHECKPOINT}")
     _refuse_pickles(path)
-    from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
-
+    pipeline_class = pipeline_class_for(path)
     try:
         with quiet_loading():
-            pipe = DiffSwapIGFIPipeline.from_pretrained(path, use_safetensors=True)
+            pipe = pipeline_class.from_pretrained(path, use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelNotFoundError(f"cannot load the checkpoint {path} ({first}): "

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from diffswap_igfi.conditions.source import Source
 from diffswap_igfi.engines.base import SwapEngine
 from diffswap_igfi.engines.geometric import BLENDS, GeometricSwapper
@@ -19,7 +21,9 @@ class EngineOptions:
     """What engine to build and how it swaps; checked on creation (InputError).
 
     engine: ``geometric`` or ``diffusion``; None picks diffusion when a checkpoint is given.
-    blend: the geometric engine's blending (also the diffusion warm start's). checkpoint,
+    blend: the geometric engine's blending (also the diffusion warm start's); occlusion_mask
+    ([H,W] bool, the target's pixels to keep), keep_eyes, keep_mouth_interior, shape_transfer,
+    domain, auto_occluders: the geometric engine's options (``GeometricSwapper``). checkpoint,
     steps, guidance, seed, device, refine, progress: the diffusion engine. warm_start: a
     strength in (0, 1]: start diffusion from the geometric swap. mix_sources, mix_mode,
     mix_weight: identity mixing (MFIM) with a second person's source faces.
@@ -27,6 +31,12 @@ class EngineOptions:
 
     engine: str | None = None
     blend: str = "laplacian"
+    occlusion_mask: np.ndarray | None = None
+    keep_eyes: str = "auto"
+    keep_mouth_interior: str = "always"
+    shape_transfer: float = 0.0
+    domain: str = "auto"
+    auto_occluders: bool = False
     checkpoint: str | Path | None = None
     steps: int = 30
     guidance: float = 3.0
@@ -50,6 +60,12 @@ class EngineOptions:
                 raise InputError("--checkpoint, --mix-source, --warm-start and --no-refine need "
                                  "--engine diffusion")
             return
+        if (self.occlusion_mask is not None or self.keep_eyes != "auto"
+                or self.keep_mouth_interior != "always" or self.shape_transfer
+                or self.domain != "auto" or self.auto_occluders):
+            raise InputError("--occlusion-mask, --auto-occluders, --source-eyes, --source-mouth, "
+                             "--shape-transfer and --domain work with the geometric engine only: "
+                             "drop them or use --engine geometric")
         if self.steps < 1:
             raise InputError(f"--steps must be positive, got {self.steps}")
         if self.warm_start is not None and not 0.0 < self.warm_start <= 1.0:
@@ -68,7 +84,11 @@ class EngineOptions:
 def build_engine(options: EngineOptions) -> SwapEngine:
     """The engine ``options`` ask for. Loading a diffusion checkpoint raises
     ModelNotFoundError with what to do."""
-    geometric = GeometricSwapper(blend=options.blend)
+    geometric = GeometricSwapper(blend=options.blend, occlusion_mask=options.occlusion_mask,
+                                 keep_eyes=options.keep_eyes,
+                                 keep_mouth_interior=options.keep_mouth_interior,
+                                 shape_transfer=options.shape_transfer, domain=options.domain,
+                                 auto_occluders=options.auto_occluders)
     if options.name == "geometric":
         return geometric
     from diffswap_igfi.engines.diffusion import DiffusionEngine, load_pipeline

@@ -1,14 +1,27 @@
 """The geometric swap engine: the embedded default that runs anywhere, with no trained weights.
 
-Classical landmark-warp swap: the source face is warped onto the target's 478 landmarks by a
-piecewise-affine map over a Delaunay triangulation, its colour and low-frequency lighting are
-matched to the target, and it is blended in (Laplacian pyramid or Poisson) under a feathered
-mask of the target's face oval. Pixels where that mask is zero are the target's, bit for bit.
-It is also the baseline the diffusion stage is measured against and its optional warm start.
+A 3D-aware texture transfer on MediaPipe's 478-point mesh. The source face's texture is carried
+onto the target's mesh triangle by triangle (the mesh's own triangles, painted nearest-last so a
+turned head's nose hides what it hides). Each source triangle counts only as far as it is
+visible in the source photo (facing the camera, not hidden by nearer ones); what the source does
+not show is taken from the mirrored triangle on the other side of the face (the mesh is left/right
+symmetric), and what neither shows stays the target's. Nothing is ever sampled outside the
+source's mesh, so no source background reaches the result.
+
+The texture is then relit (second-order spherical harmonics fitted on mesh normals, target
+lighting over source lighting) and colour matched region by region in Lab, and blended in under a
+mask that stays inside the target's face oval, leaving the target's mouth interior and eyes
+(teeth, tongue, gaze) and any user-given occlusion mask to the target. Pixels where the mask is
+zero are the target's, bit for bit.
+
+All of this runs at a bounded working resolution (the face scaled to ``work_iod`` pixels between
+the eyes, never up); only the final composite runs at the photo's resolution, so the cost of a
+swap hardly grows with the size of the face.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,195 +29,414 @@ import cv2
 import numpy as np
 
 from diffswap_igfi.conditions.source import Source
-from diffswap_igfi.faces import masks, topology
-from diffswap_igfi.faces.blend import (composite, laplacian_blend, match_color, match_shading,
-                                       poisson_blend)
+from diffswap_igfi.errors import InputError
+from diffswap_igfi.faces import masks, mesh, skin, style, topology
+from diffswap_igfi.faces.blend import composite, laplacian_blend, poisson_blend
+from diffswap_igfi.faces.features import OPEN_MOUTH, align_irises, eye_opening, mouth_opening
+from diffswap_igfi.faces.frame import WorkFrame, work_frame
+from diffswap_igfi.faces.lighting import (fit_sh, relative_shading, rgb_to_lab, sample,
+                                          transfer_color)
 from diffswap_igfi.faces.record import FaceRecord
+from diffswap_igfi.geometry import reshape
+from diffswap_igfi.geometry.canonical import canonical_face
 from diffswap_igfi.provenance.metadata import COMPOSITE_SYNTHETIC
 
 BLENDS = ("laplacian", "poisson", "alpha")
+DOMAINS = ("auto", "photo", "stylized")
+N = topology.NUM_MESH_POINTS
 
 
-def triangulate(points: np.ndarray) -> np.ndarray:
-    """Delaunay triangles of the mesh vertices. points: [478,2]. Returns [T,3] int indices."""
-    from scipy.spatial import Delaunay  # scipy.spatial is slow to import; only swaps need it
+@dataclass(frozen=True)
+class MeshTopology:
+    """What the engine needs from MediaPipe's canonical face, computed once.
 
-    return Delaunay(points[: topology.NUM_MESH_POINTS].astype(np.float64)).simplices
-
-
-def piecewise_affine_maps(src_points: np.ndarray, dst_points: np.ndarray, triangles: np.ndarray,
-                          roi: tuple[int, int, int, int], *, extend: bool = True
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel sampling maps that carry each destination triangle onto its source triangle.
-
-    src_points, dst_points: [N,2] pixels in their photos; triangles: [T,3] indices; roi:
-    (x0, y0, x1, y1) of the destination region; extend: give pixels outside every triangle the
-    map of the nearest one. Returns (map_xy [h,w,2] float32 source pixel
-    for every ROI pixel, covered [h,w] bool: pixels inside some triangle, before extension).
+    triangles: [T,3] int32 (front faces counter-clockwise in model space); mirror: [468] int,
+    each vertex's left/right twin; skin: [468] float in [0,1], 0 on eyes, brows and lips (the
+    vertices whose shading says nothing about lighting); rim: [468] bool, the face-oval vertices
+    (their texture in a photo is half background); hairline: [468] float in [0,1], 0 at the
+    top of the forehead, 1 below it.
     """
-    x0, y0, x1, y1 = roi
-    h, w = y1 - y0, x1 - x0
-    dst = dst_points[triangles].astype(np.float64) - (x0, y0)  # [T,3,2]
-    src = src_points[triangles].astype(np.float64)
-    ones = np.ones((len(triangles), 3, 1))
-    dst_h = np.concatenate([dst, ones], axis=2)  # [T,3,3]
-    # Solve dst_h @ M = src for each triangle's 3x2 affine M; skip degenerate triangles.
-    det = np.linalg.det(dst_h)
-    ok = np.abs(det) > 1e-9
-    affines = np.zeros((len(triangles), 3, 2))
-    affines[ok] = np.linalg.solve(dst_h[ok], src[ok])
-    index = np.zeros((h, w), np.int32)  # 0 = no triangle; k = triangle k-1
-    fixed = np.round(dst * 16).astype(np.int32)
-    for k in np.nonzero(ok)[0]:
-        cv2.fillConvexPoly(index, fixed[k], int(k) + 1, lineType=cv2.LINE_8, shift=4)
-    covered = index > 0
-    if extend and covered.any() and not covered.all():
-        # Pixels outside the mesh take the affine of the nearest triangle, so a mask may reach
-        # a little past the outermost landmarks without sampling garbage.
-        _, labels = cv2.distanceTransformWithLabels((~covered).astype(np.uint8), cv2.DIST_L2, 3,
-                                                    labelType=cv2.DIST_LABEL_PIXEL)
-        nearest = np.zeros(labels.max() + 1, np.int32)
-        nearest[labels[covered]] = index[covered]
-        index = nearest[labels]
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
-    m = affines[np.maximum(index - 1, 0)]  # [h,w,3,2]
-    map_x = xs * m[..., 0, 0] + ys * m[..., 1, 0] + m[..., 2, 0]
-    map_y = xs * m[..., 0, 1] + ys * m[..., 1, 1] + m[..., 2, 1]
-    return np.stack([map_x, map_y], axis=-1).astype(np.float32), covered
+
+    triangles: np.ndarray
+    mirror: np.ndarray
+    skin: np.ndarray
+    rim: np.ndarray
+    hairline: np.ndarray
 
 
-def face_roi(face: FaceRecord, shape: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
-    """Integer (x0, y0, x1, y1) around a face's mesh with ``margin`` pixels, inside the photo."""
-    x0, y0, x1, y1 = face.box
-    h, w = shape
-    return (int(max(0, np.floor(x0 - margin))), int(max(0, np.floor(y0 - margin))),
-            int(min(w, np.ceil(x1 + margin))), int(min(h, np.ceil(y1 + margin))))
+@functools.lru_cache(maxsize=1)
+def mesh_topology() -> MeshTopology:
+    """The canonical mesh's triangles, mirror map and vertex classes (cached)."""
+    vertices, triangles = canonical_face()
+    features = list(topology.LEFT_EYE + topology.RIGHT_EYE + topology.LEFT_EYEBROW
+                    + topology.RIGHT_EYEBROW + topology.LIPS_OUTER + topology.LIPS_INNER)
+    dist = np.linalg.norm(vertices[:, None, :] - vertices[None, features, :], axis=2).min(1)
+    skin = np.clip((dist - 0.3) / 0.5, 0.0, 1.0)  # cm from the nearest feature vertex
+    rim = np.zeros(N, bool)
+    rim[list(topology.FACE_OVAL)] = True
+    # the top of the forehead is where hair falls in most photos: its texture fades out
+    hairline = np.clip((FOREHEAD_TOP_CM - vertices[:, 1]) / FOREHEAD_FADE_CM, 0.0, 1.0)
+    return MeshTopology(triangles, mesh.mirror_indices(vertices), skin, rim, hairline)
 
 
-def swap_mask(face: FaceRecord, roi: tuple[int, int, int, int], *, grow: int = 0,
-              keep_mouth_interior: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Hard swap mask of the target face inside ``roi``: the face oval grown by ``grow`` pixels,
-    less the open mouth.
+FOREHEAD_TOP_CM = 7.0  # canonical height (cm above the mesh origin) where forehead texture ends
+FOREHEAD_FADE_CM = 2.0
+CLOSED_MOUTH = 0.003  # mouth_opening below this: lips together
+VALID_GAIN = 1.5  # alpha reaches 1 where two thirds of the texture weight is seen
+@dataclass
+class PreparedSource:
+    """Everything about a source face that does not depend on the target, computed once.
 
-    The target's own mouth interior (teeth, tongue) is kept: a closed source mouth warped onto
-    an open one would smear lips over it. Returns (mask, oval), both [h,w] uint8 {0,255} in
-    ROI coordinates; ``oval`` is the ungrown face oval.
+    frame: the source face at working resolution (its own photo's background around it is
+    never sampled); image: [h,w,3] float32 [0,255] of frame.image; vertex_weight: [468] float
+    in [0,1], how well each vertex's texture is seen; shading: [468] float,
+    the source photo's lighting at each vertex relative to its mean (spherical harmonics on the
+    mesh normals); skin: the source's skin colour model (None if too little skin is seen);
+    shape: [1404] its identity shape (``MediaPipeBackend.fit``), for shape transfer.
     """
-    x0, y0, x1, y1 = roi
-    pts = face.points - (x0, y0)
-    oval = masks.region_mask(pts, (y1 - y0, x1 - x0), ("face",))
-    mask = masks.dilate(oval, grow)
-    if keep_mouth_interior:
-        inner = masks.region_mask(pts, mask.shape, ("mouth_inner",))
-        mask[inner > 0] = 0
-        oval = np.where(inner > 0, 0, oval).astype(np.uint8)
-    return mask, oval
+
+    frame: WorkFrame
+    image: np.ndarray
+    vertex_weight: np.ndarray
+    shading: np.ndarray
+    skin: skin.SkinModel | None
+    shape: np.ndarray
 
 
-def mouth_opening(face: FaceRecord) -> float:
-    """Area of the inner-lip polygon over the squared inter-ocular distance (0 = closed)."""
-    pts = face.points[list(topology.LIPS_INNER)].astype(np.float64)
-    x, y = pts[:, 0], pts[:, 1]
-    area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
-    return float(area / max(face.interocular, 1e-6) ** 2)
-
-
-OPEN_MOUTH = 0.02  # mouth_opening above this shows teeth or tongue
+def _vertex_lighting(frame: WorkFrame, topo: MeshTopology
+                     ) -> tuple[np.ndarray, np.ndarray, skin.SkinModel | None]:
+    """(visibility per vertex [468], relative SH shading per vertex [468], skin colour model)
+    of a face in its work frame."""
+    lm = frame.face.landmarks[:N]
+    vis = mesh.vertex_mean(mesh.triangle_visibility(lm, topo.triangles), topo.triangles, N)
+    normals = mesh.vertex_normals(lm, topo.triangles)
+    iod = frame.face.interocular
+    lab = rgb_to_lab(frame.image.astype(np.float32))
+    lab = cv2.GaussianBlur(lab, (0, 0), max(0.5, 0.04 * iod))
+    values = sample(lab, lm[:, :2]).astype(np.float64)  # [468,3]
+    weights = vis * topo.skin * ~topo.rim
+    coef = fit_sh(normals, values[:, 0], weights)
+    model = skin.fit_skin_model(values, weights * (topo.skin > 0.99))
+    return vis, relative_shading(normals, coef, weights), model
 
 
 @dataclass
 class GeometricSwapper:
-    """Swaps one source face onto target faces by landmark warping and blending.
+    """Swaps one source face onto target faces by a 3D-aware mesh texture transfer.
 
     blend: ``laplacian`` (multi-band, default), ``poisson`` (gradient domain) or ``alpha``.
-    feather: feather reach as a fraction of the inter-ocular distance.
-    grow: how far the mask reaches past the face oval, as a fraction of the inter-ocular
-        distance (the feather then ends at the grown edge; the oval itself is fully swapped).
-    shading_sigma: lighting-transfer blur as a fraction of the inter-ocular distance (0 = off).
-    keep_mouth_interior: ``auto`` keeps the target's teeth and tongue when the target's mouth is
-        open and the source's is closed (warping closed lips over an open mouth smears them);
-        ``always`` or ``never``.
+    feather: width of the mask's soft edge, as a fraction of the inter-ocular distance.
+    grow: how far the mask reaches past the face oval before feathering (same units).
+    shading: relight the source texture with the target's lighting (spherical harmonics).
+    tone_sigma: reach of the region-wise tone match (brightness follows the target's over
+        this fraction of the inter-ocular distance; colour over 0.2 of it).
+    keep_mouth_interior: the target's own mouth interior (teeth, tongue) is kept ``always``
+        (default: a "mouth mask"; the lips around it are the source's), only when the target's
+        mouth is wide open (``auto``), or ``never``.
+    keep_eyes: ``never``: the source's eyes with their irises moved to where the target's are
+        (the target's gaze); ``always``: the target's eye openings (eyes, gaze, blinks);
+        ``auto`` (default): the source's unless its eyes are much less open than the
+        target's (a blink, a downward look), which would otherwise close the target's eyes.
+    skin_check: source texture on the skin that does not match the source's skin colour
+        model (hair over the forehead, a hat brim, glasses frames) is not used.
+    auto_occluders: keep target pixels on the skin that do not match the target's skin
+        colour model (its glasses, hair, a hand).
+    occlusion_mask: [H,W] bool/uint8 of the target photo, nonzero where the target must stay
+        (hands, glasses, hair over the face); None for none.
+    shape_transfer: 0 keeps the target's face outline; 1 moves it to the source's face shape
+        (source shape under the target's pose and expression), warping the target's
+        surroundings smoothly; values between move it part of the way.
+    domain: ``photo``, ``stylized`` (a drawn or animated target: the inserted face takes its
+        flat colour areas and palette) or ``auto`` (stylized when the target face's flat-colour
+        score says so; see faces.style).
+    work_iod: inter-ocular distance, in pixels, at which all the work is done (faces larger
+        than this are processed downscaled; smaller ones at their own size).
     """
 
     name = "geometric"
     digital_source_type = COMPOSITE_SYNTHETIC  # a composite of real photos, no trained generator
     blend: str = "laplacian"
-    feather: float = 0.25
-    grow: float = 0.4
-    shading_sigma: float = 1.0
-    keep_mouth_interior: str = "auto"
+    feather: float = 0.1
+    grow: float = 0.15
+    shading: bool = False
+    tone_sigma: float = 1.0
+    shading_strength: float = 0.5
+    keep_mouth_interior: str = "always"
+    keep_eyes: str = "auto"
+    skin_check: bool = True
+    auto_occluders: bool = False
+    occlusion_mask: np.ndarray | None = None
+    work_iod: float = 128.0
+    shape_transfer: float = 0.0
+    domain: str = "auto"
     stats: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.keep_eyes not in ("auto", "always", "never"):
+            raise ValueError("keep_eyes must be auto, always or never")
         if self.keep_mouth_interior not in ("auto", "always", "never"):
             raise ValueError("keep_mouth_interior must be auto, always or never")
         if self.blend not in BLENDS:
             raise ValueError(f"unknown blend {self.blend!r}; choose from {BLENDS}")
+        if self.domain not in DOMAINS:
+            raise ValueError(f"unknown domain {self.domain!r}; choose from {DOMAINS}")
+        if not 0.0 <= self.shape_transfer <= 1.0:
+            raise ValueError(f"shape_transfer must be in [0, 1], got {self.shape_transfer}")
+        if not self.work_iod >= 16:
+            raise ValueError(f"work_iod must be at least 16 pixels, got {self.work_iod}")
 
-    def swap_one(self, target: np.ndarray, target_face: FaceRecord, source: np.ndarray,
-                 source_face: FaceRecord) -> tuple[np.ndarray, np.ndarray]:
+    def prepare_source(self, source: np.ndarray, source_face: FaceRecord) -> PreparedSource:
+        """The per-source half of a swap, to reuse across many targets or video frames.
+
+        source: [H,W,3] uint8 photo; source_face: its face in photo pixels.
+        """
+        box = source_face.box
+        margin = 0.1 * float(max(box[2] - box[0], box[3] - box[1])) + 4
+        frame = work_frame(source, source_face, margin, 1.25 * self.work_iod)
+        vis, shade, model = _vertex_lighting(frame, mesh_topology())
+        # vertices beyond the photo's edge (a face cut by the frame) show only padding
+        x0, y0, x1, y1 = frame.roi
+        inside = np.ones(N, bool)
+        pts = source_face.points[:N]
+        inside &= (pts[:, 0] >= x0 + 1) & (pts[:, 0] <= x1 - 2)
+        inside &= (pts[:, 1] >= y0 + 1) & (pts[:, 1] <= y1 - 2)
+        inside &= (pts[:, 0] >= 1) & (pts[:, 0] <= source.shape[1] - 2)
+        inside &= (pts[:, 1] >= 1) & (pts[:, 1] <= source.shape[0] - 2)
+        topo = mesh_topology()
+        vis = vis * inside * topo.hairline
+        return PreparedSource(frame, frame.image.astype(np.float32), vis, shade, model,
+                              reshape.backend().fit(None, frame.face).shape)
+
+    def swap_one(self, target: np.ndarray, target_face: FaceRecord,
+                 source: np.ndarray | PreparedSource, source_face: FaceRecord | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
         """Swap the source identity onto one target face.
 
-        target: [H,W,3] uint8; source: [h,w,3] uint8; faces in their photos' pixels.
-        Returns (image [H,W,3] uint8, alpha [H,W] float32 in [0,1]); image equals target
-        exactly wherever alpha == 0.
+        target: [H,W,3] uint8; source: [h,w,3] uint8 with ``source_face`` (faces in their
+        photos' pixels), or a ``PreparedSource``. Returns (image [H,W,3] uint8, alpha [H,W]
+        float32 in [0,1]); image equals target exactly wherever alpha == 0.
         """
+        if not isinstance(source, PreparedSource):
+            if source_face is None:
+                raise ValueError("a source photo needs its source_face")
+            source = self.prepare_source(source, source_face)
+        topo = mesh_topology()
         iod = target_face.interocular
-        radius = max(1, int(round(self.feather * iod)))
-        grow = int(round(self.grow * iod))
-        # room for the grown mask and the pyramid's reach, so alpha is 0 on the ROI border
-        roi = face_roi(target_face, target.shape[:2], grow + 2 * radius + 8)
-        x0, y0, x1, y1 = roi
-        triangles = triangulate(target_face.points)
-        maps, covered = piecewise_affine_maps(source_face.points, target_face.points, triangles,
-                                              roi)
-        warped = cv2.remap(source, maps, None, interpolation=cv2.INTER_LINEAR,
+        reach = (self.grow + self.feather + 0.1 + (0.5 if self.shape_transfer else 0.0)) * iod
+        frame = work_frame(target, target_face, reach + 8, self.work_iod)
+        moved = None
+        if self.shape_transfer > 0:
+            frame, moved = self._reshape(frame, source)
+        fg, alpha, hard = self._render(frame, source, topo)
+        if moved is not None:  # the warped surroundings of the face are part of the change
+            alpha = np.maximum(alpha, moved)
+        x0, y0, x1, y1 = frame.roi
+        if self.occlusion_mask is not None:
+            if np.asarray(self.occlusion_mask).shape[:2] != target.shape[:2]:
+                raise InputError(
+                    f"the occlusion mask is {np.asarray(self.occlusion_mask).shape[:2]} pixels "
+                    f"(rows, columns) but the target photo is {target.shape[:2]}: pass a mask "
+                    f"of the target's size")
+            alpha = alpha * (1.0 - self._occlusion(frame))
+        fg = np.clip(fg + 0.5, 0, 255).astype(np.uint8)
+        # only the part where alpha > 0 is resampled to photo pixels and composited
+        ys, xs = np.nonzero(alpha > 0)
+        out = target.copy()
+        full_alpha = np.zeros(target.shape[:2], np.float32)
+        if len(xs) == 0:
+            return out, full_alpha
+        a0, b0 = xs.min(), ys.min()
+        a1, b1 = xs.max() + 1, ys.max() + 1
+        if frame.scale < 1.0:
+            # photo pixel p maps to work pixel (p - x0 + 0.5) * s - 0.5; take every photo pixel
+            # whose work position lies in the box, plus one of slack for the interpolation
+            sx = fg.shape[1] / (x1 - x0)
+            sy = fg.shape[0] / (y1 - y0)
+            px0 = max(x0, int(np.floor(x0 + (a0 - 1 + 0.5) / sx - 0.5)))
+            px1 = min(x1, int(np.ceil(x0 + (a1 + 0.5) / sx - 0.5)) + 1)
+            py0 = max(y0, int(np.floor(y0 + (b0 - 1 + 0.5) / sy - 0.5)))
+            py1 = min(y1, int(np.ceil(y0 + (b1 + 0.5) / sy - 0.5)) + 1)
+            # the same map cv2.resize uses for the whole ROI, restricted to the box
+            gx = ((np.arange(px0, px1) - x0 + 0.5) * sx - 0.5).astype(np.float32)
+            gy = ((np.arange(py0, py1) - y0 + 0.5) * sy - 0.5).astype(np.float32)
+            map_x = np.broadcast_to(gx[None, :], (len(gy), len(gx)))
+            map_y = np.broadcast_to(gy[:, None], (len(gy), len(gx)))
+            fg = cv2.remap(fg, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            alpha = cv2.remap(alpha, map_x, map_y, cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        else:
+            px0, py0, px1, py1 = x0 + a0, y0 + b0, x0 + a1, y0 + b1
+            fg, alpha = fg[b0:b1, a0:a1], alpha[b0:b1, a0:a1]
+        alpha = np.clip(alpha, 0.0, 1.0)
+        out[py0:py1, px0:px1] = composite(fg, target[py0:py1, px0:px1], alpha)
+        full_alpha[py0:py1, px0:px1] = alpha
+        return out, full_alpha
+
+    def _render(self, frame: WorkFrame, source: PreparedSource, topo: MeshTopology
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The swapped face in the work frame: (blended [h,w,3] float32 [0,255], alpha [h,w]
+        float32 in [0,1], hard mask [h,w] uint8)."""
+        face = frame.face
+        h, w = frame.image.shape[:2]
+        iod = face.interocular
+        tri = topo.triangles
+        lm = face.landmarks[:N]
+        index = mesh.raster_index(lm[:, :2], tri, (h, w), depth=lm[:, 2])
+        src_pts = source.frame.face.points[:N].astype(np.float64)
+        mirror = topo.mirror
+        t_shade, t_skin = np.ones(N), None
+        if self.shading or self.auto_occluders:
+            _, t_shade, t_skin = _vertex_lighting(frame, topo)
+        # per target vertex: where to sample directly and mirrored, how much each counts, and
+        # the source lighting at the sampled vertex
+        values = np.concatenate([
+            src_pts, src_pts[mirror],
+            source.vertex_weight[:, None], source.vertex_weight[mirror][:, None],
+            source.shading[:, None], source.shading[mirror][:, None],
+            t_shade[:, None], topo.skin[:, None], topo.hairline[:, None],
+        ], axis=1)
+        field_ = mesh.interpolate(lm[:, :2], tri, values, index)
+        covered = index >= 0
+        keep_eyes = self._keeps_eyes(face, source.frame.face)
+        if not keep_eyes:
+            align_irises(field_[..., 0:2], face, source.frame.face)
+        direct = cv2.remap(source.image, field_[..., 0:2], None, cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REPLICATE)
-        keep_mouth = self.keep_mouth_interior == "always" or (
-            self.keep_mouth_interior == "auto" and mouth_opening(target_face) > OPEN_MOUTH
-            and mouth_opening(source_face) <= OPEN_MOUTH)
-        hard, oval = swap_mask(target_face, roi, grow=grow, keep_mouth_interior=keep_mouth)
-        alpha = masks.feather(hard, radius)
-        patch = target[y0:y1, x0:x1]
-        # colour statistics from the face itself, not the hair or background the grown mask
-        # reaches
-        stats_region = masks.erode(oval, radius // 2) > 0
-        if stats_region.sum() < 64:
-            stats_region = oval > 0
-        colored = match_color(warped, patch, stats_region)
-        if self.shading_sigma > 0:
-            sigma = max(1.0, self.shading_sigma * iod)
-            colored = match_shading(colored, patch.astype(np.float32), stats_region, sigma)
+        mirrored = cv2.remap(source.image, field_[..., 2:4], None, cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REPLICATE)
+        # on skin, texture that is not the source's skin (hair, a hat brim, glasses frames)
+        # does not count: the mirrored side or the target fills in
+        zone = np.clip(field_[..., 9], 0.0, 1.0) * covered
+        wd = np.clip(field_[..., 4], 0.0, 1.0)
+        wm = np.clip(field_[..., 5], 0.0, 1.0)
+        if self.skin_check:
+            wd = wd * (1 - zone * (1 - skin.skin_likelihood(source.skin, rgb_to_lab(direct))))
+            wm = wm * (1 - zone * (1 - skin.skin_likelihood(source.skin, rgb_to_lab(mirrored))))
+        wm = wm * (1.0 - wd)
+        valid = (wd + wm) * covered
+        norm = np.maximum(wd + wm, 1e-6)
+        target_f = frame.image.astype(np.float32)
+        tex = (direct * wd[..., None] + mirrored * wm[..., None]) / norm[..., None]
+        if self.shading:
+            src_shade = (field_[..., 6] * wd + field_[..., 7] * wm) / norm
+            ratio = np.clip(field_[..., 8] / np.maximum(src_shade, 1e-3), 0.5, 2.0)
+            ratio = ratio ** self.shading_strength
+            tex = np.clip(tex * ratio[..., None], 0, 255)
+        tex = np.where(valid[..., None] > 1e-3, tex, target_f)
+        oval = masks.region_mask(face.points, (h, w), ("face",))
+        face_weight = masks.erode(oval, max(1, int(0.05 * iod))).astype(np.float32) / 255.0
+        colored = transfer_color(tex, target_f, (valid * face_weight).astype(np.float32),
+                                 face_weight, sigma_luma=self.tone_sigma * iod,
+                                 sigma_chroma=0.2 * iod)
+        if self.domain == "stylized" or (self.domain == "auto" and style.stylization_score(
+                frame.image, face_weight > 0) >= style.STYLIZED_SCORE):
+            colored = style.restyle(colored, target_f, face_weight > 0)
+        hard = masks.dilate(oval, int(round(self.grow * iod)))
+        alpha = masks.feather(hard, max(1, int(round(self.feather * iod))))
+        alpha *= np.clip(valid * VALID_GAIN, 0.0, 1.0)  # the target where no texture is seen
+        alpha *= np.clip(field_[..., 10], 0.0, 1.0)  # and at the top of its forehead
+        if self.auto_occluders:
+            # the target's own non-skin over its skin (glasses, hair, a hand) stays
+            foreign = zone * (1 - skin.skin_likelihood(t_skin, rgb_to_lab(target_f)))
+            sigma = max(0.5, 0.02 * iod)
+            alpha *= 1.0 - np.clip(cv2.GaussianBlur(foreign, (0, 0), sigma) * 1.5, 0.0, 1.0)
+        keep = self._keep_mask(face, (h, w), keep_eyes)
+        if keep is not None:
+            alpha *= 1.0 - keep
         if self.blend == "laplacian":
-            blended = laplacian_blend(colored, patch.astype(np.float32), alpha)
+            blended = laplacian_blend(colored, target_f, alpha)
         elif self.blend == "poisson":
+            inner = ((alpha > 0.5) * 255).astype(np.uint8)
             fg = np.clip(colored + 0.5, 0, 255).astype(np.uint8)
-            blended = poisson_blend(fg, patch, masks.erode(hard, max(1, radius // 2)))
+            blended = poisson_blend(fg, frame.image, inner)
         else:
             blended = colored
-        out = target.copy()
-        out[y0:y1, x0:x1] = composite(blended, patch, alpha)
-        full_alpha = np.zeros(target.shape[:2], np.float32)
-        full_alpha[y0:y1, x0:x1] = alpha
-        return out, full_alpha
+        return blended.astype(np.float32), alpha.astype(np.float32), hard
+
+    def _reshape(self, frame: WorkFrame, source: PreparedSource) -> tuple[WorkFrame, np.ndarray]:
+        """Move the target's face outline toward the source's face shape, warping the target
+        around it smoothly. Returns (the frame with the warped image and moved landmarks, the
+        soft [h,w] float32 mask of pixels the warp moved by more than a fraction of a pixel)."""
+        face = reshape.reshaped_face(frame.face, source.shape, self.shape_transfer)
+        h, w = frame.image.shape[:2]
+        iod = frame.face.interocular
+        field = reshape.displacement_field(frame.face.points[:N].astype(np.float64),
+                                   face.points[:N].astype(np.float64), (h, w), 0.3 * iod)
+        # nothing moves at the frame's border, so the photo around it stays exact
+        ys, xs = np.mgrid[0:h, 0:w]
+        edge = np.minimum(np.minimum(xs, w - 1 - xs), np.minimum(ys, h - 1 - ys))
+        field *= np.clip(edge / max(1.0, 0.1 * iod), 0.0, 1.0)[..., None].astype(np.float32)
+        map_x = (xs - field[..., 0]).astype(np.float32)
+        map_y = (ys - field[..., 1]).astype(np.float32)
+        image = cv2.remap(frame.image, map_x, map_y, cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+        moved = np.clip(np.linalg.norm(field, axis=2) / 0.25, 0.0, 1.0).astype(np.float32)
+        return WorkFrame(frame.roi, image, face, frame.scale), moved
+
+    def _keeps_eyes(self, target: FaceRecord, source: FaceRecord) -> bool:
+        """Whether the target's eye openings stay (see ``keep_eyes``)."""
+        if self.keep_eyes != "auto":
+            return self.keep_eyes == "always"
+        return eye_opening(source) < max(0.12, 0.6 * eye_opening(target))
+
+    def _keep_mask(self, face: FaceRecord, shape: tuple[int, int], keep_eyes: bool
+                   ) -> np.ndarray | None:
+        """Soft [h,w] float32 in [0,1] of the target parts kept: mouth interior, eyes."""
+        regions = []
+        # a closed mouth's inner-lip polygon is a sliver: keeping it would only punch holes
+        opening = mouth_opening(face)
+        keep_mouth = opening > CLOSED_MOUTH and (self.keep_mouth_interior == "always" or (
+            self.keep_mouth_interior == "auto" and opening > OPEN_MOUTH))
+        if keep_mouth:
+            regions.append("mouth_inner")
+        if keep_eyes:
+            regions += ["left_eye", "right_eye"]
+        if not regions:
+            return None
+        hard = masks.region_mask(face.points, shape, regions)
+        if not hard.any():
+            return None
+        sigma = max(0.5, 0.03 * face.interocular)
+        # grown a little then blurred: the whole opening stays the target's, the lid and lip
+        # edges blend
+        soft = cv2.GaussianBlur(masks.dilate(hard, max(1, int(sigma))).astype(np.float32) / 255.0,
+                                (0, 0), sigma)
+        return np.clip(soft, 0.0, 1.0)
+
+    def _occlusion(self, frame: WorkFrame) -> np.ndarray:
+        """The user's occlusion mask in the work frame, softened: [h,w] float32 in [0,1]."""
+        x0, y0, x1, y1 = frame.roi
+        occ = np.asarray(self.occlusion_mask)
+        crop = (occ[y0:y1, x0:x1] > 0).astype(np.float32)
+        h, w = frame.image.shape[:2]
+        if crop.shape != (h, w):
+            crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
+        sigma = max(0.5, 0.02 * frame.face.interocular)
+        return np.clip(cv2.GaussianBlur(crop, (0, 0), sigma) * 1.5, 0.0, 1.0)
 
     def swap_pairs(self, target: np.ndarray, pairs: Sequence[tuple[FaceRecord, Source]]
                    ) -> tuple[np.ndarray, np.ndarray]:
         """The engine contract (``engines.base.SwapEngine``): each target face with its own
-        source. Returns (image, union alpha) as swap_one."""
+        source, each source prepared once. Returns (image, union alpha) as swap_one."""
+        prepared: dict[int, PreparedSource] = {}
         image = target
         alpha = np.zeros(target.shape[:2], np.float32)
         for face, source in pairs:
-            image, a = self.swap_one(image, face, source.image.rgb, source.face)
+            if id(source) not in prepared:
+                prepared[id(source)] = self.prepare_source(source.image.rgb, source.face)
+            image, a = self.swap_one(image, face, prepared[id(source)])
             alpha = np.maximum(alpha, a)
         return image, alpha
 
-    def swap(self, target: np.ndarray, target_faces: list[FaceRecord], source: np.ndarray,
-             source_face: FaceRecord) -> tuple[np.ndarray, np.ndarray]:
+    def swap(self, target: np.ndarray, target_faces: list[FaceRecord],
+             source: np.ndarray | PreparedSource, source_face: FaceRecord | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
         """Swap onto several target faces in turn. Returns (image, union alpha) as swap_one."""
+        if not isinstance(source, PreparedSource):
+            source = self.prepare_source(source, source_face)
         image = target
         alpha = np.zeros(target.shape[:2], np.float32)
         for face in target_faces:
-            image, a = self.swap_one(image, face, source, source_face)
+            image, a = self.swap_one(image, face, source)
             alpha = np.maximum(alpha, a)
         return image, alpha

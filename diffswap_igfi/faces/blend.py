@@ -10,41 +10,6 @@ import cv2
 import numpy as np
 
 
-def match_color(source: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Reinhard colour transfer in Lab: give ``source`` the target's mean and spread.
-
-    source, target: [H,W,3] uint8 RGB of the same size; mask: [H,W] bool, the pixels whose
-    statistics count. Returns [H,W,3] float32 RGB in [0,255].
-    """
-    src = cv2.cvtColor(source, cv2.COLOR_RGB2LAB).astype(np.float32)
-    tgt = cv2.cvtColor(target, cv2.COLOR_RGB2LAB).astype(np.float32)
-    if mask.sum() < 16:
-        return source.astype(np.float32)
-    s_mean, s_std = src[mask].mean(0), src[mask].std(0) + 1e-3
-    t_mean, t_std = tgt[mask].mean(0), tgt[mask].std(0) + 1e-3
-    out = (src - s_mean) * (t_std / s_std) + t_mean
-    out = np.clip(out, 0, 255).astype(np.uint8)
-    return cv2.cvtColor(out, cv2.COLOR_LAB2RGB).astype(np.float32)
-
-
-def match_shading(source: np.ndarray, target: np.ndarray, mask: np.ndarray,
-                  sigma: float) -> np.ndarray:
-    """Carry the target's low-frequency lighting onto the source.
-
-    Multiplies the source by blur(target) / blur(source), both blurs normalised inside the mask
-    so pixels outside it do not leak in. source, target: [H,W,3] float32 in [0,255]; mask:
-    [H,W] bool; sigma: blur in pixels (about half the inter-ocular distance keeps identity
-    detail and moves shadows). Returns [H,W,3] float32 in [0,255].
-    """
-    m = mask.astype(np.float32)
-    size = 2 * int(np.ceil(3 * sigma)) + 1
-    weight = cv2.GaussianBlur(m, (size, size), sigma)[..., None] + 1e-6
-    low_s = cv2.GaussianBlur(source * m[..., None], (size, size), sigma) / weight
-    low_t = cv2.GaussianBlur(target * m[..., None], (size, size), sigma) / weight
-    ratio = np.clip((low_t + 1.0) / (low_s + 1.0), 0.5, 2.0)
-    return np.clip(source * ratio, 0, 255)
-
-
 def laplacian_blend(foreground: np.ndarray, background: np.ndarray, alpha: np.ndarray,
                     levels: int = 4) -> np.ndarray:
     """Multi-band (Laplacian pyramid) blend: low frequencies mix over wide seams, detail over
@@ -93,9 +58,13 @@ def poisson_blend(foreground: np.ndarray, background: np.ndarray, mask: np.ndarr
 def composite(foreground: np.ndarray, background: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Alpha composite that leaves the background bit-identical wherever alpha == 0.
 
-    foreground: [H,W,3] float32 in [0,255]; background: [H,W,3] uint8; alpha: [H,W] float32 in
-    [0,1]. Returns [H,W,3] uint8.
+    foreground: [H,W,3] uint8, or float32 in [0,255] (rounded to uint8 first); background:
+    [H,W,3] uint8; alpha: [H,W] float32 in [0,1]. Returns [H,W,3] uint8. Runs in OpenCV's
+    blendLinear (one pass, no float copies of the image): where alpha is 0 the background's
+    weight is exactly 1 and its value comes back unchanged.
     """
-    a = alpha[..., None]
-    mixed = np.clip(foreground * a + background.astype(np.float32) * (1 - a) + 0.5, 0, 255)
-    return np.where(a > 0, mixed.astype(np.uint8), background)
+    if foreground.dtype != np.uint8:
+        foreground = np.clip(foreground + 0.5, 0, 255).astype(np.uint8)
+    a = np.ascontiguousarray(alpha, np.float32)
+    return cv2.blendLinear(np.ascontiguousarray(foreground), np.ascontiguousarray(background),
+                           a, 1.0 - a)

@@ -14,16 +14,18 @@ import secrets
 import time
 from pathlib import Path
 
-_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{16}\.tmp$")
+_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{16}\.tmp(\.[A-Za-z0-9]+)?$")
 _LEGACY = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{16}\.tmp$")  # before the pid was in the name
 LEGACY_STALE_SECONDS = 3600.0
 
 
-def temporary_path(path: Path) -> Path:
+def temporary_path(path: Path, *, keep_suffix: bool = False) -> Path:
     """A fresh hidden temporary name beside ``path`` (same folder: os.replace is atomic only
-    within one file system)."""
+    within one file system). ``keep_suffix`` ends it with ``path``'s extension too, for
+    writers that pick the format from the name."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(8)}.tmp")
+    tail = path.suffix if keep_suffix else ""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(8)}.tmp{tail}")
 
 
 def _alive(pid: int) -> bool:
@@ -47,7 +49,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     path = Path(path)
     removed = []
     now = time.time()
-    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
         match = _PATTERN.match(candidate.name)
         if match and match["name"] == path.name:
             stale = not _alive(int(match["pid"]))

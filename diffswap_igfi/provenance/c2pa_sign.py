@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffswap_igfi import __version__
 from diffswap_igfi.errors import ConfigError, InputError, OutputError
+from diffswap_igfi.io.atomic import remove_stale_temporaries, temporary_path
 from diffswap_igfi.provenance.keys import SigningKeys, signing_keys
 
 TOOL = "diffswap-igfi"
@@ -96,7 +96,6 @@ def sign_file(path: str | Path, *, digital_source_type: str, engine: str,
     """
     import c2pa
 
-    global _announced
     path = Path(path)
     dest = Path(dest) if dest is not None else path
     mime = mime_type(dest)
@@ -105,24 +104,13 @@ def sign_file(path: str | Path, *, digital_source_type: str, engine: str,
                           f"{', '.join(sorted(set(_MIME)))} files")
     if not path.is_file():
         raise InputError(f"{path}: no such file to sign")
-    keys: SigningKeys = signing_keys(cert, key)
-    if keys.created and not quiet and not _announced:
-        _announced = True
-        print(f"note: created a local C2PA signing key in {keys.chain.parent} (readers will "
-              f"call it untrusted; `diffswap-igfi keys init --help` for your own)",
-              file=sys.stderr)
-    chain, private = keys.read()
     manifest = build_manifest(digital_source_type=digital_source_type, engine=engine,
                               title=dest.name, has_parent=parent_path is not None,
                               watermark_payload=watermark_payload, details=details)
-    temporary = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.c2pa.tmp")
-    try:
-        signer = c2pa.Signer.from_info(
-            c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, chain, private, None))
-    except c2pa.C2paError as exc:
-        raise ConfigError(f"cannot sign with {keys.chain} and {keys.key} ({exc}): pass an "
-                          "ES256 (P-256) certificate chain and its key, or run "
-                          "`diffswap-igfi keys init --force`") from None
+    signer = _signer(cert, key, quiet=quiet)
+    # io.atomic's naming: a later write to ``dest`` removes the temporary of a killed run
+    remove_stale_temporaries(dest)
+    temporary = temporary_path(dest, keep_suffix=True)
     try:
         with signer, c2pa.Builder(manifest, context=_context(thumbnails)) as builder:
             if parent_path is not None:
@@ -148,6 +136,36 @@ def sign_file(path: str | Path, *, digital_source_type: str, engine: str,
                               "permissions") from None
         raise
     return dest
+
+
+def _signer(cert: str | Path | None, key: str | Path | None, *, quiet: bool):
+    """A c2pa.Signer for the keys (see sign_file); raises ConfigError for unusable ones."""
+    import c2pa
+
+    global _announced
+    keys: SigningKeys = signing_keys(cert, key)
+    if keys.created and not quiet and not _announced:
+        _announced = True
+        print(f"note: created a local C2PA signing key in {keys.chain.parent} (readers will "
+              f"call it untrusted; `diffswap-igfi keys init --help` for your own)",
+              file=sys.stderr)
+    chain, private = keys.read()
+    try:
+        return c2pa.Signer.from_info(
+            c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, chain, private, None))
+    except c2pa.C2paError as exc:
+        raise ConfigError(f"cannot sign with {keys.chain} and {keys.key} ({exc}): pass an "
+                          "ES256 (P-256) certificate chain and its key, or run "
+                          "`diffswap-igfi keys init --force`") from None
+
+
+def check_signing_keys(cert: str | Path | None = None, key: str | Path | None = None, *,
+                       quiet: bool = False) -> None:
+    """Raise ConfigError now if sign_file could not sign with these keys (both or neither
+    given, files readable, an ES256 chain and its key), so a long job (a video) fails before
+    its work, not after. Makes the local keys if needed, as sign_file would."""
+    with _signer(cert, key, quiet=quiet):
+        pass
 
 
 @dataclass

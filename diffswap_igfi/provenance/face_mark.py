@@ -393,11 +393,28 @@ def score_face(rgb_or_luma: np.ndarray, kps: np.ndarray, *, key: int,
                                minlength=PAYLOAD_BITS + CRC_BITS)
             best, payload = z, _decode_bits(soft)
             if expect is not None:
-                code = ~pilot
-                w = _wanted(key, expect)[code]
-                match = float((w * r[code]).sum()
-                              / math.sqrt(max(float((r[code] ** 2).sum()), 1e-12)))
+                match = match_z(r, key=key, expect=expect)
     return best, payload, match
+
+
+def chip_responses(rgb_or_luma: np.ndarray, kps: np.ndarray) -> np.ndarray:
+    """[N_CHIPS] float64: every chip's response in the face at ``kps`` ([5,2]), in units of
+    its layer's target, clipped to [-1,1] and weighted by face size (what score_face
+    correlates). Responses of one marked face in several frames add up (video_mark)."""
+    y = luma(rgb_or_luma) if rgb_or_luma.ndim == 3 else rgb_or_luma
+    r = np.clip(_coefficients(_to_frame(y, frame_affine(kps))) / _TARGETS, -1.0, 1.0)
+    return _layer_weights(interocular(kps)) * r
+
+
+def match_z(responses: np.ndarray, *, key: int, expect: str) -> float:
+    """The z-score of the payload ``expect`` in chip ``responses`` ([N_CHIPS], one face's or
+    a sum over frames): for a payload unrelated to the mark it is sub-Gaussian with variance 1
+    whatever the content (the payload's signs are independent of it), so MATCH_Z holds."""
+    _, roles = _layout(key)
+    code = roles >= 0
+    r = responses[code]
+    return float((_wanted(key, expect)[code] * r).sum()
+                 / math.sqrt(max(float((r ** 2).sum()), 1e-12)))
 
 
 def detect_face_mark(rgb: np.ndarray, faces_kps: Sequence[np.ndarray], *, key: int,

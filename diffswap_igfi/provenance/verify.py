@@ -43,26 +43,13 @@ class VerifyReport:
     def synthetic(self) -> bool:
         """True when any marker says synthetic; any one suffices (metadata and manifests are
         easy to strip, the block mark does not survive resizing, the face mark needs a face)."""
-        manifest = bool(self.c2pa and self.c2pa.present
-                        and is_synthetic_source_type(self.c2pa.digital_source_type))
         return (bool(self.metadata and self.metadata.synthetic) or self.watermark.found
-                or bool(self.face_mark and self.face_mark.found) or manifest)
+                or bool(self.face_mark and self.face_mark.found)
+                or manifest_says_synthetic(self.c2pa))
 
     def lines(self) -> list[str]:
         """Human-readable report, one finding per line, verdict first."""
-        md, wm, fm = self.metadata, self.watermark, self.face_mark
-        if self.synthetic:
-            verdict = f"{self.path}: SYNTHETIC (marked as made or altered by a generator)"
-        else:
-            verdict = (f"{self.path}: no synthetic-media marker found "
-                       "(this does not prove the image is authentic)")
-        if md is None:
-            md_line = "metadata: none"
-        else:
-            kind = (md.digital_source_type or "unknown source type").rsplit("/", 1)[-1]
-            md_line = (f"metadata: {'synthetic' if md.synthetic else 'not synthetic'}, {kind}, "
-                       f"generator {md.generator or 'unknown'} (in {', '.join(md.where)})")
-            md_line += "".join(f"; {k}={v}" for k, v in md.details.items())
+        wm, fm = self.watermark, self.face_mark
         if wm.window is None:
             wm_line = "block watermark: image smaller than one 8x8 block, cannot hold one"
         else:
@@ -70,10 +57,10 @@ class VerifyReport:
             wm_line = (f"block watermark: {'found' if wm.found else 'not found'}, "
                        f"z = {wm.score:.1f} (threshold {wm.threshold:.1f}), best window "
                        f"x {left}-{right}, y {top}-{bottom} ({wm.blocks} blocks)")
-        out = [verdict]
+        out = [verdict_line(self.path, self.synthetic, "image")]
         if self.c2pa is not None:
             out.append("  " + self.c2pa.summary())
-        out += ["  " + md_line, "  " + wm_line]
+        out += ["  " + metadata_line(self.metadata), "  " + wm_line]
         if fm is not None:
             out.append("  " + _face_line(fm))
         return out
@@ -89,9 +76,36 @@ class VerifyReport:
         }
 
 
-def _face_line(fm: FaceMarkResult) -> str:
-    need = (f"reads faces with >= {face_mark.MIN_FACE_PX} px between the eyes, reliably from "
+def manifest_says_synthetic(c2pa: C2paReport | None) -> bool:
+    return bool(c2pa and c2pa.present and is_synthetic_source_type(c2pa.digital_source_type))
+
+
+def verdict_line(path: Path, synthetic: bool, what: str) -> str:
+    """The first line of a report on ``path`` (``what``: "image" or "video")."""
+    if synthetic:
+        return f"{path}: SYNTHETIC (marked as made or altered by a generator)"
+    return (f"{path}: no synthetic-media marker found "
+            f"(this does not prove the {what} is authentic)")
+
+
+def metadata_line(md: ProvenanceMetadata | None) -> str:
+    """One line on the synthetic-media metadata (image XMP/EXIF/IPTC or video container tags)."""
+    if md is None:
+        return "metadata: none"
+    kind = (md.digital_source_type or "unknown source type").rsplit("/", 1)[-1]
+    return (f"metadata: {'synthetic' if md.synthetic else 'not synthetic'}, {kind}, "
+            f"generator {md.generator or 'unknown'} (in {', '.join(md.where)})"
+            + "".join(f"; {k}={v}" for k, v in md.details.items()))
+
+
+def face_size_note() -> str:
+    """The face sizes the face mark is read from (for report lines)."""
+    return (f"reads faces with >= {face_mark.MIN_FACE_PX} px between the eyes, reliably from "
             f"{face_mark.RELIABLE_FACE_PX} px after JPEG q75")
+
+
+def _face_line(fm: FaceMarkResult) -> str:
+    need = face_size_note()
     if not fm.faces:
         small = f"{fm.faces_too_small} face(s) too small; " if fm.faces_too_small else ""
         return f"face watermark: no face to read ({small}{need})"
@@ -152,7 +166,8 @@ def _first_line(exc: BaseException) -> str:
 def verify_image(path: str | Path, *, detector=None, faces: bool = True,
                  c2pa: bool = True) -> VerifyReport:
     """Read ``path`` and report its C2PA manifest, metadata and both watermarks (a video file
-    gets the video report, which has the same ``synthetic``/``lines``/``to_dict``).
+    gets verify_video.verify_video's report, which has the same ``synthetic``/``lines``/
+    ``to_dict``).
 
     detector: a faces.detect.FaceDetector to reuse (one is opened and closed otherwise);
     ``faces=False`` / ``c2pa=False`` skip the face mark / the manifest.
@@ -161,7 +176,7 @@ def verify_image(path: str | Path, *, detector=None, faces: bool = True,
     if is_video_path(path):
         from diffswap_igfi.provenance.verify_video import verify_video
 
-        return verify_video(path, detector=detector)
+        return verify_video(path, detector=detector, faces=faces, c2pa=c2pa)
     rgb = load_rgb_as_stored(path)
     metadata = read_metadata(path)
     manifest = read_c2pa(path) if c2pa else None
@@ -189,11 +204,8 @@ def detect_faces_for_mark(rgb: np.ndarray, *, expect: str | None = None, detecto
 
 def verify_files(paths: list[str | Path]) -> list:
     """Verify images and videos (by extension) with one face detector for all of them.
-    Returns a VerifyReport or VideoVerifyReport per path, in order."""
+    Returns a VerifyReport or verify_video.VideoVerifyReport per path, in order."""
     from diffswap_igfi.faces.detect import FaceDetector
-    from diffswap_igfi.provenance.verify_video import verify_video
 
     with FaceDetector() as detector:
-        return [verify_video(p, detector=detector)
-                if is_video_path(p)
-                else verify_image(p, detector=detector) for p in map(Path, paths)]
+        return [verify_image(p, detector=detector) for p in map(Path, paths)]

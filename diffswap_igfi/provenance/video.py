@@ -1,43 +1,41 @@
-"""Provenance for videos: container tags that say synthetic, a watermark in every swapped frame,
-and a check that reads both back.
+"""Provenance for the videos we write: container tags that say synthetic, both watermarks in
+every swapped frame (video_mark.mark_frame), and a signed C2PA manifest on MP4/MOV files.
 
 Container tags (MP4/MOV through ``use_metadata_tags``, Matroska/WebM natively): ``synthetic``,
-``digital_source_type`` (the IPTC URI), ``generator``, ``details`` and a human-readable
-``comment``; the XMP packet of the image files is stored too (``xmp``). The watermark is the
-images' block-DCT mark (``provenance.watermark``), embedded frame by frame in the swapped region
-before encoding; H.264 at the default quality keeps it (measured: z 12-17 against a threshold
-near 7 on a 256x192 clip). ``verify`` decodes up to ``samples`` evenly spaced frames, runs the
-detector on each and reports how many carry the mark.
+``digital_source_type`` (the IPTC URI), ``generator``, ``details`` (engine, and the clip's
+watermark payload) and a human-readable ``comment``; the XMP packet of the image files is
+stored too (``xmp``). :func:`write_synthetic_video` is the video equivalent of
+``write.write_synthetic_image``: the container is written with those tags to a scratch file and
+signed into place (the input video as the parent ingredient, by hash; the manifest carries the
+frames' watermark payload), so no unsigned file ever sits at the output path. Containers C2PA
+cannot hold (``c2pa_sign.can_sign``: .mkv, .webm) keep the tags and the marks, no manifest.
+Reading all of it back: ``verify_video.verify_video``.
 """
 
 from __future__ import annotations
 
-import inspect
+import secrets
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-from diffswap_igfi.errors import InputError
-from diffswap_igfi.io.video import iter_frames, probe_video
+from diffswap_igfi import __version__
+from diffswap_igfi.provenance.c2pa_sign import can_sign, sign_file
 from diffswap_igfi.provenance.metadata import (
     ProvenanceMetadata,
     build_xmp,
     is_synthetic_source_type,
     parse_xmp,
 )
-from diffswap_igfi.provenance.watermark import WatermarkResult, detect_watermark, embed_watermark
-
-VERIFY_SAMPLES = 16
-# The face-anchored mark (another branch) adds ``faces=`` and ``payload=`` to embed_watermark;
-# they are passed when this build has them.
-_EMBED_PARAMETERS = inspect.signature(embed_watermark).parameters
 
 
-def container_metadata(*, digital_source_type: str, generator: str, engine: str) -> dict[str, str]:
-    """Global container tags for a swapped video."""
+def container_metadata(*, digital_source_type: str, generator: str, engine: str,
+                       watermark_payload: str | None = None) -> dict[str, str]:
+    """Global container tags for a swapped video (``watermark_payload``: the frames' face
+    mark payload, 8 hex digits, so a file without a manifest still names it)."""
     details = {"engine": engine, "synthetic": "face swap"}
+    if watermark_payload is not None:
+        details["watermark"] = watermark_payload
     kind = digital_source_type.rstrip("/").rsplit("/", 1)[-1]
     return {
         "synthetic": str(is_synthetic_source_type(digital_source_type)).lower(),
@@ -49,18 +47,39 @@ def container_metadata(*, digital_source_type: str, generator: str, engine: str)
     }
 
 
-def watermark_frame(rgb: np.ndarray, region: np.ndarray, faces=None,
-                    payload: str | None = None) -> np.ndarray:
-    """Mark one swapped frame. rgb: [H,W,3] uint8; region: [H,W] bool, the swapped pixels;
-    faces: the swapped FaceRecords, in frame pixels; payload: 8 hex digits, the same on every
-    frame of a clip (both used by a face-anchored mark when this build has one). Returns a new
-    [H,W,3] uint8; pixels outside ``region`` are unchanged."""
-    kwargs = {}
-    if "faces" in _EMBED_PARAMETERS and faces is not None:
-        kwargs["faces"] = faces
-        if "payload" in _EMBED_PARAMETERS and payload is not None:
-            kwargs["payload"] = payload
-    return embed_watermark(rgb, region, **kwargs)
+def write_synthetic_video(output: Path, mux: Callable[[Path, dict[str, str]], Path], *,
+                          digital_source_type: str, engine: str,
+                          parent_path: str | Path | None = None,
+                          watermark_payload: str | None = None,
+                          c2pa_cert: str | Path | None = None,
+                          c2pa_key: str | Path | None = None,
+                          scratch: Path | None = None) -> Path:
+    """Write a swapped video's container with its provenance, atomically.
+
+    mux(path, tags): writes the finished container (its frames already marked) to ``path``
+    (same extension as ``output``) with the global ``tags``, atomically, and returns it.
+    For MP4/MOV the container goes to an unsigned file in ``scratch`` (a folder on the
+    output's file system; default: beside the output) and is then signed into ``output``
+    with ``parent_path`` (the input video) as the parent ingredient, hash only, and
+    ``watermark_payload`` in the manifest; other containers are muxed straight to ``output``.
+    Raises OutputError (cannot write or sign), ConfigError (unusable keys).
+    """
+    output = Path(output)
+    tags = container_metadata(digital_source_type=digital_source_type,
+                              generator=f"diffswap-igfi {__version__}", engine=engine,
+                              watermark_payload=watermark_payload)
+    if not can_sign(output):
+        return mux(output, tags)
+    unsigned = (Path(scratch) / f"unsigned{output.suffix}" if scratch is not None else
+                output.with_name(f".{output.name}.{secrets.token_hex(8)}.unsigned{output.suffix}"))
+    try:
+        mux(unsigned, tags)
+        sign_file(unsigned, dest=output, digital_source_type=digital_source_type,
+                  engine=engine, parent_path=parent_path, watermark_payload=watermark_payload,
+                  cert=c2pa_cert, key=c2pa_key)
+    finally:
+        unsigned.unlink(missing_ok=True)
+    return output
 
 
 def read_video_metadata(path: Path) -> ProvenanceMetadata | None:
@@ -93,72 +112,3 @@ def read_video_metadata(path: Path) -> ProvenanceMetadata | None:
         synthetic=tags.get("synthetic") == "true" or bool(fields.get("synthetic"))
         or is_synthetic_source_type(dst),
         details=details, where=where)
-
-
-@dataclass(frozen=True)
-class VideoVerifyReport:
-    """What :func:`verify_video` found: container metadata and per-sampled-frame detections."""
-
-    path: Path
-    metadata: ProvenanceMetadata | None
-    frames: list[tuple[int, WatermarkResult]]
-    total_frames: int
-
-    @property
-    def marked(self) -> int:
-        return sum(r.found for _, r in self.frames)
-
-    @property
-    def watermark_found(self) -> bool:
-        # Each frame's detector has a false-alarm rate of 1e-6 for any content; over 16 frames
-        # one hit is still ~1.6e-5, so one marked frame is evidence.
-        return self.marked > 0
-
-    @property
-    def synthetic(self) -> bool:
-        return bool(self.metadata and self.metadata.synthetic) or self.watermark_found
-
-    def lines(self) -> list[str]:
-        md = self.metadata
-        if self.synthetic:
-            verdict = f"{self.path}: SYNTHETIC (marked as made or altered by a generator)"
-        else:
-            verdict = (f"{self.path}: no synthetic-media marker found "
-                       "(this does not prove the video is authentic)")
-        if md is None:
-            md_line = "metadata: none"
-        else:
-            kind = (md.digital_source_type or "unknown source type").rsplit("/", 1)[-1]
-            md_line = (f"metadata: {'synthetic' if md.synthetic else 'not synthetic'}, {kind}, "
-                       f"generator {md.generator or 'unknown'} (in {', '.join(md.where)})")
-        best = max((r.score for _, r in self.frames), default=0.0)
-        wm_line = (f"watermark: found in {self.marked} of {len(self.frames)} sampled frames "
-                   f"(of {self.total_frames}); best z = {best:.1f}")
-        return [verdict, "  " + md_line, "  " + wm_line]
-
-    def to_dict(self) -> dict:
-        return {"path": str(self.path), "synthetic": self.synthetic,
-                "metadata": self.metadata.to_dict() if self.metadata else None,
-                "watermark": {"frames_sampled": len(self.frames), "frames_marked": self.marked,
-                              "total_frames": self.total_frames,
-                              "per_frame": [{"frame": i, **r.to_dict()}
-                                            for i, r in self.frames]}}
-
-
-def verify_video(path: str | Path, *, samples: int = VERIFY_SAMPLES) -> VideoVerifyReport:
-    """Check a video for our container tags and the per-frame watermark.
-
-    Decodes the whole stream (converting only the sampled frames); raises InputError /
-    ImageReadError for a missing or unreadable file.
-    """
-    path = Path(path)
-    if samples < 1:
-        raise InputError(f"samples must be >= 1, got {samples}")
-    info = probe_video(path)
-    n = info.frames
-    picks = set(np.linspace(0, max(n - 1, 0), min(samples, max(n, 1))).round().astype(int))
-    results = []
-    for frame in iter_frames(info, rgb=lambda i: i in picks):
-        if frame.rgb is not None:
-            results.append((frame.index, detect_watermark(frame.rgb)))
-    return VideoVerifyReport(path, read_video_metadata(path), results, n)

@@ -3,13 +3,13 @@ atomically, sign a C2PA manifest into the file."""
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from diffswap_igfi import __version__
+from diffswap_igfi.io.atomic import remove_stale_temporaries, temporary_path
 from diffswap_igfi.io.images import save_image
 from diffswap_igfi.provenance.c2pa_sign import can_sign, sign_file
 from diffswap_igfi.provenance.metadata import metadata_save_kwargs
@@ -53,7 +53,8 @@ def write_synthetic_image(path: Path, rgb: np.ndarray, region: np.ndarray | None
                           save_kwargs=kwargs, jpeg_quality=jpeg_quality)
     # Unsigned copy beside the output, then signed into place atomically: no unsigned file
     # ever sits at ``path``.
-    unsigned = path.with_name(f".{path.name}.{secrets.token_hex(8)}.unsigned{path.suffix}")
+    remove_stale_temporaries(path)
+    unsigned = temporary_path(path, keep_suffix=True)
     try:
         save_image(unsigned, marked, alpha=alpha, icc_profile=icc_profile, save_kwargs=kwargs,
                    jpeg_quality=jpeg_quality)

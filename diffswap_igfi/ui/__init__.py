@@ -1,5 +1,7 @@
-"""The web UI (``diffswap-igfi ui``): a Gradio app over the Swapper, with named API endpoints.
+"""The web UI (``diffswap-igfi ui``): a Gradio app over the Swapper and the video swap, with
+named API endpoints.
 
-``service`` does the work without Gradio; ``app`` lays out the tabs and wires their events;
+``service`` (photos) and ``video`` (videos) do the work without Gradio; ``app`` lays out the
+tabs (``video_tab`` the Video tab, ``controls`` the pieces they share) and wires their events;
 ``server`` parses the command's options, guards the host, and owns the temporary folder.
 """

@@ -1,9 +1,8 @@
-"""The Gradio app: an Image tab and a Verify tab, with the named API endpoints ``/swap_image``
-and ``/verify``.
+"""The Gradio app: Image, Video and Verify tabs, with the named API endpoints ``/swap_image``,
+``/swap_video`` (in video_tab.py) and ``/verify``.
 
 A tab is a function ``tab(service, session)`` that lays out its components and wires its events
-inside the app's ``gr.Blocks``; ``TABS`` lists them in order. A Video tab (``/swap_video``) is
-one more such function over the video module, appended to ``TABS``.
+inside the app's ``gr.Blocks``; ``TABS`` lists them in order.
 
 Inputs are ``gr.File`` components, so the photo reaches the engine byte for byte as uploaded
 (``gr.Image`` would re-encode it, dropping ICC profiles and EXIF orientation); pictures are
@@ -12,56 +11,34 @@ shown in separate output components.
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Callable
 
 import gradio as gr
 import numpy as np
 
-from diffswap_igfi.engines.geometric import BLENDS
-from diffswap_igfi.errors import DiffSwapError
 from diffswap_igfi.io.images import load_image
+from diffswap_igfi.ui.controls import (
+    CONCURRENCY_ID,
+    engine_controls,
+    engine_options,
+    one_line_errors,
+)
 from diffswap_igfi.ui.service import (
-    ENGINES,
     OUTPUT_FORMATS,
     UI_SELECTORS,
     DetectedFaces,
     Session,
-    SwapOptions,
     SwapService,
     parse_indices,
     verify,
 )
+from diffswap_igfi.ui.video_tab import video_tab
 
-RESPONSIBLE_USE = ("Swap only faces of people who consented. Every image written is marked as "
-                   "synthetic (metadata and an invisible watermark); this cannot be turned off.")
+RESPONSIBLE_USE = ("Swap only faces of people who consented. Every image and video written is "
+                   "marked as synthetic (metadata and an invisible watermark); this cannot be "
+                   "turned off.")
 SESSION_TTL_S = 3600  # an API client's folder lives this long after its last request
 PREVIEW_SIDE = 1280  # the before/after slider shows photos at most this large
-CONCURRENCY_ID = "engine"  # swaps and detections share one concurrency limit
-
-log = logging.getLogger(__name__)
-
-
-def one_line_errors(fn: Callable) -> Callable:
-    """DiffSwapErrors become gr.Error (one line in the UI, an error for API clients); anything
-    else is a bug: its traceback goes to the server log and the user sees one line."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DiffSwapError as err:
-            raise gr.Error(str(err), print_exception=False) from None
-        except gr.Error:
-            raise
-        except Exception as err:
-            log.exception("internal error in %s", fn.__name__)
-            first = (str(err).strip().splitlines() or [""])[0]
-            raise gr.Error(f"internal error ({type(err).__name__}: {first}): see the server "
-                           f"log", print_exception=False) from None
-
-    return wrapper
 
 
 def preview(path: str, max_pixels: int) -> np.ndarray:
@@ -99,35 +76,7 @@ def image_tab(service: SwapService, session: gr.State) -> None:
                                         file_types=["image"], type="filepath")
                     reference_distance = gr.Slider(0.3, 0.9, value=0.6, step=0.01,
                                                    label="Match threshold (dlib distance)")
-                engine = gr.Radio(list(ENGINES), value="geometric", label="Engine",
-                                  info="geometric: landmark warp and blending, no weights; "
-                                       "diffusion: the SFI pipeline from a checkpoint folder")
-                with gr.Group(visible=True) as geometric_group:
-                    blend = gr.Radio(list(BLENDS), value="laplacian", label="Blend")
-                    mouth = gr.Radio(["auto", "always", "never"], value="auto",
-                                     label="Keep the target's open mouth (teeth, tongue)")
-                with gr.Group(visible=False) as diffusion_group:
-                    checkpoint = gr.Textbox(label="Checkpoint folder on the server "
-                                                  "(DiffSwapIGFIPipeline)")
-                    with gr.Row():
-                        steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
-                        guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.1,
-                                             label="Identity guidance (1 = off)")
-                    with gr.Row():
-                        seed = gr.Number(0, precision=0, label="Seed")
-                        device = gr.Textbox("cpu", label="Device")
-                    warm_start = gr.Slider(0.0, 1.0, value=0.0, step=0.05,
-                                           label="Warm start from the geometric swap "
-                                                 "(strength, 0 = off)")
-                    refine = gr.Checkbox(True, label="JR refinement (if the checkpoint has it)")
-                    mix_sources = gr.File(label="Second identity to mix in (optional)",
-                                          file_count="multiple", file_types=["image"],
-                                          type="filepath")
-                    with gr.Row():
-                        mix_mode = gr.Radio(["blocks", "weighted"], value="blocks",
-                                            label="Mixing")
-                        mix_weight = gr.Slider(0.0, 1.0, value=0.5, step=0.05,
-                                               label="Weight of the first identity")
+                ctl = engine_controls()
                 with gr.Accordion("More", open=False):
                     source_face_index = gr.Number(-1, precision=0,
                                                   label="Face in a source photo with several "
@@ -138,7 +87,8 @@ def image_tab(service: SwapService, session: gr.State) -> None:
             with gr.Column(scale=1):
                 comparison = gr.ImageSlider(label="Before / after", type="numpy",
                                             slider_position=25, elem_id="comparison")
-                result = gr.File(label="Marked result (download)", elem_id="result")
+                result = gr.File(label="Marked result (download)", interactive=False,
+                                 elem_id="result")
                 report = gr.Textbox(label="Provenance of the written file (verify)", lines=3,
                                     elem_id="report")
 
@@ -165,10 +115,6 @@ def image_tab(service: SwapService, session: gr.State) -> None:
                                    gr.update(visible=s == "reference")),
                         [selector], [picked, reference_group], api_visibility="private",
                         queue=False)
-        engine.change(lambda e: (gr.update(visible=e == "geometric"),
-                                 gr.update(visible=e == "diffusion")),
-                      [engine], [geometric_group, diffusion_group], api_visibility="private",
-                      queue=False)
 
         @one_line_errors
         def swap_image(sources, target, engine=None, face_selector=None, face_indices=None,
@@ -184,15 +130,11 @@ def image_tab(service: SwapService, session: gr.State) -> None:
             of SwapOptions, which are the CLI's.
             """
             session = session or service.new_session(request.session_hash if request else None)
-            given = {"engine": engine, "face_selector": face_selector,
-                     "face_indices": parse_indices(face_indices),
-                     "reference_distance": reference_distance, "blend": blend,
-                     "keep_mouth_interior": keep_mouth_interior,
-                     "checkpoint": (checkpoint or "").strip(), "steps": steps,
-                     "guidance": guidance, "seed": seed, "device": (device or "").strip() or None,
-                     "warm_start": warm_start or None, "refine": refine, "mix_mode": mix_mode,
-                     "mix_weight": mix_weight, "output_format": output_format}
-            options = SwapOptions(**{k: v for k, v in given.items() if v is not None})
+            options = engine_options(
+                engine, blend, keep_mouth_interior, checkpoint, steps, guidance, seed, device,
+                warm_start, refine, mix_mode, mix_weight, face_selector=face_selector,
+                face_indices=parse_indices(face_indices), reference_distance=reference_distance,
+                output_format=output_format)
             if source_face_index is not None and source_face_index >= 0:
                 options.source_face_index = int(source_face_index)
             done = service.swap(session, sources or [], target, options,
@@ -208,10 +150,8 @@ def image_tab(service: SwapService, session: gr.State) -> None:
             return preview(target, service.max_pixels), preview(result, service.max_pixels)
 
         swap.click(swap_image,
-                   [sources, target, engine, selector, picked, reference, reference_distance,
-                    source_face_index, blend, mouth, checkpoint, steps, guidance, seed, device,
-                    warm_start, refine, mix_sources, mix_mode, mix_weight, output_format,
-                    session, detected],
+                   [sources, target, ctl.engine, selector, picked, reference, reference_distance,
+                    source_face_index, *ctl.options(), output_format, session, detected],
                    [result, report, session], api_name="swap_image",
                    concurrency_id=CONCURRENCY_ID
                    ).success(show_comparison, [target, result], [comparison],
@@ -220,16 +160,17 @@ def image_tab(service: SwapService, session: gr.State) -> None:
 
 def verify_tab(service: SwapService, session: gr.State) -> None:
     with gr.Tab("Verify"):
-        gr.Markdown("Check any image for diffswap-igfi's provenance marks (synthetic-media "
-                    "metadata and the invisible watermark).")
-        image = gr.File(label="Image to check", type="filepath", elem_id="verify_file")
+        gr.Markdown("Check any image or video for diffswap-igfi's provenance marks "
+                    "(synthetic-media metadata and the invisible watermark).")
+        image = gr.File(label="Image or video to check", type="filepath", elem_id="verify_file")
         check = gr.Button("Verify", elem_id="verify")
         summary = gr.Textbox(label="Report", lines=3)
         details = gr.JSON(label="Details")
 
         @one_line_errors
         def verify_file(image):
-            """Report the provenance marks of an image: (summary text, details as JSON)."""
+            """Report the provenance marks of an image or a video: (summary text, details as
+            JSON)."""
             if not image:
                 raise gr.Error("no image given: upload a file to check", print_exception=False)
             found = verify(image)
@@ -241,7 +182,7 @@ def verify_tab(service: SwapService, session: gr.State) -> None:
         check.click(verify_file, [image], [summary, details], api_name="verify")
 
 
-TABS: list[Callable[[SwapService, gr.State], None]] = [image_tab, verify_tab]
+TABS: list[Callable[[SwapService, gr.State], None]] = [image_tab, video_tab, verify_tab]
 
 
 def build_app(service: SwapService) -> gr.Blocks:
@@ -270,8 +211,9 @@ def build_app(service: SwapService) -> gr.Blocks:
 
 # Gradio stretches a gallery of one or two pictures across its width; thumbnails stay small.
 CSS = """
-#faces .grid-container { grid-template-columns: repeat(auto-fill, 112px) !important; }
-#faces .thumbnail-item { width: 112px; height: 112px; }
+#faces .grid-container, #video_people .grid-container {
+  grid-template-columns: repeat(auto-fill, 112px) !important; }
+#faces .thumbnail-item, #video_people .thumbnail-item { width: 112px; height: 112px; }
 """
 
 

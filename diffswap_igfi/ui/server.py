@@ -23,11 +23,21 @@ from diffswap_igfi.io.images import DEFAULT_MAX_PIXELS
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 ROOT_PREFIX = "diffswap-igfi-ui-"
 PID_FILE = "server.pid"
+# the longest video a request may bring (videos swap at a few frames a second on a CPU)
+DEFAULT_MAX_VIDEO_SECONDS = 300.0
+DEFAULT_MAX_VIDEO_FRAMES = 9000
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
 
@@ -51,6 +61,13 @@ def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"refuse images with more pixels (default: {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--max-upload-mb", type=_positive_int, default=50,
                         help="refuse uploaded files larger than this (default: 50)")
+    parser.add_argument("--max-video-seconds", type=_positive_float,
+                        default=DEFAULT_MAX_VIDEO_SECONDS,
+                        help=f"refuse longer videos (default: {DEFAULT_MAX_VIDEO_SECONDS:g})")
+    parser.add_argument("--max-video-frames", type=_positive_int,
+                        default=DEFAULT_MAX_VIDEO_FRAMES,
+                        help=f"refuse videos with more frames (default: "
+                             f"{DEFAULT_MAX_VIDEO_FRAMES})")
 
 
 def is_loopback(host: str) -> bool:
@@ -114,7 +131,9 @@ def run_ui(args: argparse.Namespace) -> int:
         sessions = root / "sessions"
         sessions.mkdir()
         service = SwapService(sessions, upload_root=root, max_pixels=args.max_pixels,
-                              concurrency=args.concurrency)
+                              concurrency=args.concurrency,
+                              max_video_seconds=args.max_video_seconds,
+                              max_video_frames=args.max_video_frames)
         demo = build_app(service)
         demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
         try:

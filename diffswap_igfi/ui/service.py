@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +25,12 @@ from diffswap_igfi.errors import InputError
 from diffswap_igfi.faces.detect import select_faces
 from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.io.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
+from diffswap_igfi.io.video import is_video_path
 from diffswap_igfi.provenance.verify import VerifyReport, verify_image
+from diffswap_igfi.provenance.video import VideoVerifyReport, verify_video
 from diffswap_igfi.provenance.write import write_synthetic_image
 from diffswap_igfi.swapper import FaceSelection, Source, Swapper, choose_source
+from diffswap_igfi.ui.server import DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_MAX_VIDEO_SECONDS
 
 ENGINES = ("geometric", "diffusion")
 # "picked" = the faces clicked in the UI (API: face_indices); the others as in the CLI
@@ -88,6 +91,25 @@ class SwapOptions:
                 raise InputError(f"warm start must be in (0, 1], got {self.warm_start}")
             if not 0.0 <= self.mix_weight <= 1.0:
                 raise InputError(f"mix weight must be in [0, 1], got {self.mix_weight}")
+
+
+def take_files(session: Session, source_paths: Sequence[str] | None, target_path: str | None,
+               face_selector: str, reference_path: str | None = None,
+               mix_paths: Sequence[str] = ()) -> list[str]:
+    """Check a swap request's files (sources given and not too many; a reference photo for
+    the reference selector) and record them as the session's uploads. Returns the source
+    paths given."""
+    sources = [p for p in source_paths or [] if p]
+    if not sources:
+        raise InputError("no source photo: upload at least one photo of the new face")
+    if len(sources) > MAX_SOURCES:
+        raise InputError(f"{len(sources)} source photos: use at most {MAX_SOURCES}")
+    if face_selector == "reference" and not reference_path:
+        raise InputError("the reference selector needs a reference photo of the person to "
+                         "replace: upload one")
+    session.uploads.update(str(p) for p in [*sources, target_path, reference_path, *mix_paths]
+                           if p)
+    return sources
 
 
 def parse_indices(text: str | Sequence[int] | None) -> tuple[int, ...]:
@@ -164,12 +186,17 @@ class SwapService:
     graph serves one caller at a time), loaded diffusion pipelines, and the limits."""
 
     def __init__(self, root: Path, *, upload_root: Path | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, concurrency: int = 2) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, concurrency: int = 2,
+                 max_video_seconds: float = DEFAULT_MAX_VIDEO_SECONDS,
+                 max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES) -> None:
         """root: where session folders go; upload_root: the server's upload folder, whose
-        files a closing session may delete (None: delete no upload)."""
+        files a closing session may delete (None: delete no upload); max_pixels: of a photo
+        or a video frame; max_video_seconds / max_video_frames: longest video taken."""
         self.root = Path(root)
         self.upload_root = upload_root
         self.max_pixels = max_pixels
+        self.max_video_seconds = max_video_seconds
+        self.max_video_frames = max_video_frames
         self.concurrency = concurrency
         self._idle: queue.LifoQueue[Swapper] = queue.LifoQueue()
         self._all: list[Swapper] = []
@@ -247,34 +274,20 @@ class SwapService:
         """Swap the identity of the source photos onto the chosen faces of the target and write
         the marked result into the session's folder."""
         options.check()
-        source_paths = [p for p in source_paths or [] if p]
-        if not source_paths:
-            raise InputError("no source photo: upload at least one photo of the new face")
-        if len(source_paths) > MAX_SOURCES:
-            raise InputError(f"{len(source_paths)} source photos: use at most {MAX_SOURCES}")
-        if options.face_selector == "reference" and not reference_path:
-            raise InputError("the reference selector needs a reference photo of the person to "
-                             "replace: upload one")
-        session.uploads.update(str(p) for p in [*source_paths, target_path, reference_path,
-                                                *mix_paths] if p)
+        source_paths = take_files(session, source_paths, target_path, options.face_selector,
+                                  reference_path, mix_paths)
         target = self.load(target_path)
+        engine = self.engine(options, mix_paths)
         with self.swapper() as swapper:
             sources = [swapper.source(self.load(p), options.source_face_index)
                        for p in source_paths]
-            engine = self._engine(options, [swapper.source(self.load(p),
-                                                           options.source_face_index)
-                                            for p in mix_paths if p])
             if detected is not None and detected.target == str(target_path):
                 faces = detected.faces
             else:
                 faces = swapper.faces(target)
             chosen = self._select(swapper, target, faces, options, reference_path)
             pairs = [(face, choose_source(face, sources)) for face in chosen]
-            if options.engine == "diffusion":
-                with self._diffusion_lock:  # one pipeline, one request at a time
-                    swapper.engine = engine
-                    result = swapper.swap_pairs(target.rgb, pairs)
-            else:
+            with self.engine_lock(options):
                 swapper.engine = engine
                 result = swapper.swap_pairs(target.rgb, pairs)
         out = session.next_path(Path(target_path).stem, options.output_format)
@@ -296,15 +309,26 @@ class SwapService:
         return swapper.select(target, faces, FaceSelection(
             options.face_selector, 0, reference, options.reference_distance))
 
-    def _engine(self, options: SwapOptions, mix: Sequence[Source]):
-        """The engine of a request; mix: the --mix-source faces, already detected."""
+    def engine_lock(self, options: SwapOptions):
+        """Held while a request's engine runs: a diffusion pipeline serves one request at a
+        time (a no-op context for the geometric engine)."""
+        return self._diffusion_lock if options.engine == "diffusion" else nullcontext()
+
+    def engine(self, options: SwapOptions, mix_paths: Sequence[str] = ()):
+        """The engine a request asks for (a diffusion checkpoint is loaded once and shared);
+        the --mix-source photos are detected here and enter as Sources."""
         from diffswap_igfi.engines.geometric import GeometricSwapper
 
         geometric = GeometricSwapper(blend=options.blend,
                                      keep_mouth_interior=options.keep_mouth_interior)
         if options.engine == "geometric":
             return geometric
-        return self._diffusion_engine(options, list(mix), geometric)
+        mix: list[Source] = []
+        if any(mix_paths):
+            with self.swapper() as swapper:
+                mix = [swapper.source(self.load(p), options.source_face_index)
+                       for p in mix_paths if p]
+        return self._diffusion_engine(options, mix, geometric)
 
     def _diffusion_engine(self, options: SwapOptions, mix: list[Source], geometric):
         """The diffusion engine of a checkpoint, loaded once per (folder, device); the request's
@@ -350,9 +374,10 @@ class _EngineView:
         return type(self.engine).swap_pairs(self, target, pairs)
 
 
-def verify(path: str | Path, name: str | None = None) -> VerifyReport:
-    """verify_image, reported under the file's own name rather than its temporary path."""
-    report = verify_image(Path(path))
+def verify(path: str | Path, name: str | None = None) -> VerifyReport | VideoVerifyReport:
+    """verify_image (verify_video for a video file), reported under the file's own name rather
+    than its temporary path."""
+    report = verify_video(Path(path)) if is_video_path(path) else verify_image(Path(path))
     return dataclasses.replace(report, path=Path(name or Path(path).name))
 
 

@@ -16,6 +16,7 @@ from diffswap_igfi.errors import DiffSwapError, InputError, OutputError
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import resolve_input_path
 from diffswap_igfi.io.video import OUTPUT_FORMATS, VIDEO_EXTENSIONS, EncodeSettings, check_encoder
+from diffswap_igfi.provenance.c2pa_sign import can_sign, check_signing_keys
 from diffswap_igfi.swapper import Swapper
 from diffswap_igfi.video.arguments import refuse_photo_options
 from diffswap_igfi.video.job import VideoSwapOptions, check_video_output, swap_video, work_folder
@@ -68,6 +69,8 @@ def run_video_swap(args: argparse.Namespace, engine, target: Path) -> int:
         check_video_output(output, inputs, force=args.force)
     if args.video_codec:
         check_encoder(args.video_codec)
+    if any(can_sign(out) for _, out in jobs):  # unusable keys fail now, not after the work
+        check_signing_keys(args.c2pa_cert, args.c2pa_key)
     options = VideoSwapOptions(
         selector=args.face_selector, index=args.face_index,
         reference_distance=args.reference_distance,
@@ -103,7 +106,8 @@ def run_video_swap(args: argparse.Namespace, engine, target: Path) -> int:
                 result = swap_video(swapper, sources, video, out, options=job,
                                     reference=reference, face_map=face_map,
                                     resume=args.resume, progress=not args.quiet,
-                                    log=lambda m: print(m, file=sys.stderr))
+                                    log=lambda m: print(m, file=sys.stderr),
+                                    c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key)
             except DiffSwapError as err:
                 if not target.is_dir():
                     raise

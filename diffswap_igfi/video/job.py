@@ -7,14 +7,17 @@ work folder beside the output (``.NAME.parts``):
    into tracks; each chunk's observations and the tracker's state go to ``track/NNNNN.npz``.
 2. **render**: choose the tracks to swap and one source each (face selection over the whole
    video), then decode again and, frame by frame, swap the planned faces (landmarks bridged
-   and smoothed, colour offset smoothed per track), watermark the swapped pixels and encode;
+   and smoothed, colour offset smoothed per track), mark the swapped pixels (face mark anchored
+   with the swapper's own detector, then the block mark; one payload per clip) and encode;
    each chunk goes to ``video/NNNNN.nut``. Frames without a planned face are passed through
    without an RGB round trip.
 
-Finally the chunks and the input's audio are muxed into the output, atomically, and the work
-folder is removed. Every file in the work folder appears by an atomic rename once complete,
-so a killed run (even SIGKILL) loses at most the chunk in progress: ``resume=True`` skips
-every chunk already on disk.
+Finally the chunks and the input's audio are muxed with the synthetic-media container tags and,
+for MP4/MOV, signed with a C2PA manifest (the input as parent ingredient, the frames' payload)
+into the output, atomically (provenance.video.write_synthetic_video), and the work folder is
+removed. Every file in the work folder appears by an atomic rename once complete, so a killed
+run (even SIGKILL) loses at most the chunk in progress: ``resume=True`` skips every chunk
+already on disk; signing happens once, at the end.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-from diffswap_igfi import __version__
 from diffswap_igfi.errors import DiffSwapError, InputError
 from diffswap_igfi.io.video import (
     CHUNK_SUFFIX,
@@ -45,7 +47,9 @@ from diffswap_igfi.io.video import (
     probe_video,
     to_upright,
 )
-from diffswap_igfi.provenance.video import container_metadata, watermark_frame
+from diffswap_igfi.provenance.c2pa_sign import can_sign, check_signing_keys
+from diffswap_igfi.provenance.video import write_synthetic_video
+from diffswap_igfi.provenance.video_mark import mark_frame
 from diffswap_igfi.swapper import Source, Swapper
 from diffswap_igfi.video.bounded import DEFAULT_MAX_IOD, MIN_WORK_IOD, swap_face_bounded
 from diffswap_igfi.video.plan import AnalysisChunk, Assignment, Planner, assign_sources
@@ -53,6 +57,7 @@ from diffswap_igfi.video.smoothing import ColourSmoother, OneEuroSettings
 from diffswap_igfi.video.tracking import Track, Tracker, TrackerSettings
 
 WORK_VERSION = 1
+ProgressCallback = Callable[[str, int, int], None]  # (pass name, frames done, frames in all)
 
 
 @dataclass
@@ -104,14 +109,23 @@ def check_video_output(output: Path, inputs: Sequence[Path], *, force: bool) -> 
 
 
 class _Progress:
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+    """A tqdm bar on stderr (``enabled`` True), nothing (False), or calls of ``enabled(desc,
+    frames done, total)`` after each update (a caller's own display, e.g. the web UI's)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool | ProgressCallback) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="frame", disable=not enabled,
+        self.report = enabled if callable(enabled) else None
+        self.desc, self.total, self.done = desc, total, 0
+        self.bar = tqdm(total=total, desc=desc, unit="frame",
+                        disable=not enabled or self.report is not None,
                         file=sys.stderr, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         self.bar.update(n)
+        if self.report is not None:
+            self.done += n
+            self.report(self.desc, self.done, self.total)
 
     def close(self) -> None:
         self.bar.close()
@@ -120,15 +134,19 @@ class _Progress:
 def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output: Path, *,
                options: VideoSwapOptions | None = None, reference: np.ndarray | None = None,
                face_map: Sequence[tuple[np.ndarray, Sequence[Source]]] = (),
-               resume: bool = False, progress: bool = True,
-               log: Callable[[str], None] = print) -> VideoSwapResult:
+               resume: bool = False, progress: bool | ProgressCallback = True,
+               log: Callable[[str], None] = print, c2pa_cert: str | Path | None = None,
+               c2pa_key: str | Path | None = None) -> VideoSwapResult:
     """Swap ``sources`` onto the selected people of the video ``target``, writing ``output``.
 
     reference: [D] dlib descriptor of the person to replace (selector ``reference``);
     face_map: (descriptor, sources) pairs for several people. The output's container and codec
-    follow its extension and ``options.encode``. Raises InputError (unreadable video, no face),
-    OutputError (cannot write). A DiffSwapError removes the work folder; an interruption keeps
-    it for ``resume``.
+    follow its extension and ``options.encode``. progress: tqdm bars on stderr (True), none
+    (False), or a function called as ``progress("tracking" | "swapping", done, total)`` after
+    each frame. c2pa_cert/c2pa_key: an organisation's PEM chain and key for the C2PA manifest
+    (MP4/MOV; default: the local keys), checked before any work. Raises InputError (unreadable
+    video, no face), OutputError (cannot write), ConfigError (unusable signing keys). A
+    DiffSwapError removes the work folder; an interruption keeps it for ``resume``.
     """
     options = options or VideoSwapOptions()
     if options.chunk_frames <= options.tracker.max_lost:
@@ -137,6 +155,8 @@ def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output
     engine = swapper.engine
     output = Path(output)
     info = probe_video(target)
+    if can_sign(output):
+        check_signing_keys(c2pa_cert, c2pa_key)
     work = work_folder(output)
     stamp = _fingerprint(info, sources, options, reference, face_map, engine)
     try:
@@ -150,6 +170,9 @@ def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output
             (work / "track").mkdir(parents=True)
             (work / "video").mkdir()
             _write_json(work / "manifest.json", stamp)
+        # one watermark payload per clip, the same after a resume (same input, sources and
+        # options); the manifest names it too
+        payload = hashlib.sha256((work / "manifest.json").read_bytes()).hexdigest()[:8]
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         frames, tracks = _track_pass(swapper, info, work, options, progress)
@@ -161,17 +184,20 @@ def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output
                                     reference_distance=options.reference_distance,
                                     face_map=face_map, what=target.name)
         start = time.perf_counter()
-        swapped = _render_pass(swapper, info, work, options, assignment, frames, progress)
+        swapped = _render_pass(swapper, info, work, options, assignment, frames, progress,
+                               payload)
         seconds["render"] = time.perf_counter() - start
         start = time.perf_counter()
         chunks = sorted((work / "video").glob(f"*{CHUNK_SUFFIX}"))
         trimmed = bool(options.trim_start or options.trim_end)
         trim = (float(_first_kept_pts(work) * info.time_base), options.trim_end) if trimmed \
             else None
-        metadata = container_metadata(digital_source_type=engine.digital_source_type,
-                                      generator=f"diffswap-igfi {__version__}",
-                                      engine=engine.name)
-        mux_chunks(chunks, info, output, metadata=metadata, trim=trim, log=log)
+        write_synthetic_video(
+            output, lambda path, tags: mux_chunks(chunks, info, path, metadata=tags, trim=trim,
+                                                  log=log),
+            digital_source_type=engine.digital_source_type, engine=engine.name,
+            parent_path=info.path, watermark_payload=payload, c2pa_cert=c2pa_cert,
+            c2pa_key=c2pa_key, scratch=work)
         seconds["mux"] = time.perf_counter() - start
     except DiffSwapError:
         shutil.rmtree(work, ignore_errors=True)
@@ -212,7 +238,7 @@ def _chunk_name(k: int, suffix: str) -> str:
 
 
 def _track_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSwapOptions,
-                progress: bool) -> tuple[int, list[Track]]:
+                progress: bool | ProgressCallback) -> tuple[int, list[Track]]:
     """Run (or finish) the tracking pass. Returns (kept frame count, every track)."""
     folder = work / "track"
     done_marker = folder / "done.json"
@@ -260,9 +286,10 @@ def _first_kept_pts(work: Path) -> int:
 
 
 def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSwapOptions,
-                 assignment: Assignment, frames: int, progress: bool) -> int:
-    """Render every chunk not on disk yet, in one decoding pass. Returns the number of frames
-    with a swapped face."""
+                 assignment: Assignment, frames: int, progress: bool | ProgressCallback,
+                 payload: str) -> int:
+    """Render every chunk not on disk yet, in one decoding pass, marking swapped frames with
+    ``payload`` (8 hex digits). Returns the number of frames with a swapped face."""
     track_files = sorted((work / "track").glob("*.npz"))
     video = work / "video"
     smoothing = options.smoothing if options.smooth_landmarks else OneEuroSettings(
@@ -272,8 +299,6 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
     colour = ColourSmoother(rate=options.colour_rate if options.smooth_colour else 1.0)
     trimmed = bool(options.trim_start or options.trim_end)
     shift = _first_kept_pts(work) if trimmed else 0
-    # one watermark payload per clip (same input, sources and options: same payload)
-    payload = hashlib.sha256((work / "manifest.json").read_bytes()).hexdigest()[:8]
 
     def chunk_files(k: int) -> tuple[Path, Path]:
         return video / _chunk_name(k, CHUNK_SUFFIX), video / _chunk_name(k, ".colour.json")
@@ -345,7 +370,8 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
 def _swap_frame(swapper: Swapper, rgb: np.ndarray, faces, assignment: Assignment,
                 colour: ColourSmoother, max_iod: float, payload: str) -> np.ndarray:
     """Swap each planned face with its track's source (on a crop, at a bounded resolution),
-    smooth its colour, and watermark the swapped pixels."""
+    smooth its colour, and mark the swapped pixels (both marks; the face mark anchored where
+    the swapper's detector finds each swapped face)."""
     image = rgb.copy()
     region = np.zeros(rgb.shape[:2], bool)
     for track, face in faces:
@@ -357,4 +383,5 @@ def _swap_frame(swapper: Swapper, rgb: np.ndarray, faces, assignment: Assignment
         crop = colour(track, crop, image[y0:y1, x0:x1], alpha)
         image[y0:y1, x0:x1] = crop
         region[y0:y1, x0:x1] |= alpha > 0
-    return watermark_frame(image, region, [f for _, f in faces], payload)
+    return mark_frame(image, [f for _, f in faces], region, payload=payload,
+                      detector=swapper.detector)

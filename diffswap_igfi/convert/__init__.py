@@ -1,0 +1,1 @@
+"""Converters from other projects' released checkpoints to our diffusers-style folders."""
