@@ -369,3 +369,87 @@ def test_condition_dropout_frequencies():
     assert abs(draws[:, 0].mean() - 0.15) < 0.01 and abs(draws[:, 1].mean() - 0.10) < 0.01
     with pytest.raises(ConfigError):
         condition_dropout(rng, p_identity=0.8, p_clip=0.3, p_both=0.0)
+
+
+# ------------------------------------------------------------------------- streaming reader
+@pytest.fixture(scope="module")
+def many(prepared, tmp_path_factory):
+    """24 jittered copies of the preprocessed faces in 8 shards of 3."""
+    from diffswap_igfi.data.synthetic import augmented_shards
+
+    return augmented_shards(prepared[2], tmp_path_factory.mktemp("many"), samples=24,
+                            shard_size=3)
+
+
+def _keys(stream) -> list[str]:
+    return [s["__key__"] for s in stream]
+
+
+def test_stream_splits_shards_across_processes_and_workers(many):
+    from diffswap_igfi.data.stream import ShardStream
+
+    per_rank = [_keys(ShardStream(many, rank=r, world_size=4, shuffle_buffer=4))
+                for r in range(4)]
+    assert [len(k) for k in per_rank] == [6, 6, 6, 6]
+    everything = [k for keys in per_rank for k in keys]
+    assert sorted(everything) == [f"s{j:08d}" for j in range(24)]  # disjoint, complete
+    # two processes with two DataLoader workers each: the same four-way split
+    for rank in range(2):
+        stream = ShardStream(many, rank=rank, world_size=2, shuffle_buffer=4)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+        keys = _keys(loader)
+        assert len(keys) == len(set(keys)) == 12
+        shard_of = {int(k[1:]) // 3 for k in keys}
+        assert len(shard_of) == 4  # whole shards: 2 per worker
+
+
+def test_stream_shuffles_reproducibly_and_resumes_without_repeats(many):
+    from diffswap_igfi.data.stream import ShardStream, reader_position
+
+    stream = ShardStream(many, seed=3, shuffle_buffer=5)
+    first = _keys(stream)
+    assert first == _keys(ShardStream(many, seed=3, shuffle_buffer=5))
+    assert first != sorted(first) and sorted(first) == [f"s{j:08d}" for j in range(24)]
+    stream.set_epoch(1)
+    assert _keys(stream) != first  # another epoch, another order
+    stream.set_position(0, 10)
+    assert _keys(stream) == first[10:]
+    # DataLoader workers take batches in turn: after 5 batches of 2 with 2 workers, worker 0
+    # gave 3 batches, worker 1 gave 2
+    assert [reader_position(5, 2, w, 2) for w in (0, 1)] == [6, 4]
+
+
+def test_stream_memory_is_bounded_by_the_shuffle_buffer(many, monkeypatch):
+    from diffswap_igfi.data import stream as module
+
+    read = []
+    original = module.read_tar
+
+    def counting(path):
+        for item in original(path):
+            read.append(item[0])
+            yield item
+
+    monkeypatch.setattr(module, "read_tar", counting)
+    it = iter(module.ShardStream(many, shuffle_buffer=4))
+    next(it)
+    assert len(read) == 5  # the buffer, plus the sample that pushed one out
+
+
+def test_stream_wraps_round_its_shards_to_give_every_reader_the_same_count(many):
+    from diffswap_igfi.data.stream import ShardStream
+
+    keys = _keys(ShardStream(many, rank=0, world_size=8, samples_per_reader=5,
+                             shuffle_buffer=2))
+    assert len(keys) == 5 and len(set(keys)) == 3  # one shard of 3, read again
+
+
+def test_stream_refuses_more_readers_than_shards_and_feeds_the_sfi_dataset(many):
+    from diffswap_igfi.data.stream import ShardStream
+
+    with pytest.raises(InputError, match="8 shards for 9 readers"):
+        next(iter(ShardStream(many, rank=0, world_size=9)))
+    dataset = SFIDataset(many, augment=AugmentConfig.off())
+    stream = ShardStream(many, transform=dataset.make_sample)
+    sample = next(iter(stream))
+    assert sample["target"].shape == (3, CROP, CROP) and sample["geometry"].shape[0] == 7

@@ -154,7 +154,7 @@ def test_swap_video_api_returns_a_marked_video_with_the_same_frames_and_audio(
     from gradio_client import handle_file
 
     from diffswap_igfi.io.video import probe_video
-    from diffswap_igfi.provenance.video import verify_video
+    from diffswap_igfi.provenance.verify_video import verify_video
     from diffswap_igfi.video.synthetic import camera_path, render_frames, write_test_video
 
     photo = photos["astronaut"].rgb

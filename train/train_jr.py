@@ -14,22 +14,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from train_sfi import guarded, load_inputs, parse_args  # noqa: E402
-
-from diffswap_igfi.training.config import JRConfig, config_to_dict  # noqa: E402
+from diffswap_igfi.data.dataset import training_data
+from diffswap_igfi.training.config import JRConfig, config_to_dict
+from diffswap_igfi.training.script import arguments, load_run_config, run
 
 
 def main(argv=None) -> int:
-    parser = parse_args(description="Train the JR stage.")
+    parser = arguments("Train the JR stage.")
     parser.add_argument("--sfi-checkpoint", required=True,
                         help="the SFI pipeline folder (RUN/pipeline of train_sfi.py)")
-    return guarded(train, parser.parse_args(argv))
+    return run(train, parser, argv)
 
 
 def train(args) -> int:
-    config, dataset = load_inputs(args, JRConfig)
+    config = load_run_config(args, JRConfig)
+    dataset = training_data(args.data, seed=config.train.seed, augment=config.augment,
+                            reader=config.train.data_reader,
+                            shuffle_buffer=config.train.shuffle_buffer)
     from diffswap_igfi.engines.diffusion import load_pipeline
     from diffswap_igfi.jr.losses import ContextualLoss, JRGeneratorLoss, PatchDiscriminator
     from diffswap_igfi.jr.network import JRNet

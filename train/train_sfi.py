@@ -3,11 +3,25 @@
     accelerate launch train/train_sfi.py --config configs/sfi/tiny.yaml --data DATA_DIR \
         --output RUN_DIR [--max-steps N] [--resume latest]
 
-DATA_DIR comes from ``diffswap-igfi preprocess``. RUN_DIR receives metrics.jsonl (one line per
-optimisation step), tensorboard events, checkpoints/ (atomic; ``--resume latest`` continues the
-newest complete one), validation/ grids, and at the end pipeline/: the EMA weights as a
-DiffSwapIGFIPipeline folder that ``diffswap-igfi swap --checkpoint RUN_DIR/pipeline`` loads.
-The same code runs on one CPU, one GPU or many nodes (see configs/accelerate/).
+One training step, start to end:
+1. A batch of B samples from ``SFIDataset`` (DATA_DIR from ``diffswap-igfi preprocess``): the
+   aligned face crop (the target), the inpainting mask, 7 landmark heatmaps (the geometry), and
+   an augmented copy of the same face (the source, which the model cannot copy pixel by pixel).
+2. ``SFITrainable.forward`` (diffswap_igfi/sfi/training.py): the frozen VAE encodes the target
+   and the masked target; ArcFace embeds the source, CLIP the face-blanked target, and the
+   projectors turn both into cross-attention tokens. Noise is added at a random timestep; the
+   UNet sees [noisy latents | mask | masked latents | geometry] and predicts the noise
+   (diffusion loss). On a share of the batch the midpoint identity loss estimates the clean
+   face, decodes it and compares its ArcFace embedding with the source's.
+3. ``TrainLoop.step`` (diffswap_igfi/training/loop.py): backward; every accumulation cycle it
+   clips, steps the optimizer, the LR schedule and the EMA, writes metrics.jsonl and
+   tensorboard, and saves a checkpoint when due.
+
+RUN_DIR receives metrics.jsonl, tensorboard events, checkpoints/ (atomic; ``--resume latest``
+continues the newest complete one), validation/ grids, and at the end pipeline/: the EMA weights
+as a DiffSwapIGFIPipeline folder that ``diffswap-igfi swap --checkpoint RUN_DIR/pipeline``
+loads. The same code runs on one CPU, one GPU or many nodes (configs/accelerate/,
+docs/training.md).
 """
 
 from __future__ import annotations
@@ -16,55 +30,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffswap_igfi.errors import DiffSwapError, InputError
-from diffswap_igfi.training.config import SFIConfig, config_to_dict, load_config
-
-
-def parse_args(argv=None, description: str = "Train the SFI stage.") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML file, e.g. configs/sfi/tiny.yaml")
-    parser.add_argument("--data", required=True, help="DATA_DIR from diffswap-igfi preprocess")
-    parser.add_argument("--output", required=True, help="RUN_DIR for logs, checkpoints, export")
-    parser.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
-    parser.add_argument("--resume", default=None,
-                        help="'latest' (the newest complete checkpoint in RUN_DIR) or a folder")
-    parser.add_argument("--debug", action="store_true", help="tracebacks instead of one line")
-    parser.add_argument("--dump-params", action="store_true",
-                        help="each process writes a digest of its parameters (DDP checks)")
-    return parser
+from diffswap_igfi.data.dataset import training_data
+from diffswap_igfi.errors import InputError
+from diffswap_igfi.training.config import SFIConfig, config_to_dict
+from diffswap_igfi.training.script import arguments, load_run_config, run
 
 
 def main(argv=None) -> int:
-    return guarded(train, parse_args().parse_args(argv))
-
-
-def guarded(train_fn, args: argparse.Namespace) -> int:
-    """Run a trainer; a DiffSwapError is one line on stderr (a traceback with --debug)."""
-    try:
-        return train_fn(args)
-    except DiffSwapError as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-
-
-def load_inputs(args, cls=SFIConfig):
-    """Config and dataset, checked before any model is built."""
-    config = load_config(args.config, cls)
-    if args.max_steps is not None:
-        if args.max_steps <= 0:
-            raise InputError(f"--max-steps must be positive, got {args.max_steps}")
-        config.train.max_steps = args.max_steps
-    from diffswap_igfi.data.dataset import SFIDataset
-
-    dataset = SFIDataset(args.data, latent_factor=8, seed=config.train.seed,
-                         augment=config.augment)
-    return config, dataset
+    return run(train, arguments("Train the SFI stage."), argv)
 
 
 def train(args: argparse.Namespace) -> int:
-    config, dataset = load_inputs(args)
+    config = load_run_config(args, SFIConfig)
+    dataset = training_data(args.data, seed=config.train.seed, augment=config.augment,
+                            reader=config.train.data_reader,
+                            shuffle_buffer=config.train.shuffle_buffer)
     if dataset.crop_size != config.model.crop_size:
         raise InputError(f"{args.data} holds {dataset.crop_size}px crops but the config trains "
                          f"at {config.model.crop_size}px: preprocess with --crop-size "
@@ -92,6 +72,8 @@ def train(args: argparse.Namespace) -> int:
 
         model.unet.requires_grad_(False)
         add_lora(model.unet, config.lora.rank, config.lora.alpha, tuple(config.lora.targets))
+        # conv_in holds the geometry input channels (zero-initialised on SD): they must train
+        model.unet.conv_in.requires_grad_(True)
     if config.train.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -132,7 +114,11 @@ def validate(loop, pipe, modules, run_dir: Path) -> None:
     from diffswap_igfi.provenance.write import write_synthetic_image
     from diffswap_igfi.sfi.training import validation_grid
 
-    grid = loop.with_ema(modules, lambda: validation_grid(pipe))
+    def run():
+        with loop.autocast():  # DeepSpeed holds the UNet in bf16/fp16
+            return validation_grid(pipe)
+
+    grid = loop.with_ema(modules, run)
     step = loop.step_count
     write_synthetic_image(run_dir / "validation" / f"step-{step:08d}.png", grid, None,
                           engine="diffusion-validation",

@@ -28,7 +28,7 @@ from diffswap_igfi.geometry.condition import landmark_heatmaps
 ID_CROP_SIZE = 112
 IDENTITY_DIM = 512
 
-__all__ = ["AugmentConfig", "SFIDataset", "to_tensor_image"]
+__all__ = ["AugmentConfig", "SFIDataset", "to_tensor_image", "training_data"]
 
 
 def to_tensor_image(rgb: np.ndarray) -> torch.Tensor:
@@ -49,7 +49,7 @@ class SFIDataset(Dataset):
       mask [1,S,S] float {0,1} (1 = inpaint); geometry [7,S/f,S/f] float in [0,1] (landmark
       heatmaps of the target); kps [5,2] float32 target keypoints in crop pixels;
       identity [512] float (zeros when none was stored); has_identity, drop_identity,
-      drop_clip: bool scalars; index: int64 scalar.
+      drop_clip: bool scalars; index: int64 scalar (the stored sample's number).
     """
 
     def __init__(self, data_dir: str | os.PathLike, *, latent_factor: int = 8, seed: int = 0,
@@ -62,7 +62,16 @@ class SFIDataset(Dataset):
         self.latent_factor = latent_factor
         self.seed = int(seed)
         self.epoch = 0
+        self.repeat = 1
         self.augment = AugmentConfig.from_value(augment)
+
+    def set_repeat(self, times: int) -> None:
+        """Show every sample ``times`` times per epoch (for data sets smaller than one optimizer
+        step): item ``j`` is stored sample ``j % samples`` with the augmentations of key ``j``,
+        so the copies differ."""
+        if times < 1:
+            raise ValueError(f"repeat must be >= 1, got {times}")
+        self.repeat = int(times)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's augmentations. DataLoader workers copy the dataset when their
@@ -70,7 +79,7 @@ class SFIDataset(Dataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.shards)
+        return len(self.shards) * self.repeat
 
     def rng(self, i: int) -> np.random.Generator:
         """The generator of sample ``i`` at the current (seed, epoch)."""
@@ -79,10 +88,16 @@ class SFIDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= int(i) < len(self):
             raise IndexError(f"sample {i} out of range (dataset has {len(self)})")
-        i = int(i) % len(self)  # the rng is keyed by the non-negative index
-        sample = self.shards[i]
+        j = int(i) % len(self)  # the rng is keyed by the non-negative index
+        i = j % len(self.shards)  # the stored sample (differs from j only with set_repeat)
+        return self.make_sample(self.shards[i], self.rng(j), i)
+
+    def make_sample(self, sample: dict, rng: np.random.Generator, index: int
+                    ) -> dict[str, torch.Tensor]:
+        """A stored sample (``ShardIndex`` item or a ``ShardStream`` item) -> the training
+        sample described in the class docstring, with the augmentations ``rng`` draws."""
         cfg = self.augment
-        rng = self.rng(i)
+        i = index
         crop, kps = sample["crop"], sample["kps"].astype(np.float32)
         landmarks = sample["landmarks"].astype(np.float32)
         source, source_kps = reference_augment(
@@ -110,3 +125,17 @@ class SFIDataset(Dataset):
             "drop_clip": torch.tensor(drop_clip),
             "index": torch.tensor(i, dtype=torch.int64),
         }
+
+
+def training_data(data_dir: str | os.PathLike, *, seed: int, augment, reader: str = "index",
+                  shuffle_buffer: int = 1000, latent_factor: int = 8):
+    """The trainers' data: ``SFIDataset`` (reader "index": random access, any size) or a
+    ``ShardStream`` of SFI samples (reader "stream": shards split across processes and
+    workers, for data sets of many shards)."""
+    dataset = SFIDataset(data_dir, latent_factor=latent_factor, seed=seed, augment=augment)
+    if reader == "index":
+        return dataset
+    from diffswap_igfi.data.stream import ShardStream
+
+    return ShardStream(data_dir, seed=seed, shuffle_buffer=shuffle_buffer,
+                       transform=dataset.make_sample)

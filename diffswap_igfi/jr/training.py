@@ -43,9 +43,23 @@ class JRTrainable(torch.nn.Module):
 
     @torch.no_grad()
     def make_inputs(self, batch: dict, noise_seed: int) -> dict:
-        """Self-swaps, cross swaps and the residual map from the frozen SFI stage."""
+        """Self-swaps, cross swaps and the residual map from the frozen SFI stage.
+
+        With ``occlusion_p`` > 0 a share of the targets first get a synthetic occluder
+        (HEAR-Net): the SFI stage repaints the face without it, so the residual map lights up
+        on it and JR learns to bring it back (the occluded target is what it must reproduce).
+        """
         sfi, steps = self.sfi, self.config.sfi_steps
         x = batch["target"]
+        occluded = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+        if self.config.occlusion_p > 0:
+            import numpy as np
+
+            from diffswap_igfi.data.occluders import paste_occluders
+
+            x, masks = paste_occluders(x, np.random.default_rng(noise_seed),
+                                       self.config.occlusion_p)
+            occluded = (masks.flatten(1).amax(1) > 0).to(x.dtype)
         hard = batch["mask"] > 0.5
         soft = batch["mask"][:, 0].float().cpu().numpy()
         prepared = sfi.prepare_tensors(x, hard, soft, batch["geometry"])
@@ -58,11 +72,11 @@ class JRTrainable(torch.nn.Module):
             runs.append(to_tensor(sampled.crops, x.device, x.dtype))
         self_swap, cross_swap = runs
         return {"self_swap": self_swap, "cross_swap": cross_swap, "residual": x - self_swap,
-                "own": own, "other": other}
+                "own": own, "other": other, "target": x, "occluded": occluded}
 
     def forward(self, batch: dict, noise_seed: torch.Tensor) -> dict:
         made = self.make_inputs(batch, int(noise_seed.item()))
-        x, b = batch["target"], len(batch["target"])
+        x, b = made["target"], len(made["target"])
         swaps = torch.cat([made["self_swap"], made["cross_swap"]])
         identity = torch.cat([made["own"], made["other"]])
         target = torch.cat([x, x])
@@ -78,6 +92,8 @@ class JRTrainable(torch.nn.Module):
                                            kps=torch.cat([batch["kps"]] * 2),
                                            source_embeds=identity, fake_logits=fake_logits)
         out = {name: value for name, value in terms.items()}
+        if self.config.occlusion_p > 0:  # the share of targets that carried an occluder
+            out["occluded"] = made["occluded"].mean().detach()
         if self.discriminator is not None:
             real = torch.nn.functional.interpolate(x, size=output.shape[-2:], mode="bilinear",
                                                    align_corners=False).requires_grad_(True)

@@ -162,7 +162,12 @@ def midpoint_identity_loss(denoise: Denoiser, scheduler, vae, noisy: torch.Tenso
     x0_hat = midpoint_estimate(denoise, scheduler, noisy, model_output, t)[rows]
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     latents = (x0_hat / vae.config.scaling_factor + shift).to(vae.dtype)
-    images = vae.decode(latents).sample
+    if getattr(vae.config, "force_upcast", False):
+        # SD's VAE overflows in fp16: under autocast, decode in the VAE's own (fp32) weights
+        with torch.autocast(latents.device.type, enabled=False):
+            images = vae.decode(latents).sample
+    else:
+        images = vae.decode(latents).sample
     if mask is not None:
         mask = mask[rows].to(images)
         if mask.shape[-2:] != images.shape[-2:]:

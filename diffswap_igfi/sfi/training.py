@@ -41,8 +41,15 @@ def build_sfi_pipeline(config: SFIConfig) -> DiffSwapIGFIPipeline:
         pipe = pipeline_from_scratch(m.sd_inpaint, arcface=m.arcface, clip_model=m.clip_model,
                                      clip_weights=m.clip_weights, crop_size=m.crop_size,
                                      id_tokens=m.id_tokens, clip_tokens=m.clip_tokens)
+    base = pipe.scheduler.config.prediction_type
+    if m.kind == "sd_inpaint" and m.prediction_type not in (None, base):
+        from diffswap_igfi.errors import ConfigError
+
+        raise ConfigError(f"model.prediction_type {m.prediction_type} differs from the base "
+                          f"model's {base} ({m.sd_inpaint}): remove the key to fine-tune it as "
+                          f"it was trained")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,
-                                               prediction_type=m.prediction_type)
+                                               prediction_type=m.prediction_type or base)
     return pipe
 
 

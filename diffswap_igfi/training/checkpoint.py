@@ -82,8 +82,23 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, *, keep: int,
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> int:
-    """Restore the full state; returns the step the checkpoint was taken at."""
-    accelerator.load_state(str(path))
+def load_checkpoint(accelerator, path: Path, required: set[str] | None = None, *,
+                    partial: bool = False) -> int:
+    """Restore the full state; returns the step the checkpoint was taken at.
+
+    partial: the checkpoint holds only the trained parameters (``TrainLoop`` drops the frozen
+    ones), so the model loads non-strictly; ``required`` (the trained parameter names) must
+    all be there."""
+    weights = Path(path) / "model.safetensors"
+    if required and weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            missing = sorted(set(required) - set(f.keys()))
+        if missing:
+            raise ConfigError(f"checkpoint {path} lacks {len(missing)} trained weights (e.g. "
+                              f"{missing[0]}): it was written by another configuration; resume "
+                              f"with the config it was trained with")
+    accelerator.load_state(str(path), **({"strict": False} if partial else {}))
     with open(Path(path) / MARKER) as f:
         return int(json.load(f)["step"])

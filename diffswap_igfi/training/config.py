@@ -25,13 +25,15 @@ class ModelConfig:
     arcface_arch: str = "r50"
     clip_model: str | None = None  # open_clip architecture name
     clip_weights: str | None = None  # local open_clip checkpoint
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    # epsilon | v_prediction; empty: the base model's (an SD fine-tune must keep it)
+    prediction_type: str | None = None
     id_tokens: int = 4
     clip_tokens: int = 4
 
 
 @dataclass
 class OptimConfig:
+    optimizer: str = "adamw"  # adamw | adamw_8bit (bitsandbytes, CUDA: the [bnb] extra)
     learning_rate: float = 1.0e-4
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -51,6 +53,8 @@ class RunConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
     num_workers: int = 0
+    data_reader: str = "index"  # index (random access) | stream (data.stream.ShardStream)
+    shuffle_buffer: int = 1000  # samples a streaming reader shuffles through (its memory)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     validation_every: int = 500
@@ -63,6 +67,8 @@ class RunConfig:
 class EMAConfig:
     use: bool = True
     decay: float = 0.999
+    on_cpu: bool = False  # keep the fp32 copy in host memory (frees 4 bytes/parameter of GPU)
+    update_every: int = 1  # average every N optimizer steps (decay**N), cheaper on the CPU
 
 
 @dataclass
@@ -105,7 +111,7 @@ class SFIConfig:
              f"model.clip_weights: local ArcFace and open_clip weights"),
             (self.model.kind != "ldm" or self.model.sd_inpaint,
              "model.kind ldm needs model.sd_inpaint: a local SD folder for its VAE"),
-            (self.model.prediction_type in ("epsilon", "v_prediction"),
+            (self.model.prediction_type in (None, "epsilon", "v_prediction"),
              f"model.prediction_type must be epsilon or v_prediction, got "
              f"{self.model.prediction_type!r}"),
             (self.model.crop_size % 8 == 0 and self.model.crop_size >= 32,
@@ -120,7 +126,7 @@ class SFIConfig:
             (set(self.train.train_modules) <= {"unet", "id_projector", "clip_projector"},
              f"train.train_modules may list unet, id_projector, clip_projector; got "
              f"{self.train.train_modules}"),
-            (0.0 <= self.ema.decay < 1.0, f"ema.decay must be in [0, 1), got {self.ema.decay}"),
+            *common_checks(self),
             (0.0 < self.loss.id_fraction <= 1.0,
              f"loss.id_fraction must be in (0, 1], got {self.loss.id_fraction}"),
             (0 <= self.loss.id_t_min < self.loss.id_t_max,
@@ -162,6 +168,9 @@ class JRConfig:
     loss: JRLossConfig = field(default_factory=JRLossConfig)
     sfi_steps: int = 4  # sampling steps of the frozen SFI stage that makes JR's inputs
     augment: dict[str, Any] = field(default_factory=dict)
+    # HEAR-Net's synthetic occlusions: the share of targets that get a pasted occluder (glasses,
+    # hand, hair, microphone, texture patch: data.occluders) which JR must bring back
+    occlusion_p: float = 0.0
 
     def validate(self) -> None:
         checks = [
@@ -172,14 +181,38 @@ class JRConfig:
              "(JRNet and ComponentDictionary support it; the trainer does not feed landmarks); "
              "set it to false"),
             (self.sfi_steps > 0, "sfi_steps must be positive"),
+            (0.0 <= self.occlusion_p <= 1.0,
+             f"occlusion_p must be in [0, 1], got {self.occlusion_p}"),
             (self.train.max_steps > 0 and self.train.batch_size > 1,
              "train.max_steps must be positive and train.batch_size at least 2 (cross swaps)"),
             (self.loss.perceptual_weight == 0 or self.loss.perceptual_weights,
              "loss.perceptual_weight > 0 needs loss.perceptual_weights: a local VGG16 file"),
+            *common_checks(self),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"bad config: {message}")
+
+
+def common_checks(config) -> list[tuple[bool, str]]:
+    """Checks of the sections SFI and JR configs share (optim, train, ema)."""
+    import importlib.util
+
+    o, t, e = config.optim, config.train, config.ema
+    return [
+        (o.optimizer in ("adamw", "adamw_8bit"),
+         f"optim.optimizer must be adamw or adamw_8bit, got {o.optimizer!r}"),
+        (o.optimizer != "adamw_8bit" or importlib.util.find_spec("bitsandbytes") is not None,
+         "optim.optimizer adamw_8bit needs bitsandbytes (CUDA only): pip install "
+         "'diffswap-igfi[bnb]', or use adamw"),
+        (t.gradient_accumulation_steps >= 1,
+         f"train.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}"),
+        (0.0 <= e.decay < 1.0, f"ema.decay must be in [0, 1), got {e.decay}"),
+        (e.update_every >= 1, f"ema.update_every must be >= 1, got {e.update_every}"),
+        (t.data_reader in ("index", "stream"),
+         f"train.data_reader must be index or stream, got {t.data_reader!r}"),
+        (t.shuffle_buffer >= 1, f"train.shuffle_buffer must be >= 1, got {t.shuffle_buffer}"),
+    ]
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:

@@ -1,4 +1,4 @@
-"""The accelerate training loop shared by the SFI and JR trainers.
+"""The accelerate training loop shared by the SFI and JR trainers (launch-time checks: runtime.py).
 
 A trainer builds its model (a module whose ``forward(batch, noise_seed)`` returns a dict with a
 ``loss``), its dataset and its export; ``TrainLoop`` does the rest once: the Accelerator (CPU
@@ -19,15 +19,26 @@ from pathlib import Path
 
 import torch
 
+from diffswap_igfi.errors import ConfigError
 from diffswap_igfi.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from diffswap_igfi.training.config import EMAConfig, OptimConfig, RunConfig
 from diffswap_igfi.training.logs import MetricsLog
+from diffswap_igfi.training.runtime import (build_optimizer, check_deepspeed, misplaced_state,
+                                            resolve_mixed_precision, using_deepspeed)
 
 
 def noise_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """A seed for one micro-batch, a pure function of where it is in the run."""
     digest = hashlib.sha256(f"{seed}/{step}/{micro}/{rank}".encode()).digest()
     return int.from_bytes(digest[:6], "little")
+
+
+def epoch_repeats(samples: int, processes: int, batch_size: int, accumulation: int) -> int:
+    """How many times an epoch shows each sample so that every process gets at least one
+    accumulation cycle of full batches: 1 unless the data set is smaller than one optimizer
+    step's ``processes * batch_size * accumulation`` samples."""
+    per_step = processes * batch_size * accumulation
+    return max(1, -(-per_step // max(samples, 1)))
 
 
 def flat(tree: dict, prefix: str = "") -> dict:
@@ -42,101 +53,218 @@ def flat(tree: dict, prefix: str = "") -> dict:
 
 
 class TrainLoop:
-    """``for batch, seed in loop: loop.step(model, batch, seed)`` until ``train.max_steps``."""
+    """``for batch, seed in loop: loop.step(model, batch, seed)`` until ``train.max_steps``.
+
+    The dataset has ``__len__``, ``set_epoch(epoch)`` and ``set_repeat(times)`` (see
+    ``data.dataset.SFIDataset``).
+    """
 
     def __init__(self, run_dir: Path, train: RunConfig, optim: OptimConfig, ema: EMAConfig,
                  *, project: str, hparams: dict | None = None) -> None:
         from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-        from accelerate.utils import set_seed
+        from accelerate.utils import GradientAccumulationPlugin, set_seed
 
         self.run_dir, self.train, self.optim, self.ema_config = Path(run_dir), train, optim, ema
+        check_deepspeed(train, optim)
+        precision, note = resolve_mixed_precision(train.mixed_precision)
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),  # `--cpu` would silently start one process
-            mixed_precision=train.mixed_precision,
-            gradient_accumulation_steps=train.gradient_accumulation_steps,
+            # `--cpu` would silently start one process; DeepSpeed picks its own (CPU) device
+            cpu=not torch.cuda.is_available() and not using_deepspeed(),
+            mixed_precision=precision,
+            # cycles of exactly `gradient_accumulation_steps` micro-batches, across epoch ends
+            # (accelerate's default would cut a cycle short at the end of every epoch)
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=train.gradient_accumulation_steps, sync_with_dataloader=False),
             log_with="tensorboard", project_dir=str(self.run_dir),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        if note:
+            self.accelerator.print(note)
         set_seed(train.seed)
-        self.project, self.hparams = project, hparams or {}
+        self.project, self.hparams = project, {**(hparams or {}), "mixed_precision": precision}
         self.step_count = 0
         self._micro = 0
         self._last: dict = {}
 
+    @property
+    def deepspeed(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
     # ------------------------------------------------------------------------------ set-up
     def setup(self, model: torch.nn.Module, params: list, dataset, resume: str | None):
-        """Optimizer, schedule, loader, EMA; then resume. Returns the prepared model."""
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
+        """Optimizer, schedule, loader, EMA; then resume. Returns the prepared model.
 
-        t, o = self.train, self.optim
+        params: the parameters that train (the others of ``model`` are left out of
+        checkpoints: a LoRA checkpoint holds the adapter, not the frozen UNet)."""
+        from diffusers.optimization import get_scheduler
+
+        from diffswap_igfi.training.ema import EMA
+
+        t, o, acc = self.train, self.optim, self.accelerator
         self.params, self.dataset = params, dataset
-        optimizer = torch.optim.AdamW(params, lr=o.learning_rate, betas=(o.beta1, o.beta2),
-                                      eps=o.eps, weight_decay=o.weight_decay)
-        schedule = get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps,
-                                 num_training_steps=t.max_steps)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True,
-                                             num_workers=t.num_workers,
-                                             drop_last=len(dataset) >= t.batch_size)
-        acc = self.accelerator
-        model, self.optimizer, self.loader, self.schedule = acc.prepare(model, optimizer, loader,
-                                                                        schedule)
-        self.ema = EMAModel(params, decay=self.ema_config.decay) if self.ema_config.use else None
+        optimizer = build_optimizer(params, o)
+        # stepped by us once per optimizer step: accelerate would step a prepared schedule
+        # once per process, running it N times too fast on N processes
+        self.schedule = get_scheduler(o.lr_scheduler, optimizer,
+                                      num_warmup_steps=o.lr_warmup_steps,
+                                      num_training_steps=t.max_steps)
+        self.streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+        if self.streaming:
+            loader = self._stream_loader(dataset)
+            model, self.optimizer = acc.prepare(model, optimizer)
+        else:
+            loader = self._index_loader(dataset)
+            model, self.optimizer, loader = acc.prepare(model, optimizer, loader)
+        self.loader = loader
+        acc.register_for_checkpointing(self.schedule)
+        self.trained_names = self._keep_trained_only(model)
+        e = self.ema_config
+        self.ema = (EMA(params, e.decay, device="cpu" if e.on_cpu else None,
+                        every=e.update_every) if e.use else None)
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
         checkpoint = resolve_resume(self.run_dir, resume)
         if checkpoint is not None:
-            self.step_count = load_checkpoint(acc, checkpoint)
+            self.step_count = load_checkpoint(acc, checkpoint, required=self.trained_names,
+                                              partial=self.partial_checkpoints)
+            wrong = misplaced_state(params, self.optimizer, self.ema)
+            if wrong:
+                raise ConfigError(f"resumed state is on the wrong device ({wrong[0]}; "
+                                  f"{len(wrong)} in all): report this with the command line")
             acc.print(f"resumed from {checkpoint} at step {self.step_count}")
         self.metrics = MetricsLog(self.run_dir, acc.is_main_process)
         self.metrics.truncate_after(self.step_count)
         acc.init_trackers(self.project, config=self.hparams)
         return model
 
+    def _index_loader(self, dataset) -> torch.utils.data.DataLoader:
+        """Random access (``SFIDataset``): accelerate shards the sample indices per process."""
+        t, acc = self.train, self.accelerator
+        repeat = epoch_repeats(len(dataset), acc.num_processes, t.batch_size,
+                               t.gradient_accumulation_steps)
+        if repeat > 1:
+            dataset.set_repeat(repeat)
+            acc.print(f"data: {len(dataset) // repeat} samples are fewer than one optimizer step "
+                      f"takes ({acc.num_processes} processes x batch {t.batch_size} x "
+                      f"accumulation {t.gradient_accumulation_steps}): every epoch shows each "
+                      f"sample {repeat} times, with its own augmentations")
+        # drop_last: every process gets the same number of full batches (at least one
+        # accumulation cycle per epoch, thanks to the repeats above)
+        return torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True,
+                                           num_workers=t.num_workers, drop_last=True)
+
+    def _stream_loader(self, stream) -> torch.utils.data.DataLoader:
+        """A ``ShardStream``: every process and worker reads its own shards; the loader is
+        not prepared (accelerate would make every process read everything), batches are
+        moved to the device in ``__iter__``. Every reader gives the same whole number of
+        batches per epoch."""
+        t, acc = self.train, self.accelerator
+        workers = max(1, t.num_workers)
+        readers = acc.num_processes * workers
+        stream.set_shard(acc.process_index, acc.num_processes)
+        stream.shards_of(0, readers)  # fewer shards than readers: refused here, in one line
+        quota = stream.total // readers // t.batch_size * t.batch_size
+        self.stream_batches = workers * quota // t.batch_size  # per process and epoch
+        if self.stream_batches < t.gradient_accumulation_steps:
+            raise ConfigError(
+                f"streaming {stream.total} samples to {readers} readers ({acc.num_processes} "
+                f"processes x {workers} workers) leaves {self.stream_batches} batches of "
+                f"{t.batch_size} per process and epoch, fewer than one optimizer step "
+                f"(accumulation {t.gradient_accumulation_steps}): use train.data_reader: index")
+        stream.samples_per_reader = quota
+        return torch.utils.data.DataLoader(stream, batch_size=t.batch_size,
+                                           num_workers=t.num_workers, drop_last=True)
+
+    def _keep_trained_only(self, model: torch.nn.Module) -> set[str]:
+        """Checkpoints hold the trained parameters (and buffers), not the frozen ones, which
+        the trainer rebuilds from the config. Returns the names of the trained parameters."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        frozen = {name for name, p in unwrapped.named_parameters() if not p.requires_grad}
+
+        def drop_frozen(models, weights, output_dir) -> None:
+            for i, state in enumerate(weights):
+                weights[i] = {k: v for k, v in state.items() if k not in frozen}
+
+        # DeepSpeed writes its own checkpoint files, whole
+        self.partial_checkpoints = bool(frozen) and not self.deepspeed
+        if self.partial_checkpoints:
+            self.accelerator.register_save_state_pre_hook(drop_frozen)
+        return {name for name, p in unwrapped.named_parameters() if p.requires_grad}
+
     # ------------------------------------------------------------------------------- looping
     def __iter__(self) -> Iterator[tuple[dict, torch.Tensor]]:
         from tqdm import tqdm
 
         t, acc = self.train, self.accelerator
-        per_epoch = max(1, len(self.loader) // t.gradient_accumulation_steps)
+        # micro-batches per process and epoch
+        per_epoch = self.stream_batches if self.streaming else len(self.loader)
+        if per_epoch < t.gradient_accumulation_steps:  # setup rules this out
+            raise ConfigError(f"an epoch holds {per_epoch} batches per process, fewer than "
+                              f"train.gradient_accumulation_steps "
+                              f"{t.gradient_accumulation_steps}: lower it")
         self.bar = tqdm(total=t.max_steps, initial=self.step_count, desc=self.project,
                         unit="step", disable=not acc.is_local_main_process)
         self._started = time.perf_counter()
+        # the run is one stream of micro-batches, epoch after epoch; an accumulation cycle may
+        # span two epochs, and a checkpoint always falls between two cycles
+        consumed = self.step_count * t.gradient_accumulation_steps
         while self.step_count < t.max_steps:
-            epoch = self.step_count // per_epoch
-            self.dataset.set_epoch(epoch)
-            self.loader.set_epoch(epoch)
-            skip = (self.step_count % per_epoch) * t.gradient_accumulation_steps
-            batches = acc.skip_first_batches(self.loader, skip) if skip else self.loader
+            epoch, skip = divmod(consumed, per_epoch)
+            batches = self._epoch(epoch, skip)
+            before, yielded = self.step_count, 0
             for batch in batches:
                 seed = noise_seed(t.seed, self.step_count, self._micro, acc.process_index)
+                consumed += 1
+                yielded += 1
                 yield batch, torch.tensor([seed])
                 if self.step_count >= t.max_steps:
                     break
+            if yielded == 0 or (yielded >= t.gradient_accumulation_steps
+                                and self.step_count == before):
+                raise ConfigError(
+                    f"epoch {epoch} gave {yielded} batches per process and no optimizer step "
+                    f"(accumulation {t.gradient_accumulation_steps}): call loop.step(...) on "
+                    f"every batch the loop yields")
         self.bar.close()
+
+    def _epoch(self, epoch: int, skip: int):
+        """The batches of ``epoch`` after the first ``skip`` (a resumed run)."""
+        if self.streaming:
+            from accelerate.utils import send_to_device
+
+            self.dataset.set_batches_done(epoch, skip, self.train.batch_size)
+            return (send_to_device(b, self.accelerator.device) for b in self.loader)
+        self.dataset.set_epoch(epoch)
+        self.loader.set_epoch(epoch)
+        return self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
 
     def step(self, model: torch.nn.Module, batch: dict, seed: torch.Tensor) -> bool:
         """Forward, backward and (every accumulation cycle) an optimizer step with its
         bookkeeping. Returns True when an optimisation step completed."""
         acc, t = self.accelerator, self.train
         with acc.accumulate(model):
-            out = model(batch, seed)
+            with self.autocast():
+                out = model(batch, seed)
             acc.backward(out["loss"])
             if acc.sync_gradients and self.optim.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.params, self.optim.max_grad_norm)
             self.optimizer.step()
-            self.schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
         self._micro = (self._micro + 1) % t.gradient_accumulation_steps
         if not acc.sync_gradients:
             return False
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+        if not self.optimizer.step_was_skipped:  # fp16 overflow: the schedule waits too
+            self.schedule.step()
         self.step_count += 1
         if self.ema is not None:
-            self.ema.step(self.params)
+            self.ema.step()
         names = sorted(out)
         values = acc.gather(torch.stack([out[k].detach().float() for k in names])[None]).mean(0)
         record = {"step": self.step_count, **{k: float(v) for k, v in zip(names, values)},
-                  "lr": self.schedule.get_last_lr()[0],
+                  "lr": lr,
                   "seconds": time.perf_counter() - self._started}
         self._started = time.perf_counter()
         self._last = record
@@ -150,6 +278,18 @@ class TrainLoop:
                             info={"loss": record["loss"]})
         return True
 
+    def autocast(self):
+        """Under DeepSpeed fp16/bf16 the trained modules are cast to that dtype and nothing
+        casts their inputs (the frozen VAE and encoders stay fp32): autocast does. Elsewhere
+        accelerate's own autocast is already active inside the prepared model."""
+        import contextlib
+
+        precision = self.accelerator.mixed_precision
+        if not self.deepspeed or precision not in ("fp16", "bf16"):
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.accelerator.device.type, dtype=dtype)
+
     def due(self, every: int) -> bool:
         """Whether a periodic action falls on the step just completed (and on the last one)."""
         return self.step_count % every == 0 or self.step_count == self.train.max_steps
@@ -161,13 +301,13 @@ class TrainLoop:
         for m in modules:
             m.eval()
         if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
+            self.ema.store()
+            self.ema.copy_to()
         try:
             return fn()
         finally:
             if self.ema is not None:
-                self.ema.restore(self.params)
+                self.ema.restore()
             for m, mode in zip(modules, modes):
                 m.train(mode)
 

@@ -27,7 +27,7 @@ from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.io.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
 from diffswap_igfi.io.video import is_video_path
 from diffswap_igfi.provenance.verify import VerifyReport, verify_image
-from diffswap_igfi.provenance.video import VideoVerifyReport, verify_video
+from diffswap_igfi.provenance.verify_video import VideoVerifyReport, verify_video
 from diffswap_igfi.provenance.write import write_synthetic_image
 from diffswap_igfi.swapper import FaceSelection, Source, Swapper, choose_source
 from diffswap_igfi.ui.server import DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_MAX_VIDEO_SECONDS

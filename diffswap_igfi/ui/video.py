@@ -5,7 +5,7 @@ swap through ``video.job.swap_video`` and verify the written file.
 Nothing here tracks or encodes by itself: tracking is ``video.tracking.Tracker`` (with the
 settings the swap uses, so the people shown are numbered as the swap numbers them), the swap,
 its provenance (container tags and a watermark in every swapped frame) and its encoding are
-``swap_video``'s, and the check of the result is ``provenance.video.verify_video``.
+``swap_video``'s, and the check of the result is ``provenance.verify_video.verify_video``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from diffswap_igfi.errors import InputError
 from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.io.video import VideoInfo, frame_to_rgb, iter_frames, probe_video, to_upright
-from diffswap_igfi.provenance.video import VideoVerifyReport, verify_video
+from diffswap_igfi.provenance.verify_video import VideoVerifyReport, verify_video
 from diffswap_igfi.ui.service import (
     Session,
     SwapOptions,
