@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from diffswap_igfi.conditions.builder import ConditionBuilder
+from diffswap_igfi.conditions.clip import ClipVisionEncoderModel
+from diffswap_igfi.conditions.identity import ArcFaceEncoderModel
+from diffswap_igfi.conditions.tensors import to_tensor
 from diffswap_igfi.faces.detect import FaceDetector
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
-from diffswap_igfi.sfi.encoders import ArcFaceEncoderModel, ClipVisionEncoderModel, to_tensor
 
 VIT_B_16 = {"image_size": 224, "layers": 12, "width": 768, "patch_size": 16}
 

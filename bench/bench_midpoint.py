@@ -32,13 +32,14 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffswap_igfi.conditions.identity import ArcFaceEncoderModel
+from diffswap_igfi.conditions.tensors import to_tensor
 from diffswap_igfi.faces.align import template_points
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
+from diffswap_igfi.losses import IdentityLoss
 from diffswap_igfi.sfi.build import tiny_vae
-from diffswap_igfi.sfi.encoders import ArcFaceEncoderModel, to_tensor
-from diffswap_igfi.sfi.losses import (IdentityLoss, diffusion_loss, diffusion_target,
-                                      midpoint_identity_loss)
+from diffswap_igfi.sfi.losses import diffusion_loss, diffusion_target, midpoint_identity_loss
 from diffswap_igfi.sfi.unet import sd15_geometry_unet, tiny_sfi_unet
 
 ID_WEIGHT = 0.1

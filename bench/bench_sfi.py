@@ -1,7 +1,8 @@
 """Per-swap cost of the SFI pipeline: UNet evaluations, seconds in the UNet, the VAE and the rest.
 
 Run: python bench/bench_sfi.py [--steps 20] [--repeats 3] [--skip-sd]
-- tiny: the test-sized pipeline (64 px crop).
+- tiny: the test-sized pipeline (64 px crop). Guidance runs in one UNet call per step (the
+  conditional and unconditional halves batched).
 - sd15: Stable Diffusion 1.5 inpainting geometry with random weights (UNet 320-1280 channels,
   SD's VAE, ArcFace iresnet50, a ViT-L/14 CLIP image tower), 512 px crop. One swap takes
   minutes on 2 CPU cores; it is measured once.
@@ -18,11 +19,14 @@ import time
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 
+from diffswap_igfi.conditions.clip import ClipVisionEncoderModel
+from diffswap_igfi.conditions.identity import ArcFaceEncoderModel
 from diffswap_igfi.conditions.projectors import ClipTokenProjector, IdentityTokenProjector
+from diffswap_igfi.conditions.source import Source
+from diffswap_igfi.faces.detect import FaceDetector
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
 from diffswap_igfi.sfi.build import tiny_pipeline
-from diffswap_igfi.sfi.encoders import ArcFaceEncoderModel, ClipVisionEncoderModel
 from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
 from diffswap_igfi.sfi.unet import sd15_geometry_unet
 
@@ -43,20 +47,28 @@ def sd15_pipeline() -> DiffSwapIGFIPipeline:
         clip_encoder=ClipVisionEncoderModel(embed_dim=768, vision_cfg=VIT_L_14), crop_size=512)
 
 
+def shipped_pair():
+    """(target photo, [(target face, source)]): Grace Hopper onto the astronaut, detected once."""
+    source = load_image(sample_path("grace_hopper"))
+    target = load_image(sample_path("astronaut"))
+    with FaceDetector() as detector:
+        src = Source(source, detector.detect(source.rgb)[0])
+        return target.rgb, [(detector.detect(target.rgb)[0], src)]
+
+
 def measure(name: str, pipe: DiffSwapIGFIPipeline, steps: int, repeats: int) -> None:
     pipe.set_progress_bar_config(disable=True)
-    source = load_image(sample_path("grace_hopper")).rgb
-    target = load_image(sample_path("astronaut")).rgb
+    target, pairs = shipped_pair()
     rows = []
     for _ in range(repeats):
-        out = pipe(source, target, num_inference_steps=steps, guidance_scale=3.0,
+        out = pipe(target, pairs, num_inference_steps=steps, guidance_scale=3.0,
                    generator=torch.Generator().manual_seed(0))
         s = out.stats
-        rows.append((s["total_seconds"], s["unet_seconds"], s["vae_seconds"], s["unet_calls"]))
+        rows.append((s.total_seconds, s.unet_seconds, s.vae_seconds, s.unet_calls))
     total, unet, vae, calls = (statistics.median(col) for col in zip(*rows))
     rest = total - unet - vae
-    print(f"{name:6s} steps={steps} UNet evaluations={int(calls)}  total {total:8.2f} s  "
-          f"UNet {unet:8.2f} s ({unet / calls * 1000:7.1f} ms/eval)  VAE {vae:6.2f} s  "
+    print(f"{name:6s} steps={steps} guidance=3 UNet calls={int(calls)}  total {total:8.2f} s  "
+          f"UNet {unet:8.2f} s per swap ({unet / calls * 1000:7.1f} ms/call)  VAE {vae:6.2f} s  "
           f"rest {rest:6.2f} s = {100 * rest / unet:5.1f}% of UNet  (median of {repeats})")
 
 
@@ -69,8 +81,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     start = time.perf_counter()
     pipe = tiny_pipeline()
-    pipe(load_image(sample_path("grace_hopper")).rgb, load_image(sample_path("astronaut")).rgb,
-         num_inference_steps=1)  # warm-up: detector graph, allocator
+    target, pairs = shipped_pair()
+    pipe(target, pairs, num_inference_steps=1)  # warm-up: geometry backend, allocator
     measure("tiny", pipe, args.steps, args.repeats)
     if not args.skip_sd:
         measure("sd15", sd15_pipeline(), args.steps, 1)

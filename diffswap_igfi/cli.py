@@ -246,39 +246,37 @@ def _load(path: str, max_pixels: int):
     return load_image(resolve_input_path(path), max_pixels=max_pixels)
 
 
-def _engine(args: argparse.Namespace):
-    """The swap engine the options ask for (diffusion when a checkpoint is given)."""
-    name = args.engine or ("diffusion" if args.checkpoint else "geometric")
-    if name == "geometric":
-        if args.checkpoint or args.mix_source or args.warm_start is not None or args.no_refine:
-            raise InputError("--checkpoint, --mix-source, --warm-start and --no-refine need "
-                             "--engine diffusion")
-        from diffswap_igfi.engines.geometric import GeometricSwapper
+def _engine_options(args: argparse.Namespace, mix_sources=()):
+    """The swap options as engine options (checked: InputError on a bad combination)."""
+    from diffswap_igfi.engines.factory import EngineOptions
 
-        occlusion = (_load(args.occlusion_mask, args.max_pixels).rgb.max(axis=2) > 127
-                     if args.occlusion_mask else None)
-        return GeometricSwapper(blend=args.blend, occlusion_mask=occlusion,
-                                keep_eyes="never" if args.source_eyes else "auto",
-                                keep_mouth_interior="never" if args.source_mouth else "always",
-                                shape_transfer=1.0 if args.shape_transfer else 0.0,
-                                domain=args.domain or "auto",
-                                auto_occluders=args.auto_occluders)
-    if (args.occlusion_mask or args.source_eyes or args.source_mouth or args.shape_transfer
-            or args.domain or args.auto_occluders):
-        raise InputError("--occlusion-mask, --auto-occluders, --source-eyes, --source-mouth, "
-                         "--shape-transfer and --domain work with the geometric engine only: "
-                         "drop them or use --engine geometric")
-    if args.warm_start is not None and not 0.0 < args.warm_start <= 1.0:
-        raise InputError(f"--warm-start must be in (0, 1], got {args.warm_start}")
-    if not 0.0 <= args.mix_weight <= 1.0:
-        raise InputError(f"--mix-weight must be in [0, 1], got {args.mix_weight}")
-    from diffswap_igfi.engines.diffusion import DiffusionEngine
+    occlusion = (_load(args.occlusion_mask, args.max_pixels).rgb.max(axis=2) > 127
+                 if args.occlusion_mask else None)
+    return EngineOptions(engine=args.engine, blend=args.blend, occlusion_mask=occlusion,
+                         keep_eyes="never" if args.source_eyes else "auto",
+                         keep_mouth_interior="never" if args.source_mouth else "always",
+                         shape_transfer=1.0 if args.shape_transfer else 0.0,
+                         domain=args.domain or "auto", auto_occluders=args.auto_occluders,
+                         checkpoint=args.checkpoint, steps=args.steps, guidance=args.guidance,
+                         seed=args.seed, device=args.device, warm_start=args.warm_start,
+                         refine=not args.no_refine, mix_sources=tuple(mix_sources),
+                         mix_mode=args.mix_mode, mix_weight=args.mix_weight,
+                         progress=not args.quiet)
 
-    mix = [_load(p, args.max_pixels).rgb for p in args.mix_source or []]
-    return DiffusionEngine(args.checkpoint, steps=args.steps, guidance=args.guidance,
-                           seed=args.seed, device=args.device, warm_start_strength=args.warm_start,
-                           mix_sources=mix, mix_mode=args.mix_mode, mix_weight=args.mix_weight,
-                           progress=not args.quiet, refine=not args.no_refine)
+
+def _engine(args: argparse.Namespace, swapper=None):
+    """The swap engine the options ask for (diffusion when a checkpoint is given); --mix-source
+    photos become Sources through the swapper's detector (so --source-face-index applies)."""
+    from diffswap_igfi.engines.factory import build_engine
+
+    if args.mix_source and swapper is None:  # the video front end opens its swapper later
+        from diffswap_igfi.swapper import Swapper
+
+        with Swapper() as own:
+            return _engine(args, own)
+    mix = [swapper.source(_load(p, args.max_pixels), args.source_face_index)
+           for p in args.mix_source or []]
+    return build_engine(_engine_options(args, mix))
 
 
 # Options that only mean something in one mode: (option, dest, needs, why). ``needs`` is a test
@@ -339,8 +337,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
     from diffswap_igfi.io.images import check_output_path, list_images
     from diffswap_igfi.io.samples import resolve_input_path
-    from diffswap_igfi.provenance.write import write_synthetic_image
-    from diffswap_igfi.swapper import FaceSelection, Swapper
+    from diffswap_igfi.swapper import FaceSelection, Swapper, swap_file
 
     if args.face_selector == "reference" and not args.reference_face:
         raise InputError("--face-selector reference needs --reference-face PATH")
@@ -370,9 +367,10 @@ def cmd_swap(args: argparse.Namespace) -> int:
     if not batch:  # a batch checks each output in turn and reports clashes per file
         check_output_path(output, inputs, force=args.force)
 
-    engine = _engine(args)
+    _engine_options(args)  # a bad combination fails before any work (--mix-source: once built)
     failures: list[str] = []
-    with Swapper(engine) as swapper:
+    with Swapper() as swapper:
+        swapper.engine = _engine(args, swapper)
         sources = [swapper.source(_load(str(p), args.max_pixels), args.source_face_index)
                    for p in source_paths]
         reference = None
@@ -386,15 +384,9 @@ def cmd_swap(args: argparse.Namespace) -> int:
             try:
                 if batch:
                     check_output_path(out_file, inputs, force=args.force)
-                target = _load(str(target_file), args.max_pixels)
-                result = swapper.swap(sources, target, selection)
-                write_synthetic_image(out_file, result.image, result.alpha > 0,
-                                      digital_source_type=engine.digital_source_type,
-                                      engine=engine.name, alpha=target.alpha,
-                                      icc_profile=target.icc_profile,
-                                      jpeg_quality=args.jpeg_quality, faces=result.faces,
-                                      parent_path=target_file, c2pa_cert=args.c2pa_cert,
-                                      c2pa_key=args.c2pa_key, detector=swapper.detector)
+                result = swap_file(swapper, sources, target_file, out_file, selection=selection,
+                                   jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels,
+                                   c2pa_cert=args.c2pa_cert, c2pa_key=args.c2pa_key)
             except DiffSwapError as err:
                 if not batch:
                     raise

@@ -1,7 +1,10 @@
 """The face-swap front end: photos in, swapped photo out, with face selection.
 
-It owns detection (once per photo) and face selection, and hands FaceRecords to an engine: the
-geometric one (``engines.geometric``) or the diffusion one (``engines.diffusion``).
+It owns detection (once per photo), face selection and the one rule that gives each target face
+its source (``choose_source``), and hands (FaceRecord, Source) pairs to an engine through the
+engine contract (``engines.base.SwapEngine``): the geometric one or the diffusion one, built by
+``engines.factory.build_engine``. ``swap_file`` swaps one photo file and writes the result with
+provenance, for every front end that writes files.
 """
 
 from __future__ import annotations
@@ -9,24 +12,22 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from diffswap_igfi.conditions.source import Source
+from diffswap_igfi.engines.base import SwapEngine
 from diffswap_igfi.engines.geometric import GeometricSwapper
 from diffswap_igfi.errors import FaceNotFoundError
 from diffswap_igfi.faces.detect import FaceDetector, pick_source_face, select_faces
 from diffswap_igfi.faces.record import FaceRecord
-from diffswap_igfi.io.images import LoadedImage
+from diffswap_igfi.io.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
 
 SELECTORS = ("largest", "index", "all", "reference")
 
 
-@dataclass
-class Source:
-    """One source photo and the identity face chosen in it."""
-
-    image: LoadedImage
-    face: FaceRecord
+__all__ = ["FaceSelection", "Source", "SwapOutput", "Swapper", "choose_source", "swap_file"]
 
 
 @dataclass
@@ -58,7 +59,7 @@ class FaceSelection:
 class Swapper:
     """Detects faces and runs the swap engine. Use as a context manager, or call ``close``."""
 
-    def __init__(self, engine=None, *,
+    def __init__(self, engine: SwapEngine | None = None, *,
                  landmarker_path: str | os.PathLike | None = None) -> None:
         self.engine = engine or GeometricSwapper()
         self.detector = FaceDetector(landmarker_path)
@@ -68,7 +69,7 @@ class Swapper:
     def recognizer(self):
         """dlib recognizer, loaded on first use (only reference selection needs it)."""
         if self._recognizer is None:
-            from diffswap_igfi.eval.recognizer import DlibRecognizer
+            from diffswap_igfi.faces.recognizer import DlibRecognizer
 
             self._recognizer = DlibRecognizer()
         return self._recognizer
@@ -119,15 +120,7 @@ class Swapper:
         front ends that track faces (video) or let the user pick them (UI) call this directly.
         """
         faces = [face for face, _ in pairs]
-        if hasattr(self.engine, "swap_faces"):  # engines that swap all faces in one batch
-            sources = list({id(s): s for _, s in pairs}.values())
-            image, alpha = self.engine.swap_faces(sources, target_rgb, faces)
-            return SwapOutput(image, alpha, faces)
-        image = target_rgb
-        alpha = np.zeros(image.shape[:2], np.float32)
-        for face, src in pairs:
-            image, a = self.engine.swap_one(image, face, src.image.rgb, src.face)
-            alpha = np.maximum(alpha, a)
+        image, alpha = self.engine.swap_pairs(target_rgb, pairs)
         return SwapOutput(image, alpha, faces)
 
     def close(self) -> None:
@@ -149,3 +142,30 @@ def _pose_gap(a: FaceRecord, b: FaceRecord) -> float:
     ya, pa, _ = a.pose
     yb, pb, _ = b.pose
     return abs(ya - yb) + abs(pa - pb)
+
+
+def swap_file(swapper: Swapper, sources: Sequence[Source], target_path: str | os.PathLike,
+              output_path: str | os.PathLike, *, selection: FaceSelection | None = None,
+              jpeg_quality: int = 95, max_pixels: int = DEFAULT_MAX_PIXELS,
+              c2pa_cert: str | os.PathLike | None = None,
+              c2pa_key: str | os.PathLike | None = None,
+              anchor_face_mark: bool = True) -> SwapOutput:
+    """Swap one photo file and write the result with provenance (metadata, watermarks anchored
+    on the swapped faces, a C2PA manifest with the target as parent), keeping the target's alpha
+    channel and ICC profile; JPEG/WebP outputs at ``jpeg_quality``. c2pa_cert/c2pa_key: an
+    organisation's signing chain instead of the local one. anchor_face_mark=False leaves the
+    face-anchored watermark out (metadata, block watermark and C2PA stay): evaluation uses it
+    to score the swap itself, since the face mark moves recognizers. The caller checks the
+    output path (``io.images.check_output_path``)."""
+    from diffswap_igfi.provenance.write import write_synthetic_image
+
+    target = load_image(Path(target_path), max_pixels=max_pixels)
+    result = swapper.swap(sources, target, selection)
+    write_synthetic_image(Path(output_path), result.image, result.alpha > 0,
+                          digital_source_type=swapper.engine.digital_source_type,
+                          engine=swapper.engine.name, alpha=target.alpha,
+                          icc_profile=target.icc_profile, jpeg_quality=jpeg_quality,
+                          faces=result.faces if anchor_face_mark else None,
+                          parent_path=Path(target_path),
+                          c2pa_cert=c2pa_cert, c2pa_key=c2pa_key, detector=swapper.detector)
+    return result

@@ -14,7 +14,7 @@ from conftest import assert_one_line
 from onnx import TensorProto, helper
 from safetensors.torch import save_file
 
-from diffswap_igfi.conditions.identity import (ArcFaceONNX, IdentityEncoder, TorchArcFace,
+from diffswap_igfi.conditions.identity import (ArcFaceEncoderModel, ArcFaceONNX, IdentityEncoder,
                                                arcface_crop, cosine_similarity)
 from diffswap_igfi.conditions.iresnet import IResNet, iresnet, iresnet50, load_iresnet
 from diffswap_igfi.errors import ModelNotFoundError
@@ -207,7 +207,7 @@ def test_embed_real_faces_end_to_end(pack, tiny_model, photos, faces):
     np.testing.assert_allclose(group[2], enc.embed(photos["group"].rgb, faces["group"][2]),
                                atol=1e-5)
     # Same weights and the same alignment: the torch encoder agrees with the ONNX one.
-    torch_emb = TorchArcFace(tiny_model).embed(rgb, face)
+    torch_emb = ArcFaceEncoderModel.from_backbone(tiny_model).embed(rgb, face)
     assert torch_emb.shape == (512,) and torch_emb.dtype == np.float32
     np.testing.assert_allclose(torch_emb, emb, atol=1e-5)
 
@@ -257,7 +257,7 @@ def test_arcface_crop_matches_align_face_and_passes_gradients(photos, faces, tin
         reference = align_face(group, f.kps, 112, "arcface").crop
         assert np.abs(ours - reference).max() <= 1.0
 
-    encoder = TorchArcFace(tiny_model)
+    encoder = ArcFaceEncoderModel.from_backbone(tiny_model)
     target = torch.nn.functional.normalize(torch.randn(1, 512), dim=-1)
     loss = 1 - cosine_similarity(encoder(crop), target).mean()
     loss.backward()
@@ -266,7 +266,7 @@ def test_arcface_crop_matches_align_face_and_passes_gradients(photos, faces, tin
 
 
 def test_torch_arcface_is_frozen_and_normalised(tiny_model):
-    encoder = TorchArcFace(tiny_model)
+    encoder = ArcFaceEncoderModel.from_backbone(tiny_model)
     parent = torch.nn.Sequential(encoder).train()
     assert not encoder.training and not encoder.backbone.training
     x = torch.rand(3, 3, 112, 112) * 2 - 1
@@ -274,7 +274,7 @@ def test_torch_arcface_is_frozen_and_normalised(tiny_model):
     assert out.shape == (3, 512)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
     assert not parent[0].backbone.bn1.training
-    trainable = TorchArcFace(iresnet("r50", **TINY), frozen=False).train()
+    trainable = ArcFaceEncoderModel.from_backbone(iresnet("r50", **TINY), frozen=False).train()
     assert trainable.backbone.training and trainable.backbone.conv1.weight.requires_grad
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffswap_igfi.conditions.identity import ArcFaceEncoderModel
 from diffswap_igfi.data.dataset import to_tensor_image
 from diffswap_igfi.data.shards import ShardIndex
 from diffswap_igfi.errors import ConfigError, InputError, OutputError
@@ -20,8 +21,7 @@ from diffswap_igfi.jr import (COMPONENTS, ComponentDictionary, ComponentEncoder,
                               discriminator_loss, generator_adversarial_loss, jr_identity_loss,
                               r1_penalty, reconstruction_loss, run_build_dictionaries)
 from diffswap_igfi.jr.network import crop_patches, paste_patches
-from diffswap_igfi.sfi.encoders import ArcFaceEncoderModel
-from diffswap_igfi.sfi.losses import IdentityLoss, PerceptualLoss
+from diffswap_igfi.losses import IdentityLoss, PerceptualLoss
 from tolerances import assert_same_maths
 
 TINY = dict(base_channels=8, num_res_blocks=2, attr_dim=16, style_hidden=32)
@@ -363,5 +363,5 @@ def test_generator_loss_combines_the_terms(faces, tmp_path):
     assert net.to_rgb.weight.grad.abs().sum() > 0
     # keypoints follow the upscaling: a 2x image scores as its source
     up = F.interpolate(crops[:2], scale_factor=2, mode="bilinear", align_corners=False)
-    embeds = id_loss.encoder.embed_photo(crops[:2], kps[:2])
+    embeds = id_loss.encoder.embed_aligned(crops[:2], kps[:2])
     assert jr_identity_loss(id_loss, up, kps[:2], embeds, input_size=64).item() < 0.02

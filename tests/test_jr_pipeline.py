@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from diffswap_igfi.conditions.source import Source
+from diffswap_igfi.conditions.tensors import to_tensor
 from diffswap_igfi.jr.network import JRNet
 from diffswap_igfi.sfi.build import tiny_pipeline
-from diffswap_igfi.sfi.encoders import to_tensor
 from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
 from tolerances import assert_same_image
 
@@ -31,34 +32,38 @@ def refined_pipe():
     return pipe
 
 
-def test_residual_map_is_target_minus_a_real_self_swap(refined_pipe, photos):
-    src, tgt = photos["grace_hopper"].rgb, photos["astronaut"].rgb
-    out = refined_pipe(src, tgt, num_inference_steps=2, residual_seed=7,
-                       generator=torch.Generator().manual_seed(0))
-    self_swap = refined_pipe(tgt, tgt, num_inference_steps=2, refine=False,
+def _hopper_on_astronaut(photos, faces):
+    return [(faces["astronaut"][0], Source(photos["grace_hopper"], faces["grace_hopper"][0]))]
+
+
+def test_residual_map_is_target_minus_a_real_self_swap(refined_pipe, photos, faces):
+    tgt, face = photos["astronaut"].rgb, faces["astronaut"][0]
+    out = refined_pipe(tgt, _hopper_on_astronaut(photos, faces), num_inference_steps=2,
+                       residual_seed=7, generator=torch.Generator().manual_seed(0))
+    self_swap = refined_pipe(tgt, [(face, Source(photos["astronaut"], face))],
+                             num_inference_steps=2, refine=False,
                              generator=torch.Generator().manual_seed(7))
-    detector, builder = refined_pipe._faces()
-    crop = builder.aligned(tgt, detector.detect(tgt)[0]).crop
+    crop = refined_pipe.condition_builder().aligned(tgt, face).crop
     expected = to_tensor(crop[None]) - to_tensor(self_swap.crops)
-    assert torch.equal(out.stats["residual"], expected)
+    assert torch.equal(out.residual, expected)
     assert expected.abs().max() > 0  # the self-swap did repaint the face
 
 
 def test_refined_pipeline_doubles_resolution_keeps_the_target_and_round_trips(
-        refined_pipe, photos, tmp_path):
-    src, tgt = photos["grace_hopper"].rgb, photos["astronaut"].rgb
-    out = refined_pipe(src, tgt, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        refined_pipe, photos, faces, tmp_path):
+    tgt, src = photos["astronaut"].rgb, _hopper_on_astronaut(photos, faces)
+    out = refined_pipe(tgt, src, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.crops.shape == (1, 128, 128, 3)  # 64 px SFI crop, JR upscale 2
     alpha = out.alphas[0]
     assert np.array_equal(out.images[0][alpha == 0], tgt[alpha == 0])
-    plain = refined_pipe(src, tgt, num_inference_steps=2, refine=False,
+    plain = refined_pipe(tgt, src, num_inference_steps=2, refine=False,
                          generator=torch.Generator().manual_seed(0))
     assert plain.crops.shape == (1, 64, 64, 3) and not np.array_equal(out.images[0],
                                                                       plain.images[0])
     refined_pipe.save_pretrained(tmp_path / "ckpt")
     loaded = DiffSwapIGFIPipeline.from_pretrained(tmp_path / "ckpt")
     loaded.set_progress_bar_config(disable=True)
-    again = loaded(src, tgt, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    again = loaded(tgt, src, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert isinstance(loaded.refiner, JRNet)
     # the same weights, reloaded: kernels may round differently on a reloaded model's memory
     assert_same_image(out.images[0], again.images[0])

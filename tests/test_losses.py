@@ -8,16 +8,16 @@ import torch.nn.functional as F
 from conftest import assert_one_line
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from diffswap_igfi.conditions.identity import TorchArcFace
+from diffswap_igfi.conditions.identity import ArcFaceEncoderModel
 from diffswap_igfi.conditions.iresnet import IResNet
+from diffswap_igfi.conditions.tensors import to_tensor
 from diffswap_igfi.errors import ConfigError, ModelNotFoundError
 from diffswap_igfi.faces.align import template_points
 from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
+from diffswap_igfi.losses import IdentityLoss, PerceptualLoss
 from diffswap_igfi.sfi.build import tiny_vae
-from diffswap_igfi.sfi.encoders import ArcFaceEncoderModel, to_tensor
-from diffswap_igfi.sfi.losses import (IdentityLoss, PerceptualLoss, diffusion_loss,
-                                      diffusion_target, midpoint_estimate,
+from diffswap_igfi.sfi.losses import (diffusion_loss, diffusion_target, midpoint_estimate,
                                       midpoint_identity_loss, predicted_eps, predicted_x0)
 from diffswap_igfi.sfi.unet import tiny_sfi_unet
 
@@ -159,13 +159,14 @@ def test_identity_loss_is_zero_for_the_own_embedding(face64, encoder):
     images = torch.cat([image, image.flip(-1)]).requires_grad_(True)
     kps = kps.expand(2, 5, 2)
     loss_fn = IdentityLoss(encoder)
-    own = encoder.embed_photo(images, kps).detach()
+    own = encoder.embed_aligned(images, kps).detach()
     loss = loss_fn(images, kps, own)
     assert abs(loss.item()) < 1e-6
     other = torch.roll(own, 1, 0)  # the other image's identity: positive loss
     assert loss_fn(images, kps, other).item() > 1e-4
-    # a plain TorchArcFace works too, and is frozen by IdentityLoss
-    arc = IdentityLoss(TorchArcFace(IResNet((1, 1, 1, 1), width=8), frozen=False))
+    # an unfrozen encoder around a plain iresnet works too, and is frozen by IdentityLoss
+    arc = IdentityLoss(ArcFaceEncoderModel.from_backbone(IResNet((1, 1, 1, 1), width=8),
+                                                         frozen=False))
     assert not any(p.requires_grad for p in arc.parameters())
     assert torch.isfinite(arc(images, kps, own))
 

@@ -131,6 +131,7 @@ def test_a_tiny_reface_checkpoint_converts_and_swaps_through_the_cli(tmp_path, p
     from diffswap_igfi.engines.diffusion import load_pipeline
     from diffswap_igfi.faces.paste import paste_back
     from diffswap_igfi.provenance.verify import verify_image
+    from diffswap_igfi.conditions.source import Source
     from diffswap_igfi.sfi.reface_pipeline import RefacePipeline
 
     ckpt = tiny_reface_checkpoint(tmp_path / "last.ckpt")
@@ -161,8 +162,9 @@ def test_a_tiny_reface_checkpoint_converts_and_swaps_through_the_cli(tmp_path, p
     assert not np.array_equal(written[~outside], target[~outside])
     assert verify_image(out).watermark.found
     with pytest.raises(InputError, match="warm-start"):
-        pipe(photos["grace_hopper"].rgb, target, source_faces=[faces["grace_hopper"][0]],
-             target_faces=[faces["astronaut"][:1]], warm_start="geometric", strength=0.5)
+        pipe(target, [(faces["astronaut"][0], Source(photos["grace_hopper"],
+                                                     faces["grace_hopper"][0]))],
+             image=target, strength=0.5)
 
 
 def test_the_conditioner_token_is_the_weighted_mean_of_its_three_features():

@@ -9,6 +9,8 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        UNet2DConditionModel)
 
+from diffswap_igfi.conditions.source import Source
+from diffswap_igfi.engines.geometric import GeometricSwapper
 from diffswap_igfi.sfi.build import tiny_pipeline
 from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline, IdMix
 from diffswap_igfi.sfi.sampling import (is_coarse, keep_unmasked, latent_mask, masked_sample,
@@ -26,9 +28,18 @@ def pipe():
     return p
 
 
-def _run(pipe, photos, **kw):
+def _source(photos, faces, name):
+    return Source(photos[name], faces[name][0])
+
+
+def _pairs(photos, faces):
+    """Grace Hopper's identity on the astronaut's face."""
+    return [(faces["astronaut"][0], _source(photos, faces, "grace_hopper"))]
+
+
+def _run(pipe, photos, faces, **kw):
     kw.setdefault("num_inference_steps", 3)
-    return pipe(photos["grace_hopper"].rgb, photos["astronaut"].rgb,
+    return pipe(photos["astronaut"].rgb, _pairs(photos, faces),
                 generator=torch.Generator().manual_seed(kw.pop("seed", 0)), **kw)
 
 
@@ -82,10 +93,10 @@ def test_keep_unmasked_at_the_end_is_the_clean_target():
 
 
 @pytest.mark.parametrize("scheduler_cls", SCHEDULERS)
-def test_output_photo_equals_the_target_outside_the_mask(pipe, photos, scheduler_cls):
+def test_output_photo_equals_the_target_outside_the_mask(pipe, photos, faces, scheduler_cls):
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     try:
-        out = _run(pipe, photos)
+        out = _run(pipe, photos, faces)
     finally:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     target = photos["astronaut"].rgb
@@ -97,53 +108,58 @@ def test_output_photo_equals_the_target_outside_the_mask(pipe, photos, scheduler
     assert out.crops.shape == (1, 64, 64, 3) and out.masks.shape == (1, 64, 64)
 
 
-def test_same_seed_same_image_and_another_seed_differs(pipe, photos):
-    a, b, c = _run(pipe, photos), _run(pipe, photos), _run(pipe, photos, seed=1)
+def test_same_seed_same_image_and_another_seed_differs(pipe, photos, faces):
+    a, b = _run(pipe, photos, faces), _run(pipe, photos, faces)
+    c = _run(pipe, photos, faces, seed=1)
     assert np.array_equal(a.images[0], b.images[0])
     assert not np.array_equal(a.crops, c.crops)
 
 
-def test_save_and_load_give_the_identical_image(pipe, photos, tmp_path):
-    before = _run(pipe, photos)
+def test_save_and_load_give_the_identical_image(pipe, photos, faces, tmp_path):
+    before = _run(pipe, photos, faces)
     pipe.save_pretrained(tmp_path / "ckpt")
     loaded = DiffSwapIGFIPipeline.from_pretrained(tmp_path / "ckpt")
     loaded.set_progress_bar_config(disable=True)
-    after = _run(loaded, photos)
+    after = _run(loaded, photos, faces)
     # the same weights, reloaded: kernels may round differently on a reloaded model's memory
     assert_same_image(before.images[0], after.images[0])
     assert loaded.config.crop_size == 64
 
 
-def test_guidance_scale_one_skips_the_unconditional_pass(pipe, photos):
-    plain = _run(pipe, photos, guidance_scale=1.0)
-    guided = _run(pipe, photos, guidance_scale=3.0)
-    assert plain.stats["unet_calls"] == 3 and guided.stats["unet_calls"] == 6
+def test_guidance_scale_one_skips_the_unconditional_pass(pipe, photos, faces):
+    plain = _run(pipe, photos, faces, guidance_scale=1.0)
+    guided = _run(pipe, photos, faces, guidance_scale=3.0)
+    # guidance batches the unconditional half into the same call: one UNet call per step
+    assert plain.stats.unet_calls == 3 and guided.stats.unet_calls == 3
+    assert guided.stats.unet_rows == 2 * plain.stats.unet_rows == 6
     assert not np.array_equal(plain.crops, guided.crops)
 
 
-def test_warm_start_runs_the_last_steps_only(pipe, photos):
+def test_warm_start_runs_the_last_steps_only(pipe, photos, faces):
     assert len(warm_start_timesteps(torch.arange(10, 0, -1), 0.3)) == 3
-    out = _run(pipe, photos, num_inference_steps=10, warm_start="geometric", strength=0.3,
+    geometric, _ = GeometricSwapper().swap_pairs(photos["astronaut"].rgb,
+                                                 _pairs(photos, faces))
+    out = _run(pipe, photos, faces, num_inference_steps=10, image=geometric, strength=0.3,
                guidance_scale=1.0)
-    assert out.stats["unet_calls"] == 3
+    assert out.stats.unet_calls == 3
     alpha = out.alphas[0]
     assert np.array_equal(out.images[0][alpha == 0], photos["astronaut"].rgb[alpha == 0])
     with pytest.raises(ValueError, match="warm_start"):
-        _run(pipe, photos, strength=0.5)
+        _run(pipe, photos, faces, strength=0.5)
 
 
-def test_id_mixing(pipe, photos):
-    base = _run(pipe, photos)
+def test_id_mixing(pipe, photos, faces):
+    base = _run(pipe, photos, faces)
     # the second identity equal to the first: block mixing must change nothing at all
-    same = _run(pipe, photos, id_mix=IdMix([photos["grace_hopper"].rgb], mode="blocks"))
+    hopper, hanks = _source(photos, faces, "grace_hopper"), _source(photos, faces, "tom_hanks")
+    same = _run(pipe, photos, faces, id_mix=IdMix([hopper], mode="blocks"))
     assert np.array_equal(base.crops, same.crops)
-    mixed = _run(pipe, photos, id_mix=IdMix([photos["tom_hanks"].rgb], mode="blocks"))
+    mixed = _run(pipe, photos, faces, id_mix=IdMix([hanks], mode="blocks"))
     assert not np.array_equal(base.crops, mixed.crops)
-    full_weight = _run(pipe, photos, id_mix=IdMix([photos["tom_hanks"].rgb], mode="weighted",
-                                                  weight=1.0))
+    full_weight = _run(pipe, photos, faces, id_mix=IdMix([hanks], mode="weighted", weight=1.0))
     assert np.array_equal(base.crops, full_weight.crops)
     with pytest.raises(ValueError, match="mode"):
-        IdMix([photos["tom_hanks"].rgb], mode="sideways")
+        IdMix([hanks], mode="sideways")
 
 
 def test_coarse_and_fine_blocks_split_the_unet():
@@ -154,9 +170,11 @@ def test_coarse_and_fine_blocks_split_the_unet():
     assert not is_coarse("up_blocks.2.attentions.0.transformer_blocks.0.attn2.processor", 4)
 
 
-def test_batches_of_targets_and_faces(pipe, photos):
-    out = pipe(photos["grace_hopper"].rgb, [photos["astronaut"].rgb, photos["group"].rgb],
-               face_selector="all", num_inference_steps=2, guidance_scale=1.0,
+def test_batches_of_targets_and_faces(pipe, photos, faces):
+    source = _source(photos, faces, "grace_hopper")
+    out = pipe([photos["astronaut"].rgb, photos["group"].rgb],
+               [[(f, source) for f in faces[name]] for name in ("astronaut", "group")],
+               num_inference_steps=2, guidance_scale=1.0,
                generator=torch.Generator().manual_seed(0))
     assert len(out.images) == 2 and out.crops.shape[0] == 1 + 6
     for image, alpha, target in zip(out.images, out.alphas,

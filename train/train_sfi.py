@@ -110,27 +110,15 @@ def save_pipeline(pipe, folder: Path, *, lora: bool) -> None:
 
 def validate(loop, pipe, modules, run_dir: Path) -> None:
     """A swap grid on the shipped photos (source | target | swap): PNG and tensorboard."""
-    import torch
-
-    from diffswap_igfi.io.images import load_image
-    from diffswap_igfi.io.samples import sample_path
     from diffswap_igfi.provenance.metadata import COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
     from diffswap_igfi.provenance.write import write_synthetic_image
-    from diffswap_igfi.training.logs import image_grid
-
-    pipe.set_progress_bar_config(disable=True)
-    source = load_image(sample_path("grace_hopper")).rgb
-    target = load_image(sample_path("astronaut")).rgb
+    from diffswap_igfi.sfi.training import validation_grid
 
     def run():
-        with torch.no_grad(), loop.autocast():  # DeepSpeed holds the UNet in bf16/fp16
-            return pipe(source, target, num_inference_steps=10, guidance_scale=1.0,
-                        generator=torch.Generator().manual_seed(0), refine=False)
+        with loop.autocast():  # DeepSpeed holds the UNet in bf16/fp16
+            return validation_grid(pipe)
 
-    out = loop.with_ema(modules, run)
-    detector, builder = pipe._faces()
-    crops = [builder.aligned(rgb, detector.detect(rgb)[0]).crop for rgb in (source, target)]
-    grid = image_grid([[*crops, out.crops[0]]])
+    grid = loop.with_ema(modules, run)
     step = loop.step_count
     write_synthetic_image(run_dir / "validation" / f"step-{step:08d}.png", grid, None,
                           engine="diffusion-validation",

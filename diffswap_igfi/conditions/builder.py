@@ -1,7 +1,8 @@
 """Everything the SFI stage is conditioned on, computed once per face and cached on its record.
 
 Per face (cached in ``FaceRecord.extras``): the geometry fit, the identity embedding, the aligned
-crop and the CLIP tokens. Per (source, target) pair: the swapped geometry rendered in the
+crop and the CLIP tokens of the crop with the face blanked (keyed by the blanking mask). Per
+(source, target) pair: the swapped geometry rendered in the
 target's crop, and the 3D-aware mask. ``save_conditions`` stores a pair's conditions as
 safetensors, the form training preprocessing keeps them in.
 """
@@ -9,7 +10,9 @@ safetensors, the form training preprocessing keeps them in.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -34,7 +37,13 @@ def cached(face: FaceRecord, key: str, compute: Callable[[], T]) -> T:
 
 
 def _key(kind: str, model: Any) -> str:
-    return f"{kind}/{getattr(model, 'name', type(model).__name__)}/{id(model):x}"
+    """A cache key naming one model instance. A token stored on the model, not ``id()``: a
+    collected model's id is reused, and a new model must not read the old one's results."""
+    token = getattr(model, "_condition_cache_token", None)
+    if token is None:
+        token = uuid.uuid4().hex[:12]
+        object.__setattr__(model, "_condition_cache_token", token)  # torch modules too
+    return f"{kind}/{getattr(model, 'name', type(model).__name__)}/{token}"
 
 
 @dataclass
@@ -64,7 +73,8 @@ class SwapConditions:
     clip_pooled: np.ndarray | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Flat dict of arrays (for safetensors); the geometry fit's fields prefixed ``swapped.``."""
+        """Flat dict of arrays (for safetensors); the geometry fit's fields prefixed
+        ``swapped.``."""
         out = {k: np.ascontiguousarray(v) for k, v in asdict(self).items()
                if isinstance(v, np.ndarray)}
         for k, v in asdict(self.swapped).items():
@@ -78,7 +88,8 @@ class ConditionBuilder:
 
     geometry: a GeometryBackend (MediaPipe by default); identity: an encoder with
     ``embed(rgb, face) -> [512]`` (ArcFace) or None; clip: an encoder with
-    ``encode_uint8(crops [B,S,S,3] uint8) -> (tokens [B,T,D], pooled [B,E])`` or None.
+    ``encode_uint8(crops [B,S,S,3] uint8, mask [B,S,S] bool) -> (tokens [B,T,D], pooled [B,E])``
+    that blanks the masked pixels before encoding (``conditions.clip.blank_face``), or None.
     crop_size / template: the SFI crop (FFHQ template, 512 by default); latent_factor: the VAE's
     downsampling (heatmaps are at crop_size / latent_factor); mask_dilate / mask_feather:
     fractions of the crop size. ``timings`` collects seconds per stage.
@@ -123,15 +134,22 @@ class ConditionBuilder:
         return self._stage("identity", face, _key("identity", self.identity_encoder),
                            lambda: np.asarray(self.identity_encoder.embed(rgb, face), np.float32))
 
-    def clip(self, rgb: np.ndarray, face: FaceRecord) -> tuple[np.ndarray, np.ndarray] | None:
+    def clip(self, rgb: np.ndarray, face: FaceRecord,
+             mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """CLIP tokens of the face's crop with ``mask`` ([S,S], nonzero = the face being
+        replaced) blanked: hair, lighting and background, not the identity being replaced (the
+        model is trained on the same blanked crop). Cached per face and mask."""
         if self.clip_encoder is None:
             return None
+        hard = np.asarray(mask) > 0
+        digest = hashlib.blake2b(np.packbits(hard).tobytes(), digest_size=8).hexdigest()
 
         def compute() -> tuple[np.ndarray, np.ndarray]:
-            tokens, pooled = self.clip_encoder.encode_uint8(self.aligned(rgb, face).crop[None])
+            crop = self.aligned(rgb, face).crop[None]
+            tokens, pooled = self.clip_encoder.encode_uint8(crop, hard[None])
             return _numpy(tokens)[0], _numpy(pooled)[0]
 
-        return self._stage("clip", face, _key("clip", self.clip_encoder), compute)
+        return self._stage("clip", face, f"{_key('clip', self.clip_encoder)}/{digest}", compute)
 
     def build(self, source_rgb: np.ndarray, source_face: FaceRecord, target_rgb: np.ndarray,
               target_face: FaceRecord, *, occlusion: np.ndarray | None = None) -> SwapConditions:
@@ -152,7 +170,7 @@ class ConditionBuilder:
                                     dilate=max(1, round(self.mask_dilate * size)),
                                     feather=max(1, round(self.mask_feather * size)),
                                     occlusion=occlusion)
-        clip = self.clip(target_rgb, target_face)
+        clip = self.clip(target_rgb, target_face, mask)
         return SwapConditions(aligned.crop, aligned.affine, aligned.inverse, tp, sp, heat, edges,
                               mask, soft, swapped, self.identity(source_rgb, source_face),
                               None if clip is None else clip[0],

@@ -1,5 +1,10 @@
 """CLIP image tokens of a face crop, from an open_clip checkpoint on local disk only.
 
+Two classes, one preprocessing (``clip_preprocess``): ``ClipImageEncoder`` loads an open_clip
+checkpoint; ``ClipVisionEncoderModel`` is its image tower as a diffusers component of the SFI
+pipeline (built from one with ``from_open_clip``). Both see the crop with the face blanked
+(``blank_face``) when given a mask.
+
 The SFI UNet cross-attends to the target's CLIP patch tokens (through
 :class:`~diffswap_igfi.conditions.projectors.ClipTokenProjector`). Weights never come from the
 network: ``pretrained`` must be a file on disk (an open_clip checkpoint downloaded elsewhere,
@@ -18,13 +23,20 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 
+from diffswap_igfi.conditions.tensors import to_tensor
 from diffswap_igfi.errors import ConfigError, InputError, ModelNotFoundError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _SCHEMAS = ("hf-hub:", "local-dir:")
 _HOW_TO_LIST = ("see open_clip.list_models() for built-in names, or add one with "
@@ -160,16 +172,11 @@ class ClipImageEncoder(torch.nn.Module):
         return self
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """images: [B,3,H,W] float in [-1,1] RGB -> [B,3,h,w] normalised at the model's size.
-
-        Differentiable torch version of open_clip's inference transform (resize by the
-        configured mode, centre crop or pad, then the model's mean/std).
-        """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise InputError(f"images must be [B,3,H,W], got {tuple(images.shape)}")
-        x = (images.to(self.mean.dtype) + 1.0) * 0.5
-        x = _resize(x, self.image_size, self.resize_mode, self.interpolation, self.fill_color)
-        return (x - self.mean) / self.std
+        """images: [B,3,H,W] float in [-1,1] RGB -> [B,3,h,w] normalised at the model's size
+        (``clip_preprocess``)."""
+        return clip_preprocess(images, self.image_size, self.mean, self.std,
+                               resize_mode=self.resize_mode, interpolation=self.interpolation,
+                               fill=self.fill_color)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images: [B,3,H,W] float in [-1,1] RGB, any size.
@@ -183,16 +190,101 @@ class ClipImageEncoder(torch.nn.Module):
     forward = encode
 
     @torch.no_grad()
-    def encode_uint8(self, crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """crops: [B,H,W,3] (or one [H,W,3]) uint8 RGB -> (tokens [B,T,D], pooled [B,E])."""
-        crops = np.asarray(crops)
-        if crops.ndim == 3:
-            crops = crops[None]
-        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
-            raise InputError(f"crops must be [B,H,W,3] uint8, got {crops.shape} {crops.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(crops)).to(self.mean.device)
-        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return self.encode(x)
+    def encode_uint8(self, crops: np.ndarray, mask: np.ndarray | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """crops: [B,H,W,3] (or one [H,W,3]) uint8 RGB; mask: optional [B,H,W] bool, pixels to
+        blank first (``blank_face``) -> (tokens [B,T,D], pooled [B,E])."""
+        return self.encode(uint8_images(crops, mask, self.mean.device))
+
+
+class ClipVisionEncoderModel(ModelMixin, ConfigMixin):
+    """An open_clip ViT image tower: [B,3,H,W] in [-1,1] -> (tokens [B,T,D], pooled [B,E])."""
+
+    @register_to_config
+    def __init__(self, embed_dim: int = 512, vision_cfg: dict | None = None,
+                 quick_gelu: bool = False, image_mean: Sequence[float] = OPENAI_MEAN,
+                 image_std: Sequence[float] = OPENAI_STD) -> None:
+        super().__init__()
+        from open_clip.model import _build_vision_tower
+
+        self.visual = _build_vision_tower(embed_dim, dict(vision_cfg or {}), quick_gelu)
+        self.visual.output_tokens = True
+        self.visual.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.visual.conv1.out_channels)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = clip_preprocess(images, tuple(int(s) for s in self.visual.image_size), self.mean,
+                            self.std)
+        pooled, tokens = self.visual(x.to(self.mean.dtype))
+        return tokens, pooled
+
+    @torch.no_grad()
+    def encode_uint8(self, crops: np.ndarray, mask: np.ndarray | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """crops: [B,S,S,3] uint8; mask: [B,S,S] bool pixels to blank first, or None
+        -> (tokens [B,T,D], pooled [B,E]); the ConditionBuilder's CLIP interface."""
+        return self(uint8_images(crops, mask, self.mean.device).to(self.dtype))
+
+    @classmethod
+    def from_open_clip(cls, model_name: str, pretrained) -> ClipVisionEncoderModel:
+        """From a local open_clip checkpoint (see conditions.clip.ClipImageEncoder)."""
+        import open_clip
+
+        source = ClipImageEncoder(model_name, pretrained)
+        cfg = open_clip.get_model_config(model_name)
+        model = cls(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"],
+                    quick_gelu=cfg.get("quick_gelu", False),
+                    image_mean=tuple(source.mean.flatten().tolist()),
+                    image_std=tuple(source.std.flatten().tolist()))
+        model.visual.load_state_dict(source.visual.state_dict())
+        return model
+
+
+def blank_face(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The crop CLIP is conditioned on, in training and inference alike: the face blanked.
+
+    images: [B,3,S,S] float in [-1,1]; mask: [B,1,S,S] in [0,1] (1 = the face being replaced).
+    Returns images * (1 - mask): the face set to 0 (mid grey), so CLIP sees hair, lighting and
+    background, not the identity being replaced (the model would learn to copy it).
+    """
+    return images * (1 - mask.to(images))
+
+
+def uint8_images(crops: np.ndarray, mask: np.ndarray | None = None,
+                 device=None) -> torch.Tensor:
+    """crops: [B,H,W,3] (or [H,W,3]) uint8 RGB, mask: [B,H,W] bool or None -> [B,3,H,W] float32
+    in [-1,1], masked pixels blanked (``blank_face``)."""
+    crops = np.asarray(crops)
+    if crops.ndim == 3:
+        crops = crops[None]
+    if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
+        raise InputError(f"crops must be [B,H,W,3] uint8, got {crops.shape} {crops.dtype}")
+    x = to_tensor(crops, device)
+    if mask is not None:
+        hard = torch.from_numpy(np.asarray(mask, bool).reshape(len(x), 1, *x.shape[-2:]))
+        x = blank_face(x, hard.to(x.device))
+    return x
+
+
+def clip_preprocess(images: torch.Tensor, size: tuple[int, int], mean: torch.Tensor,
+                    std: torch.Tensor, *, resize_mode: str = "shortest",
+                    interpolation: str = "bicubic", fill: float = 0.0) -> torch.Tensor:
+    """images: [B,3,H,W] float in [-1,1] RGB -> [B,3,*size] normalised CLIP input.
+
+    Differentiable torch version of open_clip's inference transform (resize by ``resize_mode``
+    with antialiasing as PIL does, centre crop or pad, then mean/std [1,3,1,1]); the one
+    preprocessing of every CLIP encoder here.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise InputError(f"images must be [B,3,H,W], got {tuple(images.shape)}")
+    x = (images.to(mean.dtype) + 1.0) * 0.5
+    x = _resize(x, tuple(size), resize_mode, interpolation, fill)
+    return (x - mean.to(x)) / std.to(x)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int], mode: str, interpolation: str,

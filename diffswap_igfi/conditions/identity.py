@@ -3,8 +3,9 @@
 Two encoders share one 112x112 five-point alignment (``faces.align``, ArcFace template):
 - ``ArcFaceONNX``: inference with a recognition model from an insightface model pack
   (buffalo_l's ``w600k_r50.onnx``, antelopev2's ``glintr100.onnx``) through onnxruntime.
-- ``TorchArcFace``: an arcface_torch iresnet in torch, frozen but differentiable with respect to
-  its input, with a differentiable crop (``arcface_crop``) for identity losses on generated images.
+- ``ArcFaceEncoderModel``: an arcface_torch iresnet in torch (a diffusers component of the SFI
+  pipeline), frozen but differentiable with respect to its input, with a differentiable crop
+  (``arcface_crop``) for identity losses on generated images.
 
 No weights ship with the project (insightface's pretrained models are for non-commercial research
 use); both load from local paths and say where to get them when missing.
@@ -13,14 +14,17 @@ use); both load from local paths and say where to get them when missing.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from diffusers import ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from diffswap_igfi.conditions.iresnet import IResNet, load_iresnet
+from diffswap_igfi.conditions.iresnet import ARCHS, IResNet, load_iresnet
+from diffswap_igfi.conditions.tensors import to_tensor
 from diffswap_igfi.errors import ModelNotFoundError
 from diffswap_igfi.faces.align import align_face, template_points
 from diffswap_igfi.faces.record import FaceRecord
@@ -226,42 +230,63 @@ def arcface_crop(images: torch.Tensor, kps: torch.Tensor, size: int = CROP_SIZE)
                          align_corners=False)
 
 
-class TorchArcFace(nn.Module, IdentityEncoder):
-    """An iresnet ArcFace for losses: ``forward(images: [B,3,112,112] float in [-1,1] RGB)
-    -> [B,512]`` L2-normalised.
+class ArcFaceEncoderModel(ModelMixin, ConfigMixin, IdentityEncoder):
+    """An arcface_torch iresnet ArcFace in torch: ``forward(images: [B,3,S,S] float in [-1,1]
+    RGB) -> [B,512]`` L2-normalised (S = input_size, 112).
 
-    Frozen by default: no parameter requires grad and the network stays in eval mode even when
-    a parent module is put in training mode, yet gradients flow to the input images.
+    One class for every torch use: the SFI pipeline's identity encoder (a diffusers component:
+    ``config.json`` + safetensors in the pipeline folder), the identity losses (differentiable
+    with respect to the input, with ``arcface_crop``), and the condition builder (``embed``).
+    Frozen by default: no parameter requires grad and the network stays in eval mode even when a
+    parent module is put in training mode (BatchNorm statistics are part of the pretrained
+    weights), yet gradients flow to the input images.
     """
 
-    def __init__(self, backbone: IResNet, *, frozen: bool = True) -> None:
+    @register_to_config
+    def __init__(self, layers: Sequence[int] = ARCHS["r50"], width: int = 64,
+                 num_features: int = EMBEDDING_DIM, input_size: int = CROP_SIZE,
+                 frozen: bool = True) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone = IResNet(tuple(layers), width=width, num_features=num_features,
+                                input_size=input_size)
+        self._freeze(frozen)
+
+    def _freeze(self, frozen: bool) -> None:
         self.frozen = frozen
         if frozen:
             self.backbone.requires_grad_(False)
             self.eval()
 
     @classmethod
-    def from_file(cls, path: str | Path, arch: str = "r50", *, frozen: bool = True,
-                  **kw) -> TorchArcFace:
-        """Load an arcface_torch state dict (``.safetensors``/``.pt``/``.pth``); see load_iresnet."""
-        return cls(load_iresnet(path, arch, **kw), frozen=frozen)
+    def from_backbone(cls, backbone: IResNet, *, frozen: bool = True) -> ArcFaceEncoderModel:
+        """Wrap an iresnet (its own weights, not a copy)."""
+        model = cls(layers=backbone.layers_config, width=backbone.conv1.out_channels,
+                    num_features=backbone.features.num_features,
+                    input_size=backbone.input_size, frozen=frozen)
+        model.backbone = backbone
+        model._freeze(frozen)
+        return model
 
-    def train(self, mode: bool = True) -> TorchArcFace:
-        # A frozen loss network must keep its BatchNorm statistics fixed.
+    @classmethod
+    def from_file(cls, path: str | Path, arch: str = "r50", *, frozen: bool = True,
+                  **kw) -> ArcFaceEncoderModel:
+        """Load an arcface_torch state dict (``.safetensors``/``.pt``/``.pth``; ``backbone.pth``);
+        see load_iresnet."""
+        return cls.from_backbone(load_iresnet(path, arch, **kw), frozen=frozen)
+
+    def train(self, mode: bool = True) -> ArcFaceEncoderModel:
         return super().train(False if self.frozen else mode)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.backbone(images), dim=-1)
 
     def embed_aligned(self, images: torch.Tensor, kps: torch.Tensor) -> torch.Tensor:
-        """images: [B,3,H,W] float in [-1,1] RGB; kps: [B,5,2] pixels -> [B,512] unit norm."""
-        return self(arcface_crop(images, kps))
+        """images: [B,3,H,W] float in [-1,1] RGB; kps: [B,5,2] pixels -> [B,512] unit norm
+        (differentiable)."""
+        return self(arcface_crop(images, kps, size=self.config.input_size))
 
     @torch.no_grad()
     def embed(self, rgb: np.ndarray, face: FaceRecord) -> np.ndarray:
-        crop = align_face(rgb, face.kps, CROP_SIZE, "arcface").crop
+        crop = align_face(rgb, face.kps, self.config.input_size, "arcface").crop
         param = next(self.backbone.parameters())
-        x = torch.from_numpy(crop).permute(2, 0, 1)[None].to(param.device, param.dtype)
-        return self((x - 127.5) / 127.5)[0].float().cpu().numpy()
+        return self(to_tensor(crop[None], param.device, param.dtype))[0].float().cpu().numpy()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from diffswap_igfi.conditions.source import Source
 from diffswap_igfi.errors import ModelNotFoundError
 from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.provenance.metadata import COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
@@ -107,39 +108,40 @@ def load_pipeline(checkpoint: str | Path | None, device: str = "cpu", *, progres
 
 
 class DiffusionEngine:
-    """Swaps through DiffSwapIGFIPipeline. ``mix_sources`` (photos of a second person) turn on
-    ID mixing; ``warm_start_strength`` starts from the geometric swap."""
+    """Swaps through a DiffSwapIGFIPipeline; the engine contract (``engines.base.SwapEngine``).
+
+    id_mix: a second identity to mix in (MFIM); warm_start_strength with warm_engine: start
+    from ``warm_engine``'s swap of the same pairs (the caller's geometric engine, so its blend
+    and the per-face source apply), noised to that strength.
+    """
 
     name = "diffusion"
     digital_source_type = COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
 
-    def __init__(self, checkpoint: str | Path | None, *, steps: int = 30,
-                 guidance: float = 3.0, seed: int = 0, device: str = "cpu",
-                 warm_start_strength: float | None = None,
-                 mix_sources: list[np.ndarray] | None = None, mix_mode: str = "blocks",
-                 mix_weight: float = 0.5, progress: bool = True, refine: bool = True) -> None:
-        self.pipe = load_pipeline(checkpoint, device, progress=progress)
+    def __init__(self, pipe, *, steps: int = 30, guidance: float = 3.0, seed: int = 0,
+                 warm_start_strength: float | None = None, warm_engine=None,
+                 id_mix=None, progress: bool = True, refine: bool = True) -> None:
+        if warm_start_strength is not None and warm_engine is None:
+            raise ValueError("a warm start needs the engine whose swap it starts from")
+        self.pipe = pipe
         self.pipe.set_progress_bar_config(disable=not progress, leave=False)
         self.steps, self.guidance, self.seed = steps, guidance, seed
-        self.warm_start_strength = warm_start_strength
+        self.warm_start_strength, self.warm_engine = warm_start_strength, warm_engine
         self.refine = refine
-        self.id_mix = None
-        if mix_sources:
-            from diffswap_igfi.sfi.pipeline import IdMix
+        self.id_mix = id_mix
 
-            self.id_mix = IdMix(mix_sources, mix_mode, mix_weight)
-
-    def swap_faces(self, sources, target: np.ndarray,
-                   faces: list[FaceRecord]) -> tuple[np.ndarray, np.ndarray]:
-        """sources: swapper.Source list; target: [H,W,3] uint8; faces: target faces to swap.
-        Returns (image [H,W,3] uint8, alpha [H,W] float32; image == target where alpha == 0)."""
+    def swap_pairs(self, target: np.ndarray,
+                   pairs: Sequence[tuple[FaceRecord, Source]]) -> tuple[np.ndarray, np.ndarray]:
+        """target: [H,W,3] uint8; pairs: (target face, its source). Returns (image [H,W,3]
+        uint8, alpha [H,W] float32; image == target where alpha == 0)."""
         import torch
 
-        warm = self.warm_start_strength
-        out = self.pipe([s.image.rgb for s in sources], target,
-                        source_faces=[s.face for s in sources], target_faces=[faces],
-                        num_inference_steps=self.steps, guidance_scale=self.guidance,
-                        generator=torch.Generator().manual_seed(self.seed),
-                        warm_start="geometric" if warm else None, strength=warm or 1.0,
-                        id_mix=self.id_mix, refine=self.refine)
+        warm = None
+        if self.warm_start_strength is not None:
+            warm, _ = self.warm_engine.swap_pairs(target, pairs)
+        out = self.pipe(target, list(pairs), num_inference_steps=self.steps,
+                        guidance_scale=self.guidance,
+                        generator=torch.Generator().manual_seed(self.seed), image=warm,
+                        strength=self.warm_start_strength or 1.0, id_mix=self.id_mix,
+                        refine=self.refine)
         return out.images[0], out.alphas[0]

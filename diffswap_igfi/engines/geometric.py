@@ -22,11 +22,13 @@ swap hardly grows with the size of the face.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
+from diffswap_igfi.conditions.source import Source
 from diffswap_igfi.errors import InputError
 from diffswap_igfi.faces import masks, mesh, skin, style, topology
 from diffswap_igfi.faces.blend import composite, laplacian_blend, poisson_blend
@@ -411,6 +413,20 @@ class GeometricSwapper:
             crop = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
         sigma = max(0.5, 0.02 * frame.face.interocular)
         return np.clip(cv2.GaussianBlur(crop, (0, 0), sigma) * 1.5, 0.0, 1.0)
+
+    def swap_pairs(self, target: np.ndarray, pairs: Sequence[tuple[FaceRecord, Source]]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """The engine contract (``engines.base.SwapEngine``): each target face with its own
+        source, each source prepared once. Returns (image, union alpha) as swap_one."""
+        prepared: dict[int, PreparedSource] = {}
+        image = target
+        alpha = np.zeros(target.shape[:2], np.float32)
+        for face, source in pairs:
+            if id(source) not in prepared:
+                prepared[id(source)] = self.prepare_source(source.image.rgb, source.face)
+            image, a = self.swap_one(image, face, prepared[id(source)])
+            alpha = np.maximum(alpha, a)
+        return image, alpha
 
     def swap(self, target: np.ndarray, target_faces: list[FaceRecord],
              source: np.ndarray | PreparedSource, source_face: FaceRecord | None = None

@@ -39,7 +39,7 @@ from torch import nn
 from diffswap_igfi.errors import ConfigError, InputError, ModelNotFoundError, OutputError
 from diffswap_igfi.jr.arguments import PATCH_SIZES, add_build_dictionaries_arguments  # noqa: F401
 from diffswap_igfi.jr.network import COMPONENTS, component_boxes, crop_patches
-from diffswap_igfi.sfi.losses import IMAGENET_MEAN, IMAGENET_STD, _load_state_dict
+from diffswap_igfi.losses import IMAGENET_MEAN, IMAGENET_STD, load_state_dict
 
 _EPS = 1e-5
 _VGG16_CONVS = ("0", "2", "5", "7")  # features.N of torchvision's vgg16: conv1_1 .. conv2_2
@@ -84,8 +84,8 @@ class ComponentEncoder(ModelMixin, ConfigMixin):
     @classmethod
     def from_vgg16(cls, path: str | Path) -> ComponentEncoder:
         """VGG16's conv1_1..conv2_2 from a local torchvision ``vgg16`` state dict (.pth/.pt or
-        .safetensors); see ``sfi.losses.PerceptualLoss`` for how to get one."""
-        state = _load_state_dict(Path(path).expanduser())
+        .safetensors); see ``losses.PerceptualLoss`` for how to get one."""
+        state = load_state_dict(Path(path).expanduser())
         missing = [i for i in _VGG16_CONVS if f"features.{i}.weight" not in state]
         if missing:
             raise ModelNotFoundError(f"{path} is not a torchvision vgg16 state dict (no "

@@ -19,7 +19,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 from diffswap_igfi.errors import ConfigError
-from diffswap_igfi.sfi.losses import IdentityLoss, PerceptualLoss
+from diffswap_igfi.losses import IdentityLoss, PerceptualLoss
 
 ADVERSARIAL_KINDS = ("hinge", "non_saturating")
 
@@ -43,7 +43,7 @@ def _rows(same: torch.Tensor | None, batch: int, device) -> torch.Tensor:
 def jr_identity_loss(id_loss: IdentityLoss, output: torch.Tensor, kps: torch.Tensor,
                      source_embeds: torch.Tensor, *, input_size: int,
                      weight_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``sfi.losses.IdentityLoss`` on JR outputs. output: [B,3,H,W] in [-1,1]; kps: [B,5,2] in
+    """``losses.IdentityLoss`` on JR outputs. output: [B,3,H,W] in [-1,1]; kps: [B,5,2] in
     pixels of the input_size crop (scaled here to the output, pixel centres kept); source_embeds:
     [B,512] unit norm. Returns 1 - cos averaged over the (weighted) samples, in [0,2]."""
     factor = output.shape[-1] / input_size

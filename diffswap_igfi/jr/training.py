@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
+from diffswap_igfi.conditions.tensors import to_tensor
 from diffswap_igfi.jr.losses import (JRGeneratorLoss, PatchDiscriminator, discriminator_loss,
                                      r1_penalty)
 from diffswap_igfi.jr.network import JRNet
-from diffswap_igfi.sfi.encoders import to_tensor
 from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
 from diffswap_igfi.training.config import JRConfig
 
@@ -62,15 +62,14 @@ class JRTrainable(torch.nn.Module):
             occluded = (masks.flatten(1).amax(1) > 0).to(x.dtype)
         hard = batch["mask"] > 0.5
         soft = batch["mask"][:, 0].float().cpu().numpy()
-        stats = {"unet_calls": 0, "unet_seconds": 0.0, "vae_seconds": 0.0}
-        prepared = sfi.prepare_tensors(x, hard, soft, batch["geometry"], stats)
+        prepared = sfi.prepare_tensors(x, hard, soft, batch["geometry"])
         own = sfi.identity_encoder(batch["source_id"])
         other = torch.roll(own, 1, dims=0)
         runs = []
         for i, embeds in enumerate((own, other)):
-            gen = torch.Generator().manual_seed(noise_seed + i)
-            crops = sfi._sample(prepared, embeds, None, None, steps, 1.0, gen, None, 1.0, stats)
-            runs.append(to_tensor(crops, x.device, x.dtype))
+            sampled = sfi.sample(prepared, identity=embeds, num_inference_steps=steps,
+                                 generator=torch.Generator().manual_seed(noise_seed + i))
+            runs.append(to_tensor(sampled.crops, x.device, x.dtype))
         self_swap, cross_swap = runs
         return {"self_swap": self_swap, "cross_swap": cross_swap, "residual": x - self_swap,
                 "own": own, "other": other, "target": x, "occluded": occluded}

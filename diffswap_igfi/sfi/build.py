@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 
+from diffswap_igfi.conditions.clip import ClipVisionEncoderModel
+from diffswap_igfi.conditions.identity import ArcFaceEncoderModel
 from diffswap_igfi.conditions.projectors import ClipTokenProjector, IdentityTokenProjector
 from diffswap_igfi.errors import ModelNotFoundError
-from diffswap_igfi.sfi.encoders import ArcFaceEncoderModel, ClipVisionEncoderModel
 from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
 from diffswap_igfi.sfi.unet import sfi_unet_from_sd_inpaint, tiny_sfi_unet
 
@@ -87,5 +88,5 @@ def _assemble(path: Path, unet, *, arcface, clip_model, clip_weights, crop_size,
         id_projector=IdentityTokenProjector(num_tokens=id_tokens, cross_attention_dim=dim),
         clip_projector=ClipTokenProjector(clip_dim=clip.token_dim, num_tokens=clip_tokens,
                                           cross_attention_dim=dim),
-        identity_encoder=ArcFaceEncoderModel.from_iresnet_file(arcface), clip_encoder=clip,
+        identity_encoder=ArcFaceEncoderModel.from_file(arcface), clip_encoder=clip,
         crop_size=crop_size)

@@ -1,43 +1,47 @@
 """``DiffSwapIGFIPipeline``: styled face inpainting (SFI) as a diffusers pipeline.
 
-``__call__`` reads top to bottom as the algorithm: find faces, build conditions (identity
-tokens of the source, CLIP tokens of the target crop, swapped geometry and the 3D-aware mask),
-encode the target crop, run masked sampling with identity guidance, decode, keep the target's
-pixels outside the mask, and paste back into the photo.
+``__call__`` reads top to bottom as the algorithm: for every (target face, source) pair build
+the conditions (identity of the source, CLIP tokens of the target crop with the face blanked,
+swapped geometry and the 3D-aware mask; cached on the face records), encode the target crops,
+run masked sampling with identity guidance, decode, keep the target's pixels outside the mask,
+and paste back into the photo. Faces come in already detected: the pipeline detects nothing.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 
-from diffswap_igfi.conditions.builder import ConditionBuilder
+from diffswap_igfi.conditions.builder import ConditionBuilder, SwapConditions
+from diffswap_igfi.conditions.clip import ClipVisionEncoderModel
+from diffswap_igfi.conditions.identity import ArcFaceEncoderModel
 from diffswap_igfi.conditions.projectors import ClipTokenProjector, IdentityTokenProjector
-from diffswap_igfi.faces.align import align_face
+from diffswap_igfi.conditions.source import Source
+from diffswap_igfi.conditions.tensors import to_tensor, to_uint8
 from diffswap_igfi.faces.blend import composite
-from diffswap_igfi.faces.detect import pick_source_face, select_faces
 from diffswap_igfi.faces.paste import paste_back
 from diffswap_igfi.faces.record import FaceRecord
-from diffswap_igfi.sfi.encoders import (ArcFaceEncoderModel, ClipVisionEncoderModel, to_tensor,
-                                        to_uint8)
-# Optional components: diffusers only loads classes whose modules are already imported.
-from diffswap_igfi.jr import dictionary as _jr_dictionary  # noqa: F401
-from diffswap_igfi.jr import network as _jr_network  # noqa: F401
-from diffswap_igfi.sfi.sampling import (guided, id_mix_processors, latent_mask, masked_sample,
+from diffswap_igfi.sfi.conditioning import UNetConditions, encode_crops
+from diffswap_igfi.sfi.sampling import (guided, id_mix_processors, masked_sample,
                                         warm_start_timesteps)
+
+Pair = tuple[FaceRecord, Source]
 
 
 @dataclass
 class IdMix:
-    """Identity mixing (MFIM): a second source drives the fine UNet blocks (``blocks``), or the
-    two identities' tokens are mixed with ``weight`` on the first (``weighted``)."""
+    """Identity mixing (MFIM): a second identity (``sources``, photos of one person, their
+    embeddings averaged) drives the fine UNet blocks (``blocks``), or the two identities'
+    tokens are mixed with ``weight`` on the first (``weighted``)."""
 
-    sources: list[np.ndarray]
+    sources: list[Source]
     mode: str = "blocks"
     weight: float = 0.5
 
@@ -46,6 +50,68 @@ class IdMix:
             raise ValueError(f"id mix mode must be 'blocks' or 'weighted', got {self.mode!r}")
         if not 0.0 <= self.weight <= 1.0:
             raise ValueError(f"id mix weight must be in [0, 1], got {self.weight}")
+        if not self.sources:
+            raise ValueError("id mixing needs at least one source")
+
+
+@dataclass
+class SwapStats:
+    """Where a call's time went: UNet calls (one per step, guidance batched in) and the batch
+    rows they ran, seconds in the UNet, the VAE, the refiner, and the whole call."""
+
+    unet_calls: int = 0
+    unet_rows: int = 0
+    unet_seconds: float = 0.0
+    vae_seconds: float = 0.0
+    refiner_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    def add(self, other: SwapStats) -> SwapStats:
+        for name in ("unet_calls", "unet_rows", "unet_seconds", "vae_seconds",
+                     "refiner_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+
+@dataclass
+class FaceJob:
+    """One face to swap: the index of its target photo, the target face, the identity it gets
+    (a source photo and face), and the pair's conditions in the target's crop."""
+
+    photo: int
+    face: FaceRecord
+    source_rgb: np.ndarray
+    source_face: FaceRecord
+    conditions: SwapConditions
+
+
+@dataclass
+class PreparedCrops:
+    """The tensors of a batch of target crops that every sampling run over them shares.
+
+    x: [B,3,S,S] in [-1,1] target crops; crops: the same as [B,S,S,3] uint8; soft: [B,S,S]
+    float32 feathered masks; geometry: [B,C,h,w] heatmaps; latents, masked_latents: [B,4,h,w];
+    mask: [B,1,h,w] latent repaint mask; clip_tokens: [B,T,D] of the blanked crops;
+    vae_seconds: what encoding them cost.
+    """
+
+    x: torch.Tensor
+    crops: np.ndarray
+    soft: np.ndarray
+    geometry: torch.Tensor
+    latents: torch.Tensor
+    masked_latents: torch.Tensor
+    mask: torch.Tensor
+    clip_tokens: torch.Tensor
+    vae_seconds: float = 0.0
+
+
+@dataclass
+class Sampled:
+    """crops: [B,S,S,3] uint8 swaps, equal to the target crops where the soft mask is 0."""
+
+    crops: np.ndarray
+    stats: SwapStats
 
 
 @dataclass
@@ -53,13 +119,14 @@ class DiffSwapIGFIOutput(BaseOutput):
     """images: full photos [H,W,3] uint8 (one per target); crops: [F,S,S,3] uint8 aligned swaps
     (one per swapped face); masks: [F,S,S] float32 soft masks in the crops; alphas: [H,W]
     float32 per photo, where it changed (0 = the target's pixels exactly); stats: UNet calls
-    and seconds by stage."""
+    and seconds; residual: [F,3,S,S] JR's residual map (target - self-swap), None without JR."""
 
     images: list[np.ndarray]
     crops: np.ndarray
     masks: np.ndarray
     alphas: list[np.ndarray]
-    stats: dict = field(default_factory=dict)
+    stats: SwapStats = field(default_factory=SwapStats)
+    residual: torch.Tensor | None = None
 
 
 class DiffSwapIGFIPipeline(DiffusionPipeline):
@@ -83,38 +150,31 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
                        refiner, dictionary):
             if module is not None:
                 module.eval()  # sampling is deterministic; training switches what it trains
-        self._detector = None
-        self._builder = None
+        self._geometry = None
 
-    # ------------------------------------------------------------------ faces and conditions
+    # ------------------------------------------------------------------------------ conditions
     @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def _faces(self):
-        if self._detector is None:
-            from diffswap_igfi.faces.detect import FaceDetector
+    def condition_builder(self) -> ConditionBuilder:
+        """The builder of this pipeline's conditions, with its own encoders: identity, CLIP
+        tokens and geometry fits are cached on the face records, once per face."""
+        if self._geometry is None:
+            from diffswap_igfi.geometry.mediapipe_backend import MediaPipeBackend
 
-            self._detector = FaceDetector()
-            self._builder = ConditionBuilder(crop_size=self.config.crop_size,
-                                             template=self.config.template,
-                                             latent_factor=self.vae_factor)
-        return self._detector, self._builder
+            self._geometry = MediaPipeBackend()
+        return ConditionBuilder(self._geometry, self.identity_encoder, self.clip_encoder,
+                                crop_size=self.config.crop_size, template=self.config.template,
+                                latent_factor=self.vae_factor)
 
-    def encode_identity(self, sources: list[np.ndarray],
-                        faces: list[FaceRecord] | None = None) -> torch.Tensor:
-        """Mean unit-norm ArcFace embedding of one person's source photos -> [1,512].
-
-        faces: the identity face of each photo when already detected."""
-        detector, _ = self._faces()
-        crops = []
-        for i, rgb in enumerate(sources):
-            face = faces[i] if faces is not None else pick_source_face(
-                detector.detect(rgb), what=f"source photo {i}")
-            crops.append(align_face(rgb, face.kps, 112, "arcface").crop)
-        x = to_tensor(np.stack(crops), self.device, self.identity_encoder.dtype)
-        emb = self.identity_encoder(x).mean(0, keepdim=True)
-        return torch.nn.functional.normalize(emb, dim=-1)
+    def _identity(self, builder: ConditionBuilder, sources: Sequence[tuple[np.ndarray,
+                  FaceRecord]]) -> torch.Tensor:
+        """Mean unit-norm identity of one person's (photo, face) list -> [512] (cached per
+        face)."""
+        embeds = torch.stack([torch.from_numpy(builder.identity(rgb, face))
+                              for rgb, face in sources])
+        return torch.nn.functional.normalize(embeds.mean(0), dim=-1).to(self.device)
 
     def identity_tokens(self, embeds: torch.Tensor, mix: torch.Tensor | None, mode: str,
                         weight: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,181 +190,178 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
 
     # --------------------------------------------------------------------------- the algorithm
     @torch.no_grad()
-    def __call__(self, source: np.ndarray | list[np.ndarray],
-                 target: np.ndarray | list[np.ndarray], *, face_selector: str = "largest",
-                 face_index: int = 0, num_inference_steps: int = 30, guidance_scale: float = 3.0,
-                 generator: torch.Generator | None = None, warm_start: str | None = None,
-                 strength: float = 1.0, id_mix: IdMix | None = None,
-                 source_faces: list[FaceRecord] | None = None,
-                 target_faces: list[list[FaceRecord]] | None = None, refine: bool = True,
-                 residual_seed: int = 0, return_dict: bool = True
-                 ) -> DiffSwapIGFIOutput | tuple:
-        """Swap one person's identity onto the selected faces of one or more target photos.
+    def __call__(self, target: np.ndarray | list[np.ndarray],
+                 faces: Sequence[Pair] | Sequence[Sequence[Pair]], *,
+                 num_inference_steps: int = 30, guidance_scale: float = 3.0,
+                 generator: torch.Generator | None = None,
+                 image: np.ndarray | list[np.ndarray] | None = None, strength: float = 1.0,
+                 id_mix: IdMix | None = None, refine: bool = True, residual_seed: int = 0,
+                 return_dict: bool = True) -> DiffSwapIGFIOutput | tuple:
+        """Swap identities onto already-detected faces of one or more target photos.
 
-        source: one [H,W,3] uint8 RGB photo of the source person, or several of them (their
-        embeddings are averaged); target: one photo or a list. face_selector: ``largest``,
-        ``index`` (with face_index) or ``all``. guidance_scale: classifier-free guidance on the
-        identity (1 = off). warm_start: ``"geometric"`` starts from the geometric engine's swap
-        noised to ``strength`` (fewer steps); ``strength`` < 1 without it is refused.
-        source_faces / target_faces: faces already detected (one per source photo; a list per
-        target photo), which skips detection and face selection. refine: run JR after SFI when
-        the pipeline has a refiner (its self-swap for the residual map is seeded with
-        ``residual_seed``); the crops are then at the refiner's resolution.
+        target: one [H,W,3] uint8 RGB photo or a list; faces: for one photo a list of (target
+        FaceRecord, Source) pairs, for a list of photos one such list per photo: each face gets
+        its own source's identity and geometry. guidance_scale: classifier-free guidance on the
+        identity (1 = off). image: the warm start (diffusers' img2img ``image=``), one photo per
+        target in its pixels (e.g. the geometric engine's swap of it); sampling starts from its
+        crop noised to ``strength`` and runs that fraction of the steps; ``strength`` < 1
+        without it is refused. refine: run JR after SFI when the pipeline has a refiner (its
+        self-swap for the residual map is seeded with ``residual_seed``); the crops are then at
+        the refiner's resolution.
         """
         start = time.perf_counter()
-        stats = {"unet_calls": 0, "unet_seconds": 0.0, "vae_seconds": 0.0}
-        sources = [source] if isinstance(source, np.ndarray) else list(source)
+        stats = SwapStats()
         targets = [target] if isinstance(target, np.ndarray) else list(target)
-        if strength < 1.0 and warm_start is None:
-            raise ValueError("strength < 1 needs warm_start='geometric'")
-        detector, builder = self._faces()
-        device, dtype = self.device, self.unet.dtype
+        per_photo = [list(faces)] if isinstance(target, np.ndarray) else [list(f) for f in faces]
+        if len(per_photo) != len(targets):
+            raise ValueError(f"{len(targets)} target photos but {len(per_photo)} face lists")
+        warm_photos = None if image is None else (
+            [image] if isinstance(image, np.ndarray) else list(image))
+        if strength < 1.0 and warm_photos is None:
+            raise ValueError("strength < 1 needs a warm_start image (image=)")
+        builder = self.condition_builder()
 
-        # 1. identity of the source (and of the mixing source)
-        if source_faces is None:
-            source_faces = [pick_source_face(detector.detect(rgb), what=f"source photo {i}")
-                            for i, rgb in enumerate(sources)]
-        embed = self.encode_identity(sources, source_faces)
-        mix_embed = self.encode_identity(id_mix.sources) if id_mix is not None else None
-        source_face = source_faces[0]
-
-        # 2. per target face: aligned crop, swapped geometry, 3D-aware mask
-        items = []
-        for t_idx, photo in enumerate(targets):
-            faces = target_faces[t_idx] if target_faces is not None else select_faces(
-                detector.detect(photo), face_selector, index=face_index,
-                what=f"target photo {t_idx}")
-            for face in faces:
-                items.append((t_idx, face, builder.build(sources[0], source_face, photo, face)))
-        prepared = self._prepare(items, stats)
+        # 1. per target face: its source, aligned crop, swapped geometry, 3D-aware mask and
+        # the identity and CLIP conditions (computed once per face, cached on the records)
+        jobs = [FaceJob(t, face, src.rgb, src.face,
+                        builder.build(src.rgb, src.face, targets[t], face))
+                for t, pairs in enumerate(per_photo) for face, src in pairs]
+        if not jobs:
+            raise ValueError("no face to swap: pass at least one (face, source) pair")
+        embeds = torch.stack([self._identity(builder, [(j.source_rgb, j.source_face)])
+                              for j in jobs])
+        mix_embeds = None
+        if id_mix is not None:
+            mix = self._identity(builder, [(s.rgb, s.face) for s in id_mix.sources])
+            mix_embeds = mix.expand(len(jobs), -1)
+        prepared = self.prepare_jobs(jobs)
+        stats.vae_seconds += prepared.vae_seconds
         warm = None
-        if warm_start == "geometric":
+        if warm_photos is not None:
             t0 = time.perf_counter()
-            geometric = to_tensor(self._geometric_crops(sources[0], source_face, targets, items),
-                                  device, dtype)
-            warm = self.vae.encode(geometric).latent_dist.mode() * self.vae.config.scaling_factor
-            stats["vae_seconds"] += time.perf_counter() - t0
-        elif warm_start is not None:
-            raise ValueError(f"unknown warm_start {warm_start!r}; use 'geometric' or None")
+            warm = self.vae.encode(to_tensor(self._crops_of(warm_photos, jobs), self.device,
+                                             self.unet.dtype)).latent_dist.mode()
+            warm = warm * self.vae.config.scaling_factor
+            stats.vae_seconds += time.perf_counter() - t0
 
-        # 3-5. conditions, masked sampling, decoding: the swap
-        batch = len(items)
-        out_crops = self._sample(prepared, embed.expand(batch, -1),
-                                 None if mix_embed is None else mix_embed.expand(batch, -1),
-                                 id_mix, num_inference_steps, guidance_scale, generator, warm,
-                                 strength, stats)
-        soft_np = prepared["soft"]
+        # 2. masked sampling with identity guidance, decoding: the swap
+        sampled = self.sample(prepared, identity=embeds, mix_identity=mix_embeds, id_mix=id_mix,
+                              num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, generator=generator, warm=warm,
+                              strength=strength)
+        stats.add(sampled.stats)
+        out_crops, soft_np = sampled.crops, prepared.soft
+        inverses = [j.conditions.inverse for j in jobs]
 
-        # 6. joint refinement (JR), when the checkpoint has a refiner
-        inverses = [c.inverse for _, _, c in items]
+        # 3. joint refinement (JR), when the checkpoint has a refiner
+        residual = None
         if refine and self.refiner is not None:
             out_crops, soft_np, inverses, residual = self._refine(
-                items, targets, prepared, out_crops, embed.expand(batch, -1),
-                num_inference_steps, guidance_scale, residual_seed, stats)
-            stats["residual"] = residual
+                builder, jobs, targets, prepared, out_crops, embeds, num_inference_steps,
+                guidance_scale, residual_seed, stats)
 
-        # 7. paste back: pixels outside the feathered mask stay the target's
+        # 4. paste back: pixels outside the feathered mask stay the target's
         images = [p.copy() for p in targets]
         alphas = [np.zeros(p.shape[:2], np.float32) for p in targets]
-        for i, (t_idx, _, _) in enumerate(items):
-            images[t_idx], a = paste_back(images[t_idx], out_crops[i], inverses[i], soft_np[i],
-                                          return_alpha=True)
-            alphas[t_idx] = np.maximum(alphas[t_idx], a)
-        stats["total_seconds"] = time.perf_counter() - start
+        for i, job in enumerate(jobs):
+            images[job.photo], a = paste_back(images[job.photo], out_crops[i], inverses[i],
+                                              soft_np[i], return_alpha=True)
+            alphas[job.photo] = np.maximum(alphas[job.photo], a)
+        stats.total_seconds = time.perf_counter() - start
         self.maybe_free_model_hooks()
         if not return_dict:
-            return images, out_crops, soft_np, alphas, stats
-        return DiffSwapIGFIOutput(images, out_crops, soft_np, alphas, stats)
+            return images, out_crops, soft_np, alphas, stats, residual
+        return DiffSwapIGFIOutput(images, out_crops, soft_np, alphas, stats, residual)
 
-    def _prepare(self, items: list, stats: dict) -> dict:
-        """Tensors of the target crops that every sampling run of this call shares."""
+    def prepare_jobs(self, jobs: Sequence[FaceJob]) -> PreparedCrops:
+        """The shared tensors of the jobs' target crops, with their cached CLIP tokens."""
         device, dtype = self.device, self.unet.dtype
-        crops = np.stack([c.crop for _, _, c in items])
-        hard = torch.from_numpy(np.stack([c.mask for _, _, c in items]) > 0)[:, None]
-        geometry = torch.from_numpy(np.stack([c.heatmaps for _, _, c in items]))
-        return self.prepare_tensors(to_tensor(crops, device, dtype), hard,
-                                    np.stack([c.soft_mask for _, _, c in items]),
-                                    geometry.to(device, dtype), stats)
+        conds = [j.conditions for j in jobs]
+        hard = torch.from_numpy(np.stack([c.mask for c in conds]) > 0)[:, None]
+        geometry = torch.from_numpy(np.stack([c.heatmaps for c in conds]))
+        tokens = torch.from_numpy(np.stack([c.clip_tokens for c in conds]))
+        return self.prepare_tensors(to_tensor(np.stack([c.crop for c in conds]), device, dtype),
+                                    hard, np.stack([c.soft_mask for c in conds]),
+                                    geometry.to(device, dtype), clip_tokens=tokens.to(device))
 
     def prepare_tensors(self, x: torch.Tensor, hard: torch.Tensor, soft: np.ndarray,
-                        geometry: torch.Tensor, stats: dict) -> dict:
+                        geometry: torch.Tensor, *,
+                        clip_tokens: torch.Tensor | None = None) -> PreparedCrops:
         """The shared tensors from aligned crops directly (training the JR stage uses this).
 
         x: [B,3,S,S] in [-1,1] target crops; hard: [B,1,S,S] bool repaint mask; soft: [B,S,S]
-        float32 feathered mask; geometry: [B,7,S/f,S/f] heatmaps.
+        float32 feathered mask; geometry: [B,C,S/f,S/f] heatmaps; clip_tokens: [B,T,D] of the
+        blanked crops when already computed (else encoded here, from the same blanked crop).
         """
-        keep = (~hard.to(x.device)).to(x)
         t0 = time.perf_counter()
-        scaling = self.vae.config.scaling_factor
-        target_latents = self.vae.encode(x).latent_dist.mode() * scaling
-        masked_latents = self.vae.encode(x * keep).latent_dist.mode() * scaling
-        stats["vae_seconds"] = stats.get("vae_seconds", 0.0) + time.perf_counter() - t0
-        # CLIP sees the target with the face blanked: hair, lighting and background, not the
-        # identity being replaced (training does the same, or it would learn to copy it)
-        clip_tokens = self.clip_projector(
-            self.clip_encoder((x * keep).to(self.clip_encoder.dtype))[0])
-        return {
-            "crops": to_uint8(x), "x": x, "clip_tokens": clip_tokens, "soft": soft,
-            "geometry": geometry, "target_latents": target_latents,
-            "masked_latents": masked_latents,
-            "mask": latent_mask(hard.to(x), tuple(target_latents.shape[-2:])),
-        }
+        encoded = encode_crops(self.vae, self.clip_encoder if clip_tokens is None else None, x,
+                               hard.to(x.device).to(x))
+        seconds = time.perf_counter() - t0
+        tokens = encoded.clip_tokens if clip_tokens is None else clip_tokens
+        return PreparedCrops(x=x, crops=to_uint8(x), soft=soft, geometry=geometry,
+                             latents=encoded.latents, masked_latents=encoded.masked_latents,
+                             mask=encoded.mask, clip_tokens=self.clip_projector(
+                                 tokens.to(self.clip_projector.dtype)), vae_seconds=seconds)
 
-    def _sample(self, prepared: dict, embeds: torch.Tensor, mix_embeds: torch.Tensor | None,
-                id_mix: IdMix | None, steps: int, guidance_scale: float,
-                generator: torch.Generator | None, warm: torch.Tensor | None, strength: float,
-                stats: dict) -> np.ndarray:
-        """One masked-sampling run for a batch of prepared crops. embeds: [B,512].
-        Returns [B,S,S,3] uint8 crops, equal to the target crops where the soft mask is 0."""
+    def sample(self, prepared: PreparedCrops, *, identity: torch.Tensor,
+               num_inference_steps: int, guidance_scale: float = 1.0,
+               generator: torch.Generator | None = None,
+               mix_identity: torch.Tensor | None = None, id_mix: IdMix | None = None,
+               warm: torch.Tensor | None = None, strength: float = 1.0) -> Sampled:
+        """One masked-sampling run over a batch of prepared crops.
+
+        identity: [B,512] unit-norm embeddings, one per crop; mix_identity: [B,512] the second
+        identity of ``id_mix``; warm: [B,4,h,w] latents to start from (with ``strength``).
+        Guidance runs the conditional and unconditional halves in one UNet call per step.
+        """
+        stats = SwapStats()
         device, dtype = self.device, self.unet.dtype
-        mask, masked_latents = prepared["mask"], prepared["masked_latents"]
-        geometry, clip_tokens = prepared["geometry"], prepared["clip_tokens"]
-        target_latents = prepared["target_latents"]
-        id_cond, id_uncond = self.identity_tokens(embeds, mix_embeds,
+        id_cond, id_uncond = self.identity_tokens(identity, mix_identity,
                                                   id_mix.mode if id_mix else "blocks",
                                                   id_mix.weight if id_mix else 0.5)
-        cond = torch.cat([id_cond, clip_tokens], 1).to(dtype)
-        uncond = torch.cat([id_uncond, clip_tokens], 1).to(dtype)
+        clip = prepared.clip_tokens
+        conditions = UNetConditions(prepared.mask, prepared.masked_latents, prepared.geometry,
+                                    torch.cat([id_cond, clip], 1).to(dtype))
+        if guidance_scale != 1.0:
+            conditions = conditions.with_unconditional(torch.cat([id_uncond, clip], 1).to(dtype))
 
-        def denoiser(context: torch.Tensor):
-            def denoise(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                t1 = time.perf_counter()
-                inputs = torch.cat([latents, mask, masked_latents, geometry], dim=1)
-                out = self.unet(inputs, t, encoder_hidden_states=context).sample
-                stats["unet_calls"] += 1
-                stats["unet_seconds"] += time.perf_counter() - t1
-                return out
-            return denoise
+        def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t1 = time.perf_counter()
+            out = conditions.predict(self.unet, latents, t)
+            stats.unet_calls += 1
+            stats.unet_rows += len(latents)
+            stats.unet_seconds += time.perf_counter() - t1
+            return out
 
-        self.scheduler.set_timesteps(steps, device=device)
+        denoise = predict if guidance_scale == 1.0 else guided(predict, guidance_scale)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         if warm is not None:
             timesteps = warm_start_timesteps(timesteps, strength)
-        noise = torch.randn(target_latents.shape, generator=generator, dtype=torch.float32)
+        noise = torch.randn(prepared.latents.shape, generator=generator, dtype=torch.float32)
         noise = noise.to(device, dtype)
         saved = None
         if id_mix is not None and id_mix.mode == "blocks":
             saved = self.unet.attn_processors
             self.unet.set_attn_processor(id_mix_processors(
-                self.unet, self.id_projector.config.num_tokens, clip_tokens.shape[1]))
+                self.unet, self.id_projector.config.num_tokens, clip.shape[1]))
         try:
             with self.progress_bar(total=len(timesteps)) as bar:
-                latents = masked_sample(
-                    guided(denoiser(cond), denoiser(uncond), guidance_scale), self.scheduler,
-                    target_latents, mask, timesteps, noise, warm=warm, generator=generator,
-                    callback=lambda i, t, z: bar.update())
+                latents = masked_sample(denoise, self.scheduler, prepared.latents, prepared.mask,
+                                        timesteps, noise, warm=warm, generator=generator,
+                                        callback=lambda i, t, z: bar.update())
         finally:
             if saved is not None:
                 self.unet.set_attn_processor(saved)
         t0 = time.perf_counter()
         decoded = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        stats["vae_seconds"] += time.perf_counter() - t0
+        stats.vae_seconds += time.perf_counter() - t0
         swapped = to_uint8(decoded)
-        crops, soft = prepared["crops"], prepared["soft"]
-        return np.stack([composite(swapped[i].astype(np.float32), crops[i], soft[i])
-                         for i in range(len(crops))])
+        crops = np.stack([composite(swapped[i].astype(np.float32), prepared.crops[i],
+                                    prepared.soft[i]) for i in range(len(swapped))])
+        return Sampled(crops, stats)
 
-    def _refine(self, items, targets, prepared, swaps, embeds, steps, guidance_scale,
+    def _refine(self, builder, jobs, targets, prepared, swaps, embeds, steps, guidance_scale,
                 residual_seed, stats):
         """JR: refine the SFI swaps with the self-swap residual map, at the refiner's scale.
 
@@ -313,32 +370,33 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         ``residual_seed``. Returns (crops [B,kS,kS,3] uint8, soft masks [B,kS,kS], inverse
         affines for the kS crops, residual [B,3,S,S] float tensor).
         """
-        import cv2
-
         device, dtype = self.device, self.unet.dtype
-        _, builder = self._faces()
         # a true self-swap: each face's own identity, own geometry and own mask
-        own = torch.cat([self.encode_identity([targets[t]], [face]) for t, face, _ in items])
-        self_items = [(t, face, builder.build(targets[t], face, targets[t], face))
-                      for t, face, _ in items]
-        self_swaps = self._sample(self._prepare(self_items, stats), own, None, None, steps,
-                                  guidance_scale, torch.Generator().manual_seed(residual_seed),
-                                  None, 1.0, stats)
-        residual = prepared["x"] - to_tensor(self_swaps, device, dtype)
+        own = torch.stack([self._identity(builder, [(targets[j.photo], j.face)]) for j in jobs])
+        self_jobs = [FaceJob(j.photo, j.face, targets[j.photo], j.face,
+                             builder.build(targets[j.photo], j.face, targets[j.photo], j.face))
+                     for j in jobs]
+        self_prepared = self.prepare_jobs(self_jobs)
+        stats.vae_seconds += self_prepared.vae_seconds
+        self_swaps = self.sample(self_prepared, identity=own, num_inference_steps=steps,
+                                 guidance_scale=guidance_scale,
+                                 generator=torch.Generator().manual_seed(residual_seed))
+        stats.add(self_swaps.stats)
+        residual = prepared.x - to_tensor(self_swaps.crops, device, dtype)
         t0 = time.perf_counter()
-        landmarks = torch.from_numpy(np.stack([c.target_points for _, _, c in items]))
+        landmarks = torch.from_numpy(np.stack([j.conditions.target_points for j in jobs]))
         refined = self.refiner(to_tensor(swaps, device, dtype), residual,
-                               embeds.to(device, dtype), prepared["x"],
+                               embeds.to(device, dtype), prepared.x,
                                landmarks=landmarks.to(device, dtype), dictionary=self.dictionary)
-        stats["refiner_seconds"] = time.perf_counter() - t0
+        stats.refiner_seconds += time.perf_counter() - t0
         scale = refined.shape[-1] // swaps.shape[1]
         size = refined.shape[-1]
         big_crops, softs, inverses = [], [], []
-        for i, (t_idx, _, cond) in enumerate(items):
-            affine = cond.affine * scale  # photo -> crop at the refiner's resolution
-            big = cv2.warpAffine(targets[t_idx], affine, (size, size), flags=cv2.INTER_LINEAR,
-                                 borderMode=cv2.BORDER_REFLECT101)
-            soft = cv2.resize(prepared["soft"][i], (size, size), interpolation=cv2.INTER_LINEAR)
+        for i, job in enumerate(jobs):
+            affine = job.conditions.affine * scale  # photo -> crop at the refiner's resolution
+            big = cv2.warpAffine(targets[job.photo], affine, (size, size),
+                                 flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
+            soft = cv2.resize(prepared.soft[i], (size, size), interpolation=cv2.INTER_LINEAR)
             soft[soft < 1e-3] = 0.0
             out = to_uint8(refined[i:i + 1])[0]
             big_crops.append(composite(out.astype(np.float32), big, soft))
@@ -346,16 +404,10 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
             inverses.append(cv2.invertAffineTransform(affine))
         return np.stack(big_crops), np.stack(softs), inverses, residual
 
-    def _geometric_crops(self, source_rgb, source_face, targets, items) -> np.ndarray:
-        """The geometric engine's swap of every item, cut out with the item's crop affine."""
-        import cv2
-
-        from diffswap_igfi.engines.geometric import GeometricSwapper
-
-        engine, size = GeometricSwapper(), self.config.crop_size
-        out = []
-        for t_idx, face, cond in items:
-            swapped, _ = engine.swap_one(targets[t_idx], face, source_rgb, source_face)
-            out.append(cv2.warpAffine(swapped, cond.affine, (size, size),
-                                      flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101))
-        return np.stack(out)
+    def _crops_of(self, photos: list[np.ndarray], jobs: Sequence[FaceJob]) -> np.ndarray:
+        """[B,S,S,3] uint8: each job's crop cut from its photo in ``photos`` (e.g. the warm
+        start), with the job's crop affine."""
+        size = self.config.crop_size
+        return np.stack([cv2.warpAffine(photos[j.photo], j.conditions.affine, (size, size),
+                                        flags=cv2.INTER_LINEAR,
+                                        borderMode=cv2.BORDER_REFLECT101) for j in jobs])

@@ -35,8 +35,9 @@ from diffswap_igfi.faces.blend import composite
 from diffswap_igfi.faces.masks import dilate, feather, region_mask
 from diffswap_igfi.faces.paste import paste_back
 from diffswap_igfi.faces.record import FaceRecord
-from diffswap_igfi.sfi.encoders import OPENAI_MEAN, OPENAI_STD, to_tensor, to_uint8
-from diffswap_igfi.sfi.pipeline import DiffSwapIGFIOutput
+from diffswap_igfi.conditions.clip import OPENAI_MEAN, OPENAI_STD
+from diffswap_igfi.conditions.tensors import to_tensor, to_uint8
+from diffswap_igfi.sfi.pipeline import DiffSwapIGFIOutput, SwapStats
 from diffswap_igfi.sfi.reface_models import DLIB68_FROM_MESH, RefaceConditioner
 from diffswap_igfi.sfi.sampling import guided, latent_mask, masked_sample
 
@@ -151,69 +152,74 @@ class RefacePipeline(DiffusionPipeline):
                 "extra": torch.cat([blanked, keep_small], 1),
                 "mask": latent_mask(hard.to(crops), side)}
 
-    def denoiser(self, extra: torch.Tensor, context: torch.Tensor, stats: dict):
+    def denoiser(self, extra: torch.Tensor, context: torch.Tensor, stats: SwapStats):
         """``denoise(latents [B,4,h,w], t) -> eps`` for one context [B,1,768]."""
         def denoise(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t0 = time.perf_counter()
             out = self.unet(torch.cat([latents, extra], 1), t,
                             encoder_hidden_states=context).sample
-            stats["unet_calls"] = stats.get("unet_calls", 0) + 1
-            stats["unet_seconds"] = stats.get("unet_seconds", 0.0) + time.perf_counter() - t0
+            stats.unet_calls += 1
+            stats.unet_rows += len(latents)
+            stats.unet_seconds += time.perf_counter() - t0
             return out
         return denoise
 
     # --------------------------------------------------------------------------- the algorithm
     @torch.no_grad()
-    def __call__(self, source: np.ndarray | list[np.ndarray], target: np.ndarray, *,
-                 source_faces: list[FaceRecord], target_faces: list[list[FaceRecord]],
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                 generator: torch.Generator | None = None, warm_start: str | None = None,
-                 strength: float = 1.0, id_mix=None, refine: bool = True,
-                 return_dict: bool = True) -> DiffSwapIGFIOutput | tuple:
-        """Swap the source person onto the given faces of one target photo.
+    def __call__(self, target: np.ndarray, faces, *, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                 image: np.ndarray | None = None, strength: float = 1.0, id_mix=None,
+                 refine: bool = True, return_dict: bool = True) -> DiffSwapIGFIOutput | tuple:
+        """Swap identities onto already-detected faces of one target photo (the engine
+        contract, as ``DiffSwapIGFIPipeline``).
 
-        source: [H,W,3] uint8 RGB photo (or a list; REFace takes one reference, the first);
-        target: [H,W,3] uint8; source_faces: the source face per source photo; target_faces:
-        one list of faces (of ``target``). Steps and guidance default to REFace's (50, 3.5).
-        Warm start and ID mixing are DiffSwap-IGFI features this model was not trained for;
-        they are refused (InputError). ``refine`` is accepted for the engine's sake (there is
-        no refiner).
+        target: [H,W,3] uint8; faces: (target FaceRecord, Source) pairs, each face with its own
+        source (REFace takes one reference photo per face). Steps and guidance default to
+        REFace's (50, 3.5). A warm start (``image``/``strength``) and ID mixing are DiffSwap-IGFI
+        features this model was not trained for; they are refused (InputError). ``refine`` is
+        accepted for the engine's sake (there is no refiner).
         """
-        if warm_start is not None or strength != 1.0 or id_mix is not None:
+        if image is not None or strength != 1.0 or id_mix is not None:
             raise InputError("REFace models support neither --warm-start nor --mix-source "
                              "(they were not trained for them); drop those options")
         start = time.perf_counter()
-        stats: dict = {"unet_calls": 0, "unet_seconds": 0.0}
+        stats = SwapStats()
         steps = num_inference_steps or self.config.default_steps
         scale = self.config.default_guidance if guidance_scale is None else guidance_scale
-        src_rgb = source if isinstance(source, np.ndarray) else source[0]
-        faces = list(target_faces[0])
+        pairs = list(faces)
         device, dtype = self.device, self.unet.dtype
 
-        src_crop, src_hard, _, _, _ = self.face_crop(src_rgb, source_faces[0])
-        reference = self.source_reference(src_crop, src_hard)
-        cut = [self.face_crop(target, face) for face in faces]
+        references: dict[int, torch.Tensor] = {}  # one per source, however many faces use it
+        for _, source in pairs:
+            if id(source) not in references:
+                src_crop, src_hard, _, _, _ = self.face_crop(source.rgb, source.face)
+                references[id(source)] = self.source_reference(src_crop, src_hard)
+        reference = torch.cat([references[id(source)] for _, source in pairs])
+        cut = [self.face_crop(target, face) for face, _ in pairs]
         crops = to_tensor(np.stack([c[0] for c in cut]), device, dtype)
         hard = torch.from_numpy(np.stack([c[1] for c in cut]) > 0)[:, None].to(device)
         landmarks = torch.from_numpy(np.stack([c[3] for c in cut]))
-        cond = self.condition(reference.expand(len(cut), -1, -1, -1), crops, landmarks)
+        cond = self.condition(reference, crops, landmarks)
         uncond = self.conditioner.null(len(cut))
         t0 = time.perf_counter()
         shared = self.unet_inputs(crops, hard)
-        stats["vae_seconds"] = time.perf_counter() - t0
+        stats.vae_seconds += time.perf_counter() - t0
 
         self.scheduler.set_timesteps(steps, device=device)
         noise = torch.randn(shared["target_latents"].shape, generator=generator,
                             dtype=torch.float32).to(device, dtype)
-        denoise = guided(self.denoiser(shared["extra"], cond.to(dtype), stats),
-                         self.denoiser(shared["extra"], uncond.to(dtype), stats), scale)
+        if scale == 1.0:
+            denoise = self.denoiser(shared["extra"], cond.to(dtype), stats)
+        else:  # guidance: both halves in one UNet call per step
+            denoise = guided(self.denoiser(torch.cat([shared["extra"]] * 2),
+                                           torch.cat([cond, uncond]).to(dtype), stats), scale)
         with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
             latents = masked_sample(denoise, self.scheduler, shared["target_latents"],
                                     shared["mask"], self.scheduler.timesteps, noise,
                                     generator=generator, callback=lambda i, t, z: bar.update())
         t0 = time.perf_counter()
         swapped = to_uint8(self.vae.decode(latents / self.vae.config.scaling_factor).sample)
-        stats["vae_seconds"] += time.perf_counter() - t0
+        stats.vae_seconds += time.perf_counter() - t0
 
         image, alpha = target.copy(), np.zeros(target.shape[:2], np.float32)
         out_crops, softs = [], []
@@ -223,7 +229,7 @@ class RefacePipeline(DiffusionPipeline):
             alpha = np.maximum(alpha, a)
             out_crops.append(out)
             softs.append(soft)
-        stats["total_seconds"] = time.perf_counter() - start
+        stats.total_seconds = time.perf_counter() - start
         self.maybe_free_model_hooks()
         if not return_dict:
             return [image], np.stack(out_crops), np.stack(softs), [alpha], stats

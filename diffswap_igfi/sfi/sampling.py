@@ -35,14 +35,14 @@ def keep_unmasked(latents: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return torch.where(mask > 0, latents, known.to(latents.dtype))
 
 
-def guided(denoise_cond: Denoiser, denoise_uncond: Denoiser | None,
-           scale: float) -> Denoiser:
-    """Classifier-free guidance: uncond + scale * (cond - uncond); scale 1 skips uncond."""
-    if denoise_uncond is None or scale == 1.0:
-        return denoise_cond
+def guided(denoise_both: Denoiser, scale: float) -> Denoiser:
+    """Classifier-free guidance in one model call per step, as diffusers batches it.
 
+    denoise_both: the model on a doubled batch [2B,...] whose first half is conditioned and
+    second half unconditioned. Returns a denoiser on [B,...]: uncond + scale * (cond - uncond).
+    """
     def denoise(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond, uncond = denoise_cond(latents, t), denoise_uncond(latents, t)
+        cond, uncond = denoise_both(torch.cat([latents, latents]), t).chunk(2)
         return uncond + scale * (cond - uncond)
 
     return denoise

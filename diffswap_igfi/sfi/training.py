@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from diffswap_igfi.data.validation import validation_pair
+from diffswap_igfi.sfi.conditioning import UNetConditions, encode_crops
 from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
-from diffswap_igfi.sfi.sampling import latent_mask
 from diffswap_igfi.training.config import SFIConfig
+from diffswap_igfi.training.logs import image_grid
 
 
 def build_sfi_pipeline(config: SFIConfig) -> DiffSwapIGFIPipeline:
@@ -22,9 +25,9 @@ def build_sfi_pipeline(config: SFIConfig) -> DiffSwapIGFIPipeline:
 
         pipe = tiny_pipeline(seed=config.train.seed, crop_size=m.crop_size)
         if m.arcface:
-            from diffswap_igfi.sfi.encoders import ArcFaceEncoderModel
+            from diffswap_igfi.conditions.identity import ArcFaceEncoderModel
 
-            pipe.identity_encoder = ArcFaceEncoderModel.from_iresnet_file(m.arcface,
+            pipe.identity_encoder = ArcFaceEncoderModel.from_file(m.arcface,
                                                                           m.arcface_arch)
     elif m.kind == "sd_inpaint":
         from diffswap_igfi.sfi.build import pipeline_from_sd_inpaint
@@ -112,30 +115,24 @@ class SFITrainable(torch.nn.Module):
         target, mask = batch["target"], batch["mask"]
         device, dtype = target.device, target.dtype
         generator = torch.Generator().manual_seed(int(noise_seed.item()))
-        scaling = frozen.vae.config.scaling_factor
         with torch.no_grad():
-            latents = frozen.vae.encode(target).latent_dist.mode() * scaling
-            masked_latents = frozen.vae.encode(target * (1 - mask)).latent_dist.mode() * scaling
+            encoded = encode_crops(frozen.vae, frozen.clip_encoder, target, mask)
             computed = frozen.identity_encoder(batch["source_id"])
             has = batch["has_identity"].to(device).bool()[:, None]
             source_embeds = torch.where(has, F.normalize(batch["identity"].to(dtype), dim=-1),
                                         computed)
-            clip_tokens = frozen.clip_encoder(target * (1 - mask))[0]
-        lat_mask = latent_mask(mask, tuple(latents.shape[-2:]))
+        latents = encoded.latents
         noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),),
                                   generator=generator).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         drop_id = batch["drop_identity"].bool()
         context = torch.cat([self.id_projector(source_embeds, drop=drop_id),
-                             self.clip_projector(clip_tokens, drop=batch["drop_clip"].bool())],
-                            dim=1)
-
-        def denoise(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            inputs = torch.cat([z, lat_mask, masked_latents, batch["geometry"]], dim=1)
-            return self.unet(inputs, t, encoder_hidden_states=context).sample
-
-        prediction = denoise(noisy, timesteps)
+                             self.clip_projector(encoded.clip_tokens,
+                                                 drop=batch["drop_clip"].bool())], dim=1)
+        conditions = UNetConditions(encoded.mask, encoded.masked_latents, batch["geometry"],
+                                    context)
+        prediction = conditions.predict(self.unet, noisy, timesteps)
         diffusion = diffusion_loss(prediction,
                                    diffusion_target(scheduler, latents, noise, timesteps))
         identity = torch.zeros((), device=device)
@@ -143,12 +140,10 @@ class SFITrainable(torch.nn.Module):
         if rows is not None:
             # only the chosen samples pay for the midpoint's second UNet call, VAE decode and
             # ArcFace pass: their conditions are sliced before the closure runs
-            sub_context = context[rows]
-            sub_inputs = (lat_mask[rows], masked_latents[rows], batch["geometry"][rows])
+            sub = conditions.rows(rows)
 
             def denoise_rows(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                inputs = torch.cat([z, *sub_inputs], dim=1)
-                return self.unet(inputs, t, encoder_hidden_states=sub_context).sample
+                return sub.predict(self.unet, z, t)
 
             identity = midpoint_identity_loss(
                 denoise_rows, scheduler, frozen.vae, noisy[rows], prediction[rows],
@@ -171,3 +166,17 @@ class SFITrainable(torch.nn.Module):
             return None
         keep = max(1, int(loss.id_fraction * len(timesteps)))
         return rows[:keep]
+
+
+@torch.no_grad()
+def validation_grid(pipe: DiffSwapIGFIPipeline, steps: int = 10) -> np.ndarray:
+    """One row source crop | target crop | swap ([S,3S,3] uint8) of
+    ``data.validation.validation_pair``, sampled with a fixed seed, no guidance and no
+    refiner."""
+    source, target, face = validation_pair()
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(target.rgb, [(face, source)], num_inference_steps=steps, guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(0), refine=False)
+    builder = pipe.condition_builder()
+    crops = [builder.aligned(source.rgb, source.face).crop, builder.aligned(target.rgb, face).crop]
+    return image_grid([[*crops, out.crops[0]]])

@@ -29,7 +29,7 @@ from diffswap_igfi.io.video import is_video_path
 from diffswap_igfi.provenance.verify import VerifyReport, verify_image
 from diffswap_igfi.provenance.verify_video import VideoVerifyReport, verify_video
 from diffswap_igfi.provenance.write import write_synthetic_image
-from diffswap_igfi.swapper import FaceSelection, Swapper, choose_source
+from diffswap_igfi.swapper import FaceSelection, Source, Swapper, choose_source
 from diffswap_igfi.ui.server import DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_MAX_VIDEO_SECONDS
 
 ENGINES = ("geometric", "diffusion")
@@ -315,38 +315,46 @@ class SwapService:
         return self._diffusion_lock if options.engine == "diffusion" else nullcontext()
 
     def engine(self, options: SwapOptions, mix_paths: Sequence[str] = ()):
-        """The engine a request asks for (a diffusion checkpoint is loaded once and shared)."""
+        """The engine a request asks for (a diffusion checkpoint is loaded once and shared);
+        the --mix-source photos are detected here and enter as Sources."""
+        from diffswap_igfi.engines.geometric import GeometricSwapper
+
+        geometric = GeometricSwapper(blend=options.blend,
+                                     keep_mouth_interior=options.keep_mouth_interior)
         if options.engine == "geometric":
-            from diffswap_igfi.engines.geometric import GeometricSwapper
+            return geometric
+        mix: list[Source] = []
+        if any(mix_paths):
+            with self.swapper() as swapper:
+                mix = [swapper.source(self.load(p), options.source_face_index)
+                       for p in mix_paths if p]
+        return self._diffusion_engine(options, mix, geometric)
 
-            return GeometricSwapper(blend=options.blend,
-                                    keep_mouth_interior=options.keep_mouth_interior)
-        return self._diffusion_engine(options, [self.load(p).rgb for p in mix_paths if p])
-
-    def _diffusion_engine(self, options: SwapOptions, mix: list[np.ndarray]):
+    def _diffusion_engine(self, options: SwapOptions, mix: list[Source], geometric):
         """The diffusion engine of a checkpoint, loaded once per (folder, device); the request's
         options are set on it while ``_diffusion_lock`` is held by the caller's swap."""
-        from diffswap_igfi.engines.diffusion import DiffusionEngine
+        from diffswap_igfi.engines.factory import EngineOptions, build_engine
 
         key = (str(Path(options.checkpoint).expanduser().resolve()) if options.checkpoint
                else "", options.device)
         with self._diffusion_lock:
             engine = self._diffusion.get(key)
             if engine is None:
-                engine = DiffusionEngine(options.checkpoint or None, device=options.device,
-                                         progress=False)
+                engine = build_engine(EngineOptions(engine="diffusion",
+                                                    checkpoint=options.checkpoint or None,
+                                                    device=options.device, progress=False))
                 self._diffusion = {key: engine}  # keep one pipeline in memory, not one per folder
         from diffswap_igfi.sfi.pipeline import IdMix
 
         id_mix = IdMix(mix, options.mix_mode, options.mix_weight) if mix else None
         return _EngineView(engine, options.steps, options.guidance, options.seed,
-                           options.warm_start, options.refine, id_mix)
+                           options.warm_start, options.refine, id_mix, geometric)
 
 
 @dataclass
 class _EngineView:
     """A DiffusionEngine's loaded pipeline with one request's options: the engine's own
-    ``swap_faces`` runs on it, so requests never change each other's settings."""
+    ``swap_pairs`` runs on it, so requests never change each other's settings."""
 
     engine: object
     steps: int = 30
@@ -355,14 +363,15 @@ class _EngineView:
     warm_start_strength: float | None = None
     refine: bool = True
     id_mix: object = None
+    warm_engine: object = None
 
     def __post_init__(self) -> None:
         self.pipe = self.engine.pipe
         self.name = self.engine.name
         self.digital_source_type = self.engine.digital_source_type
 
-    def swap_faces(self, sources, target, faces):
-        return type(self.engine).swap_faces(self, sources, target, faces)
+    def swap_pairs(self, target, pairs):
+        return type(self.engine).swap_pairs(self, target, pairs)
 
 
 def verify(path: str | Path, name: str | None = None) -> VerifyReport | VideoVerifyReport:

@@ -1,0 +1,105 @@
+"""One factory for swap engines, from options that front ends (CLI, eval, web UI) fill in."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from diffswap_igfi.conditions.source import Source
+from diffswap_igfi.engines.base import SwapEngine
+from diffswap_igfi.engines.geometric import BLENDS, GeometricSwapper
+from diffswap_igfi.errors import InputError
+
+ENGINES = ("geometric", "diffusion")
+
+
+@dataclass
+class EngineOptions:
+    """What engine to build and how it swaps; checked on creation (InputError).
+
+    engine: ``geometric`` or ``diffusion``; None picks diffusion when a checkpoint is given.
+    blend: the geometric engine's blending (also the diffusion warm start's); occlusion_mask
+    ([H,W] bool, the target's pixels to keep), keep_eyes, keep_mouth_interior, shape_transfer,
+    domain, auto_occluders: the geometric engine's options (``GeometricSwapper``). checkpoint,
+    steps, guidance, seed, device, refine, progress: the diffusion engine. warm_start: a
+    strength in (0, 1]: start diffusion from the geometric swap. mix_sources, mix_mode,
+    mix_weight: identity mixing (MFIM) with a second person's source faces.
+    """
+
+    engine: str | None = None
+    blend: str = "laplacian"
+    occlusion_mask: np.ndarray | None = None
+    keep_eyes: str = "auto"
+    keep_mouth_interior: str = "always"
+    shape_transfer: float = 0.0
+    domain: str = "auto"
+    auto_occluders: bool = False
+    checkpoint: str | Path | None = None
+    steps: int = 30
+    guidance: float = 3.0
+    seed: int = 0
+    device: str = "cpu"
+    warm_start: float | None = None
+    refine: bool = True
+    mix_sources: Sequence[Source] = field(default_factory=tuple)
+    mix_mode: str = "blocks"
+    mix_weight: float = 0.5
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.engine is not None and self.engine not in ENGINES:
+            raise InputError(f"unknown engine {self.engine!r}: choose from {', '.join(ENGINES)}")
+        if self.blend not in BLENDS:
+            raise InputError(f"unknown blend {self.blend!r}: choose from {', '.join(BLENDS)}")
+        if self.name == "geometric":
+            if (self.checkpoint or self.mix_sources or self.warm_start is not None
+                    or not self.refine):
+                raise InputError("--checkpoint, --mix-source, --warm-start and --no-refine need "
+                                 "--engine diffusion")
+            return
+        if (self.occlusion_mask is not None or self.keep_eyes != "auto"
+                or self.keep_mouth_interior != "always" or self.shape_transfer
+                or self.domain != "auto" or self.auto_occluders):
+            raise InputError("--occlusion-mask, --auto-occluders, --source-eyes, --source-mouth, "
+                             "--shape-transfer and --domain work with the geometric engine only: "
+                             "drop them or use --engine geometric")
+        if self.steps < 1:
+            raise InputError(f"--steps must be positive, got {self.steps}")
+        if self.warm_start is not None and not 0.0 < self.warm_start <= 1.0:
+            raise InputError(f"--warm-start must be in (0, 1], got {self.warm_start}")
+        if not 0.0 <= self.mix_weight <= 1.0:
+            raise InputError(f"--mix-weight must be in [0, 1], got {self.mix_weight}")
+        if self.mix_mode not in ("blocks", "weighted"):
+            raise InputError(f"--mix-mode must be blocks or weighted, got {self.mix_mode!r}")
+
+    @property
+    def name(self) -> str:
+        """The engine these options build."""
+        return self.engine or ("diffusion" if self.checkpoint else "geometric")
+
+
+def build_engine(options: EngineOptions) -> SwapEngine:
+    """The engine ``options`` ask for. Loading a diffusion checkpoint raises
+    ModelNotFoundError with what to do."""
+    geometric = GeometricSwapper(blend=options.blend, occlusion_mask=options.occlusion_mask,
+                                 keep_eyes=options.keep_eyes,
+                                 keep_mouth_interior=options.keep_mouth_interior,
+                                 shape_transfer=options.shape_transfer, domain=options.domain,
+                                 auto_occluders=options.auto_occluders)
+    if options.name == "geometric":
+        return geometric
+    from diffswap_igfi.engines.diffusion import DiffusionEngine, load_pipeline
+
+    pipe = load_pipeline(options.checkpoint, options.device, progress=options.progress)
+    id_mix = None
+    if options.mix_sources:
+        from diffswap_igfi.sfi.pipeline import IdMix
+
+        id_mix = IdMix(list(options.mix_sources), options.mix_mode, options.mix_weight)
+    return DiffusionEngine(pipe, steps=options.steps, guidance=options.guidance,
+                           seed=options.seed, warm_start_strength=options.warm_start,
+                           warm_engine=geometric if options.warm_start is not None else None,
+                           id_mix=id_mix, progress=options.progress, refine=options.refine)
