@@ -100,10 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "with --checkpoint)")
     swap.add_argument("--checkpoint", metavar="DIR",
                       help="DiffSwapIGFIPipeline folder for --engine diffusion")
-    swap.add_argument("--steps", type=_positive_int, default=30,
-                      help="diffusion: sampling steps (default: 30)")
-    swap.add_argument("--guidance", type=float, default=3.0,
-                      help="diffusion: identity guidance scale, 1 = off (default: 3.0)")
+    swap.add_argument("--steps", type=_positive_int, default=None,
+                      help="diffusion: sampling steps (default: the checkpoint's own, 30 for "
+                           "ours, 50 for REFace's)")
+    swap.add_argument("--guidance", type=float, default=None,
+                      help="diffusion: identity guidance scale, 1 = off (default: the "
+                           "checkpoint's own, 3.0 for ours, 3.5 for REFace's)")
     swap.add_argument("--seed", type=int, default=0, help="diffusion: random seed (default: 0)")
     swap.add_argument("--device", default="cpu", help="diffusion: torch device (default: cpu)")
     swap.add_argument("--warm-start", type=float, default=None, metavar="STRENGTH",

@@ -126,3 +126,29 @@ def test_stale_temporaries_of_a_killed_write_are_removed_by_the_next_run(tmp_pat
     assert out.is_file()
     assert not stale.exists() and not legacy.exists()
     assert busy.exists() and unrelated.exists()
+
+
+def test_diffusion_steps_and_guidance_default_to_the_checkpoints_own():
+    """Without --steps/--guidance each pipeline samples with its own defaults (REFace's 50 at
+    3.5, ours 30 at 3.0); given ones are passed on."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from diffswap_igfi.engines.diffusion import DiffusionEngine
+
+    calls = []
+
+    class Pipe:
+        def set_progress_bar_config(self, **kwargs):
+            pass
+
+        def __call__(self, target, pairs, **kwargs):
+            calls.append(kwargs)
+            return SimpleNamespace(images=[target], alphas=[np.zeros(target.shape[:2])])
+
+    target = np.zeros((8, 8, 3), np.uint8)
+    DiffusionEngine(Pipe()).swap_pairs(target, [])
+    DiffusionEngine(Pipe(), steps=5, guidance=2.0).swap_pairs(target, [])
+    assert "num_inference_steps" not in calls[0] and "guidance_scale" not in calls[0]
+    assert calls[1]["num_inference_steps"] == 5 and calls[1]["guidance_scale"] == 2.0

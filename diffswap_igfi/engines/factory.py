@@ -24,7 +24,8 @@ class EngineOptions:
     blend: the geometric engine's blending (also the diffusion warm start's); occlusion_mask
     ([H,W] bool, the target's pixels to keep), keep_eyes, keep_mouth_interior, shape_transfer,
     domain, auto_occluders: the geometric engine's options (``GeometricSwapper``). checkpoint,
-    steps, guidance, seed, device, refine, progress: the diffusion engine. warm_start: a
+    steps, guidance (None: the checkpoint's own defaults), seed, device, refine, progress: the
+    diffusion engine. warm_start: a
     strength in (0, 1]: start diffusion from the geometric swap. mix_sources, mix_mode,
     mix_weight: identity mixing (MFIM) with a second person's source faces.
     """
@@ -38,8 +39,8 @@ class EngineOptions:
     domain: str = "auto"
     auto_occluders: bool = False
     checkpoint: str | Path | None = None
-    steps: int = 30
-    guidance: float = 3.0
+    steps: int | None = None  # None: the checkpoint's own default
+    guidance: float | None = None  # None: the checkpoint's own default
     seed: int = 0
     device: str = "cpu"
     warm_start: float | None = None
@@ -66,7 +67,7 @@ class EngineOptions:
             raise InputError("--occlusion-mask, --auto-occluders, --source-eyes, --source-mouth, "
                              "--shape-transfer and --domain work with the geometric engine only: "
                              "drop them or use --engine geometric")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise InputError(f"--steps must be positive, got {self.steps}")
         if self.warm_start is not None and not 0.0 < self.warm_start <= 1.0:
             raise InputError(f"--warm-start must be in (0, 1], got {self.warm_start}")
