@@ -20,6 +20,25 @@ def test_prepared_source_gives_the_same_swap_as_the_photo(faces, photos):
     assert np.array_equal(a, b) and np.array_equal(alpha_a, alpha_b)  # same computation
 
 
+def test_a_source_is_prepared_once_and_reused_from_its_record(faces, photos):
+    from diffswap_igfi.swapper import Source
+
+    engine = GeometricSwapper()
+    source = Source(photos["grace_hopper"], faces["grace_hopper"][0].transformed(
+        np.eye(2, 3), photos["grace_hopper"].rgb.shape[:2]))  # a private copy of the record
+    target, face = photos["astronaut"].rgb, faces["astronaut"][0]
+    first = engine.swap_pairs(target, [(face, source)])
+    cached = [v for k, v in source.face.extras.items() if k.startswith("geometric.prepared/")]
+    assert len(cached) == 1
+    again = engine.swap_pairs(target, [(face, source)])
+    assert engine.prepared(source) is cached[0]  # the same object: not prepared again
+    assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    # a record moved to another frame copies its extras but gets its own preparation
+    moved = Source(source.image, source.face.transformed(
+        np.array([[0.5, 0, 0], [0, 0.5, 0]]), (256, 256)))
+    assert engine.prepared(moved) is not cached[0]
+
+
 @pytest.mark.parametrize("blend", ["laplacian", "poisson", "alpha"])
 def test_pixels_outside_the_feathered_mask_are_bit_identical(faces, photos, blend):
     target, source = photos["astronaut"].rgb, photos["grace_hopper"].rgb

@@ -22,6 +22,7 @@ swap hardly grows with the size of the face.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -417,16 +418,29 @@ class GeometricSwapper:
     def swap_pairs(self, target: np.ndarray, pairs: Sequence[tuple[FaceRecord, Source]]
                    ) -> tuple[np.ndarray, np.ndarray]:
         """The engine contract (``engines.base.SwapEngine``): each target face with its own
-        source, each source prepared once. Returns (image, union alpha) as swap_one."""
-        prepared: dict[int, PreparedSource] = {}
+        source. Returns (image, union alpha) as swap_one.
+
+        A source is prepared once and kept on its face record (``face.extras``), so a batch of
+        photos or every frame of a video reuses it.
+        """
         image = target
         alpha = np.zeros(target.shape[:2], np.float32)
         for face, source in pairs:
-            if id(source) not in prepared:
-                prepared[id(source)] = self.prepare_source(source.image.rgb, source.face)
-            image, a = self.swap_one(image, face, prepared[id(source)])
+            image, a = self.swap_one(image, face, self.prepared(source))
             alpha = np.maximum(alpha, a)
         return image, alpha
+
+    def prepared(self, source: Source) -> PreparedSource:
+        """``prepare_source`` of a Source, cached on its face record. The key names this
+        engine's working resolution and the face's landmarks (a record moved to another frame
+        by ``FaceRecord.transformed`` copies its extras, and must not reuse them)."""
+        face = source.face
+        key = (f"geometric.prepared/{self.work_iod}/"
+               f"{hashlib.blake2b(face.landmarks.tobytes(), digest_size=8).hexdigest()}/"
+               f"{source.image.rgb.shape}")
+        if key not in face.extras:
+            face.extras[key] = self.prepare_source(source.image.rgb, face)
+        return face.extras[key]
 
     def swap(self, target: np.ndarray, target_faces: list[FaceRecord],
              source: np.ndarray | PreparedSource, source_face: FaceRecord | None = None
