@@ -36,3 +36,44 @@ def test_paste_changes_only_the_occluder_and_is_deterministic():
     assert out.min() >= -1.0 - 1e-6 and out.max() <= 1.0 + 1e-6
     none, no_masks = paste_occluders(images, np.random.default_rng(3), p=0.0)
     assert torch.equal(none, images) and not no_masks.any()
+
+
+@pytest.mark.slow  # preprocess two photos, a tiny SFI stage samples twice
+def test_the_residual_map_lights_up_on_a_pasted_occluder(tmp_path):
+    """HEAR-Net's premise on our stack: the frozen SFI self-swap repaints the face without the
+    occluder, so target - self-swap changes where the occluder was pasted, and barely elsewhere."""
+    import shutil
+
+    from torch.utils.data import default_collate
+
+    from diffswap_igfi.data.augment import AugmentConfig
+    from diffswap_igfi.data.dataset import SFIDataset
+    from diffswap_igfi.data.preprocess import preprocess
+    from diffswap_igfi.io.samples import sample_path
+    from diffswap_igfi.jr.training import JRTrainable
+    from diffswap_igfi.sfi.build import tiny_pipeline
+    from diffswap_igfi.training.config import JRConfig
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "grace_hopper"):
+        shutil.copy(sample_path(name), photos / f"{name}{sample_path(name).suffix}")
+    preprocess(photos, tmp_path / "data", crop_size=64, progress=False)
+    batch = default_collate(list(SFIDataset(tmp_path / "data", augment=AugmentConfig.off())))
+    sfi = tiny_pipeline(seed=0)
+    sfi.set_progress_bar_config(disable=True)
+
+    def inputs(p: float) -> dict:
+        config = JRConfig()
+        config.sfi_steps, config.occlusion_p = 2, p
+        return JRTrainable(torch.nn.Identity(), sfi, config, None).make_inputs(batch, 7)
+
+    clean, occluded = inputs(0.0), inputs(1.0)
+    assert occluded["occluded"].tolist() == [1.0, 1.0] and clean["occluded"].sum() == 0
+    _, masks = paste_occluders(batch["target"], np.random.default_rng(7), 1.0)  # the same draw
+    change = (occluded["residual"] - clean["residual"]).abs().mean(1, keepdim=True)
+    on = masks > 0.5
+    inside = change[on].mean()
+    outside = change[~on & (masks == 0)].mean()
+    print(f"residual change on the occluder {float(inside):.3f}, elsewhere {float(outside):.4f}")
+    assert inside > 0.1 and inside > 5 * outside, (float(inside), float(outside))
