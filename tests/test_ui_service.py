@@ -232,7 +232,8 @@ def test_diffusion_options_reach_the_engine_and_the_pipeline_is_loaded_once(serv
     engine = next(iter(service._diffusion.values()))
     _, b = run(seed=2, warm_start=0.5, guidance=1.0)
     assert list(service._diffusion.values()) == [engine]  # loaded once, kept for the next
-    assert (engine.steps, engine.seed, engine.warm_start_strength) == (30, 0, None)  # untouched
+    # untouched by the requests: the checkpoint's own step count, seed 0, no warm start
+    assert (engine.steps, engine.seed, engine.warm_start_strength) == (None, 0, None)
     assert first.report.metadata.digital_source_type == COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
     assert a.shape == b.shape and not np.array_equal(a, b)
 
