@@ -4,6 +4,7 @@ host guard of ``diffswap-igfi ui``."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,3 +273,13 @@ def test_folders_of_dead_servers_are_removed_and_live_ones_kept(tmp_path):
     (other / PID_FILE).write_text(str(gone.pid))
     assert remove_stale_roots(tmp_path) == [dead]
     assert not dead.exists() and live.exists() and starting.exists() and other.exists()
+
+
+def test_results_carry_the_face_mark_and_the_target_as_c2pa_parent(service, session):
+    """The UI writes as the CLI does: the face watermark anchored on the swapped face, the
+    target opened as the C2PA parent ingredient."""
+    done = service.swap(session, [HOPPER], ASTRONAUT, SwapOptions())
+    report = done.report
+    assert report.face_mark.found, report.lines()
+    assert report.c2pa.actions == ["c2pa.opened", "c2pa.edited"]
+    assert report.c2pa.parent == Path(ASTRONAUT).name

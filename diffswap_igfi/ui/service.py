@@ -290,10 +290,14 @@ class SwapService:
             with self.engine_lock(options):
                 swapper.engine = engine
                 result = swapper.swap_pairs(target.rgb, pairs)
-        out = session.next_path(Path(target_path).stem, options.output_format)
-        write_synthetic_image(out, result.image, result.alpha > 0,
-                              digital_source_type=engine.digital_source_type, engine=engine.name,
-                              alpha=target.alpha, icc_profile=target.icc_profile)
+            out = session.next_path(Path(target_path).stem, options.output_format)
+            # as the CLI writes: the face mark anchored on the swapped faces (found again by
+            # this swapper's detector), the target as the C2PA parent ingredient
+            write_synthetic_image(out, result.image, result.alpha > 0,
+                                  digital_source_type=engine.digital_source_type,
+                                  engine=engine.name, alpha=target.alpha,
+                                  icc_profile=target.icc_profile, faces=result.faces,
+                                  parent_path=Path(target_path), detector=swapper.detector)
         return SwapResult(out, verify(out), len(chosen))
 
     def _select(self, swapper: Swapper, target: LoadedImage, faces: list[FaceRecord],
