@@ -154,16 +154,23 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str
     if not allow_pickle:
         raise ConfigError(f"{path.name} is a pickle, which can run code when loaded; pass "
                           f"--allow-pickle for a file from a trusted source (REFace's release)")
-    warnings.warn(f"unpickling {path.name} runs code from that file; only do this with files "
-                  "from a trusted source", UserWarning, stacklevel=2)
     obj, error = None, None
-    for mmap in (True, False):  # mmap keeps the tensors in the file; older formats cannot
+    # torch's restricted loader first: a file holding only tensors and plain containers loads
+    # without running any of its code; Lightning's .ckpt (callbacks, hyper-parameter objects)
+    # needs the full unpickler, which the flag allowed
+    for weights_only, mmap in ((True, True), (True, False), (False, True), (False, False)):
+        if not weights_only and mmap:  # the first attempt that runs the file's code
+            warnings.warn(f"unpickling {path.name} runs code from that file; only do this with "
+                          "files from a trusted source", UserWarning, stacklevel=2)
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap,
-                             pickle_module=_TOLERANT_PICKLE)
+            # mmap keeps the tensors in the file; older formats cannot
+            extra = {} if weights_only else {"pickle_module": _TOLERANT_PICKLE}
+            obj = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap,
+                             **extra)
             break
         except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-            # a legacy format (for mmap), a truncated or foreign file
+            # a legacy format (for mmap), objects the restricted loader refuses, a truncated
+            # or foreign file
             error = exc
     if obj is None:
         raise InputError(f"cannot read {path} ({type(error).__name__}: {error})") from error
