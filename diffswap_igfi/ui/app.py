@@ -22,6 +22,12 @@ from diffswap_igfi.ui.controls import (
     engine_controls,
     engine_options,
     one_line_errors,
+    reference_controls,
+    request_session,
+    result_outputs,
+    show_per_selector,
+    source_face_index_input,
+    with_source_face_index,
 )
 from diffswap_igfi.ui.service import (
     OUTPUT_FORMATS,
@@ -71,26 +77,17 @@ def image_tab(service: SwapService, session: gr.State) -> None:
                                          "face that matches a reference photo")
                 picked = gr.Textbox(label="Picked faces (numbers, largest first from 0)",
                                     visible=False, elem_id="picked")
-                with gr.Group(visible=False) as reference_group:
-                    reference = gr.File(label="Reference photo of the person to replace",
-                                        file_types=["image"], type="filepath")
-                    reference_distance = gr.Slider(0.3, 0.9, value=0.6, step=0.01,
-                                                   label="Match threshold (dlib distance)")
+                ref = reference_controls()
                 ctl = engine_controls()
                 with gr.Accordion("More", open=False):
-                    source_face_index = gr.Number(-1, precision=0,
-                                                  label="Face in a source photo with several "
-                                                        "people (-1 = the clear main face)")
+                    source_face_index = source_face_index_input()
                     output_format = gr.Radio(list(OUTPUT_FORMATS), value="png",
                                              label="Output format")
                 swap = gr.Button("Swap", variant="primary", elem_id="swap")
             with gr.Column(scale=1):
                 comparison = gr.ImageSlider(label="Before / after", type="numpy",
                                             slider_position=25, elem_id="comparison")
-                result = gr.File(label="Marked result (download)", interactive=False,
-                                 elem_id="result")
-                report = gr.Textbox(label="Provenance of the written file (verify)", lines=3,
-                                    elem_id="report")
+                result, report = result_outputs()
 
         @one_line_errors
         def on_target(path):
@@ -111,10 +108,7 @@ def image_tab(service: SwapService, session: gr.State) -> None:
                       api_visibility="private", concurrency_id=CONCURRENCY_ID)
         faces.select(on_pick, [picked], [picked, selector], api_visibility="private",
                      queue=False)
-        selector.change(lambda s: (gr.update(visible=s == "picked"),
-                                   gr.update(visible=s == "reference")),
-                        [selector], [picked, reference_group], api_visibility="private",
-                        queue=False)
+        show_per_selector(selector, "picked", picked, ref)
 
         @one_line_errors
         def swap_image(sources, target, engine=None, face_selector=None, face_indices=None,
@@ -129,14 +123,12 @@ def image_tab(service: SwapService, session: gr.State) -> None:
             and the verify summary of that file. Options left out (None) take the defaults
             of SwapOptions, which are the CLI's.
             """
-            session = session or service.new_session(request.session_hash if request else None)
-            options = engine_options(
+            session = request_session(service, session, request)
+            options = with_source_face_index(engine_options(
                 engine, blend, keep_mouth_interior, checkpoint, steps, guidance, seed, device,
                 warm_start, refine, mix_mode, mix_weight, face_selector=face_selector,
                 face_indices=parse_indices(face_indices), reference_distance=reference_distance,
-                output_format=output_format)
-            if source_face_index is not None and source_face_index >= 0:
-                options.source_face_index = int(source_face_index)
+                output_format=output_format), source_face_index)
             done = service.swap(session, sources or [], target, options,
                                 reference_path=reference, mix_paths=mix_sources or [],
                                 detected=detected if isinstance(detected, DetectedFaces)
@@ -150,7 +142,7 @@ def image_tab(service: SwapService, session: gr.State) -> None:
             return preview(target, service.max_pixels), preview(result, service.max_pixels)
 
         swap.click(swap_image,
-                   [sources, target, ctl.engine, selector, picked, reference, reference_distance,
+                   [sources, target, ctl.engine, selector, picked, ref.photo, ref.distance,
                     source_face_index, *ctl.options(), output_format, session, detected],
                    [result, report, session], api_name="swap_image",
                    concurrency_id=CONCURRENCY_ID

@@ -119,3 +119,61 @@ def engine_options(engine=None, blend=None, keep_mouth_interior=None, checkpoint
     return SwapOptions(**{k: v for k, v in given.items() if v is not None})
 
 
+
+
+@dataclass
+class ReferenceControls:
+    """The reference photo and its match threshold (the ``reference`` selector's inputs)."""
+
+    group: gr.Group
+    photo: gr.File
+    distance: gr.Slider
+
+
+def reference_controls() -> ReferenceControls:
+    """Lay out the reference inputs, hidden until the ``reference`` selector is chosen."""
+    with gr.Group(visible=False) as group:
+        photo = gr.File(label="Reference photo of the person to replace",
+                        file_types=["image"], type="filepath")
+        distance = gr.Slider(0.3, 0.9, value=0.6, step=0.01,
+                             label="Match threshold (dlib distance)")
+    return ReferenceControls(group, photo, distance)
+
+
+def show_per_selector(selector: gr.Radio, index_value: str, index_input,
+                      reference: ReferenceControls) -> None:
+    """Show ``index_input`` only for the selector value ``index_value`` and the reference
+    inputs only for ``reference``."""
+    selector.change(lambda s: (gr.update(visible=s == index_value),
+                               gr.update(visible=s == "reference")),
+                    [selector], [index_input, reference.group], api_visibility="private",
+                    queue=False)
+
+
+def source_face_index_input() -> gr.Number:
+    """The face to take in a source photo with several people (-1: the clear main face)."""
+    return gr.Number(-1, precision=0,
+                     label="Face in a source photo with several people (-1 = the clear main face)")
+
+
+def result_outputs(prefix: str = "") -> tuple[gr.File, gr.Textbox]:
+    """The marked file to download and the verify summary of it (elem ids ``{prefix}result``
+    and ``{prefix}report``)."""
+    result = gr.File(label="Marked result (download)", interactive=False,
+                     elem_id=f"{prefix}result")
+    report = gr.Textbox(label="Provenance of the written file (verify)", lines=3,
+                        elem_id=f"{prefix}report")
+    return result, report
+
+
+def request_session(service, session, request: gr.Request | None):
+    """The caller's session: the UI's own state, else one per API client."""
+    return session or service.new_session(request.session_hash if request else None)
+
+
+def with_source_face_index(options, source_face_index):
+    """``options`` with the source-face index an endpoint was given (None or < 0: the clear
+    main face, the default)."""
+    if source_face_index is not None and source_face_index >= 0:
+        options.source_face_index = int(source_face_index)
+    return options

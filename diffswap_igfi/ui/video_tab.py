@@ -13,6 +13,12 @@ from diffswap_igfi.ui.controls import (
     engine_controls,
     engine_options,
     one_line_errors,
+    reference_controls,
+    request_session,
+    result_outputs,
+    show_per_selector,
+    source_face_index_input,
+    with_source_face_index,
 )
 from diffswap_igfi.ui.service import SwapService
 from diffswap_igfi.ui.video import (
@@ -52,16 +58,10 @@ def video_tab(service: SwapService, session: gr.State) -> None:
                 face_index = gr.Number(0, precision=0, minimum=0, visible=False,
                                        label="Person number (0 = most prominent)",
                                        elem_id="video_index")
-                with gr.Group(visible=False) as reference_group:
-                    reference = gr.File(label="Reference photo of the person to replace",
-                                        file_types=["image"], type="filepath")
-                    reference_distance = gr.Slider(0.3, 0.9, value=0.6, step=0.01,
-                                                   label="Match threshold (dlib distance)")
+                ref = reference_controls()
                 ctl = engine_controls()
                 with gr.Accordion("More", open=False):
-                    source_face_index = gr.Number(-1, precision=0,
-                                                  label="Face in a source photo with several "
-                                                        "people (-1 = the clear main face)")
+                    source_face_index = source_face_index_input()
                     with gr.Row():
                         trim_start = gr.Number(None, label="Keep from (seconds)")
                         trim_end = gr.Number(None, label="Keep until (seconds)")
@@ -75,10 +75,7 @@ def video_tab(service: SwapService, session: gr.State) -> None:
                 caption = gr.Markdown(elem_id="video_caption")
                 player = gr.Video(label="Result (with its audio)", interactive=False,
                                   elem_id="video_player")
-                result = gr.File(label="Marked result (download)", interactive=False,
-                                 elem_id="video_result")
-                report = gr.Textbox(label="Provenance of the written file (verify)", lines=3,
-                                    elem_id="video_report")
+                result, report = result_outputs("video_")
 
         @one_line_errors
         def on_video(path):
@@ -117,10 +114,7 @@ def video_tab(service: SwapService, session: gr.State) -> None:
                    concurrency_id=CONCURRENCY_ID)
         gallery.select(on_pick, None, [face_index, selector], api_visibility="private",
                        queue=False)
-        selector.change(lambda s: (gr.update(visible=s == "index"),
-                                   gr.update(visible=s == "reference")),
-                        [selector], [face_index, reference_group], api_visibility="private",
-                        queue=False)
+        show_per_selector(selector, "index", face_index, ref)
 
         @one_line_errors
         def swap_video(sources, video, face_selector=None, face_index=None, reference=None,
@@ -139,7 +133,7 @@ def video_tab(service: SwapService, session: gr.State) -> None:
             largest, index (face_index: 0 = the most prominent person), all, or reference
             (a reference photo). Options left out (None) take the CLI's defaults.
             """
-            session = session or service.new_session(request.session_hash if request else None)
+            session = request_session(service, session, request)
             given = {"face_selector": face_selector, "face_index": face_index,
                      "reference_distance": reference_distance, "crf": crf,
                      "trim_start": trim_start, "trim_end": trim_end, "smoothing": smoothing}
@@ -148,8 +142,7 @@ def video_tab(service: SwapService, session: gr.State) -> None:
                 engine=engine_options(engine, blend, keep_mouth_interior, checkpoint, steps,
                                       guidance, seed, device, warm_start, refine, mix_mode,
                                       mix_weight))
-            if source_face_index is not None and source_face_index >= 0:
-                options.source_face_index = int(source_face_index)
+            with_source_face_index(options, source_face_index)
             done = swap_video_file(service, session, sources or [], video, options,
                                    reference_path=reference, mix_paths=mix_sources or [],
                                    report=lambda f, text: progress(f, desc=text))
@@ -160,7 +153,7 @@ def video_tab(service: SwapService, session: gr.State) -> None:
             return str(done.path), "\n".join(lines), session
 
         swap.click(swap_video,
-                   [sources, video, selector, face_index, reference, reference_distance,
+                   [sources, video, selector, face_index, ref.photo, ref.distance,
                     source_face_index, ctl.engine, *ctl.options(), crf, trim_start, trim_end,
                     smoothing, session],
                    [result, report, session], api_name="swap_video",
