@@ -65,3 +65,21 @@ def assert_one_line(text: str) -> None:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """The web UI's swap service (no Gradio), one per test module, with its own folder."""
+    from diffswap_igfi.ui.service import SwapService
+
+    svc = SwapService(tmp_path_factory.mktemp("sessions"), concurrency=1)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def session(service):
+    """A fresh UI session of ``service``, closed (its folder removed) after the test."""
+    s = service.new_session()
+    yield s
+    s.close()

@@ -25,20 +25,6 @@ from diffswap_igfi.ui.server import (
 from diffswap_igfi.ui.service import Session, SwapOptions, SwapService, parse_indices, thumbnail
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    svc = SwapService(tmp_path_factory.mktemp("sessions"), concurrency=1)
-    yield svc
-    svc.close()
-
-
-@pytest.fixture
-def session(service):
-    s = service.new_session()
-    yield s
-    s.close()
-
-
 HOPPER, ASTRONAUT, GROUP = (str(sample_path(n)) for n in ("grace_hopper", "astronaut", "group"))
 
 

@@ -33,20 +33,6 @@ N = 12
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    svc = SwapService(tmp_path_factory.mktemp("sessions"), concurrency=1)
-    yield svc
-    svc.close()
-
-
-@pytest.fixture
-def session(service):
-    s = service.new_session()
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
 def two_people(tmp_path_factory, photos):
     """256x192 clip, 12 frames: the astronaut (left, smaller face) beside Grace Hopper (right,
     larger face), each under its own moving camera; an AAC tone."""
