@@ -2,7 +2,7 @@
 demo | build-dictionaries | ui``.
 
 Every failure prints one ``error:`` line on stderr (usage text only with ``--help``) and exits
-with a documented code (EXIT_CODES); ``--debug`` adds the traceback and keeps the code.
+with a documented code (the errors' own, or the EXIT_* constants); ``--debug`` adds the traceback and keeps the code.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 from diffswap_igfi import __version__
 from diffswap_igfi.errors import DiffSwapError, InputError, OutputError
 
-# The exit codes, as documented in README.md.
-EXIT_OK, EXIT_NOT_MARKED, EXIT_BAD_INPUT, EXIT_OUTPUT_REFUSED, EXIT_MISSING_MODEL = 0, 1, 2, 3, 4
-EXIT_BATCH_FAILURES, EXIT_INTERNAL, EXIT_INTERRUPTED = 5, 70, 130
+# The exit codes, as documented in README.md. Errors carry their own (errors.py: InputError and
+# ConfigError 2, OutputError 3, ModelNotFoundError 4); these are the others.
+EXIT_OK, EXIT_NOT_MARKED, EXIT_BATCH_FAILURES, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 5, 70, 130
 
 RESPONSIBLE_USE = ("Swap only faces of people who consented. Every image written is marked as "
                    "synthetic (metadata and an invisible watermark).")
@@ -414,7 +414,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         for report in reports:
             print("\n".join(report.lines()))
-    return 0 if all(r.synthetic for r in reports) else 1
+    return EXIT_OK if all(r.synthetic for r in reports) else EXIT_NOT_MARKED
 
 
 def cmd_conditions(args: argparse.Namespace) -> int:
@@ -565,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return InputError.exit_code
     args.given = _given_options(parser, args, argv)
     handlers = {"swap": cmd_swap, "verify": cmd_verify, "demo": cmd_demo,
                 "conditions": cmd_conditions, "samples": cmd_samples,
