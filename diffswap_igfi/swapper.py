@@ -148,15 +148,14 @@ def swap_file(swapper: Swapper, sources: Sequence[Source], target_path: str | os
               output_path: str | os.PathLike, *, selection: FaceSelection | None = None,
               jpeg_quality: int = 95, max_pixels: int = DEFAULT_MAX_PIXELS,
               c2pa_cert: str | os.PathLike | None = None,
-              c2pa_key: str | os.PathLike | None = None,
-              anchor_face_mark: bool = True) -> SwapOutput:
+              c2pa_key: str | os.PathLike | None = None) -> SwapOutput:
     """Swap one photo file and write the result with provenance (metadata, watermarks anchored
     on the swapped faces, a C2PA manifest with the target as parent), keeping the target's alpha
     channel and ICC profile; JPEG/WebP outputs at ``jpeg_quality``. c2pa_cert/c2pa_key: an
-    organisation's signing chain instead of the local one. anchor_face_mark=False leaves the
-    face-anchored watermark out (metadata, block watermark and C2PA stay): evaluation uses it
-    to score the swap itself, since the face mark moves recognizers. The caller checks the
-    output path (``io.images.check_output_path``)."""
+    organisation's signing chain instead of the local one. The returned ``image`` is the swap
+    as the engine made it, before the marks (evaluation scores it, since the face mark moves
+    recognizers); only the marked image reaches the disk. The caller checks the output path
+    (``io.images.check_output_path``)."""
     from diffswap_igfi.provenance.write import write_synthetic_image
 
     target = load_image(Path(target_path), max_pixels=max_pixels)
@@ -165,7 +164,7 @@ def swap_file(swapper: Swapper, sources: Sequence[Source], target_path: str | os
                           digital_source_type=swapper.engine.digital_source_type,
                           engine=swapper.engine.name, alpha=target.alpha,
                           icc_profile=target.icc_profile, jpeg_quality=jpeg_quality,
-                          faces=result.faces if anchor_face_mark else None,
+                          faces=result.faces,
                           parent_path=Path(target_path),
                           c2pa_cert=c2pa_cert, c2pa_key=c2pa_key, detector=swapper.detector)
     return result

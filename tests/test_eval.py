@@ -134,6 +134,11 @@ def test_geometric_engine_writes_the_fixed_report(data, tmp_path):
     assert report["pose_error_deg"] < 10.0
     swaps = sorted((tmp_path / "swaps").glob("*.png"))
     assert len(swaps) == 9 and verify_image(swaps[0]).synthetic
+    # written with the face-anchored mark, as the CLI writes (scored before the marks, in
+    # memory); measured 7 of 9 read back: the mark lives only in the swapped pixels, and the
+    # 112 px Tom Hanks and a small group face leave too few of them (the CLI alike)
+    found = sum(bool(verify_image(s).face_mark.found) for s in swaps)
+    assert found >= 5
     assert verify_image(tmp_path / "grid.png").synthetic
     for name in ("report.md", "id_distances.png", "pose_errors.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -171,10 +176,18 @@ def test_diffusion_checkpoint_path(data, tmp_path):
 
     tiny_pipeline(seed=0).save_pretrained(tmp_path / "ckpt")
     pairs = write_csv(data / "diffusion.csv", [r[:2] for r in ring(0)[:2]], header="source,target")
-    code, report = eval_cli("--pairs", pairs, "--out", tmp_path / "out", "--checkpoint",
-                            tmp_path / "ckpt", "--steps", "2")
-    assert code == 0 and report["engine"] == "diffusion" and MAIN_KEYS <= set(report)
-    assert report["n_pairs"] == 2 and len(list((tmp_path / "out" / "swaps").glob("*.png"))) == 2
+    out = tmp_path / "out"
+    try:
+        eval_cli("--pairs", pairs, "--out", out, "--checkpoint", tmp_path / "ckpt", "--steps", "2")
+    except InputError as err:  # a random tiny model need not paint a detectable face
+        assert "no pair could be evaluated" in str(err)
+    report = json.loads((out / "report.json").read_text())
+    assert report["engine"] == "diffusion" and MAIN_KEYS <= set(report)
+    assert report["n_pairs"] == 2
+    for row in report["pairs"]:
+        assert row["status"] == "ok" or row["reason"] == "swap: no face found", row
+    swaps = sorted((out / "swaps").glob("*.png"))
+    assert len(swaps) == 2 and all(verify_image(s).synthetic for s in swaps)
 
 
 @pytest.mark.parametrize("header, engine, expected", [

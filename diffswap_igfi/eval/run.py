@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,6 +45,9 @@ class Pair:
     swap: Path | None
     names: tuple[str, str, str | None]
     failure: str | None = None
+    # the swap as the engine made it, before its watermarks (produce_swaps): scored instead of
+    # the written file, whose face-anchored mark moves recognizers; dropped once measured
+    swap_rgb: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 def _resolve(value: str, base: Path) -> Path:
@@ -87,43 +91,41 @@ def read_pairs(csv_path: str | Path, *, with_swap: bool = True) -> list[Pair]:
 
 
 def produce_swaps(pairs: list[Pair], engine, folder: Path, *, force: bool = False,
-                  progress: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  swapper=None) -> list[Pair]:
-    """Swap every pair with ``engine`` into ``folder`` (with provenance); a pair that cannot be
-    swapped comes back with ``failure`` set instead of a swap path. ``swapper``: a Swapper to
-    reuse (its detector), else one is opened for the call."""
-    from diffswap_igfi.swapper import Swapper, swap_file
-
+                  max_pixels: int = DEFAULT_MAX_PIXELS, swapper) -> Iterator[Pair]:
+    """Swap every pair with ``engine`` into ``folder`` (fully marked, as the CLI writes), one
+    pair at a time as the caller iterates; each pair comes back with ``swap`` and ``swap_rgb``
+    (the unmarked swap, for scoring) or with ``failure`` set. The output paths are checked
+    here, before any work, not half-way through. ``swapper``: the Swapper whose detector is
+    used (its engine is set to ``engine``)."""
     outs = [folder / f"{i:04d}_{p.source.stem}_to_{p.target.stem}.png" for i, p in
             enumerate(pairs)]
-    for out, pair in zip(outs, pairs):  # refuse before any work, not half-way through
+    for out, pair in zip(outs, pairs):
         check_output_path(out, [pair.source, pair.target], force=force)
-    if swapper is None:
-        with Swapper(engine) as own:
-            return produce_swaps(pairs, engine, folder, force=force, progress=progress,
-                                 max_pixels=max_pixels, swapper=own)
     swapper.engine = engine
-    done = []
-    for out, pair in tqdm(list(zip(outs, pairs)), desc="swapping", disable=not progress,
-                          file=sys.stderr):
+    return _swapped(zip(outs, pairs), swapper, folder, max_pixels)
+
+
+def _swapped(jobs, swapper, folder: Path, max_pixels: int) -> Iterator[Pair]:
+    from diffswap_igfi.swapper import swap_file
+
+    for out, pair in jobs:
         try:
             source = swapper.source(load_image(pair.source, max_pixels=max_pixels))
-            # scored as the engine made it: the face-anchored mark moves dlib's identity (top-5
-            # 9/9 -> 8/9 on the geometric test ring) and can hide a poor face from detection
-            swap_file(swapper, [source], pair.target, out, max_pixels=max_pixels,
-                      anchor_face_mark=False)
+            result = swap_file(swapper, [source], pair.target, out, max_pixels=max_pixels)
         except DiffSwapError as err:
-            done.append(replace(pair, failure=f"swap not produced: {err}"))
+            yield replace(pair, failure=f"swap not produced: {err}")
             continue
         name = f"{folder.name}/{out.name}"  # as the report's folder sees it
-        done.append(replace(pair, swap=out, names=pair.names[:2] + (name,)))
-    return done
+        yield replace(pair, swap=out, names=pair.names[:2] + (name,), swap_rgb=result.image)
 
 
-def evaluate_pairs(pairs: list[Pair], *, detector, meter: FaceMeter, inception=None,
+def evaluate_pairs(pairs: Iterable[Pair], *, detector, meter: FaceMeter, inception=None,
                    lpips=None, progress: bool = False, kid_subset_size: int = 1000,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Evaluation:
-    """Measure every pair, then rank identities and compute FID/KID (see eval.metrics)."""
+                   max_pixels: int = DEFAULT_MAX_PIXELS, total: int | None = None,
+                   desc: str = "evaluating") -> Evaluation:
+    """Measure every pair, then rank identities and compute FID/KID (see eval.metrics).
+    ``pairs`` may be produce_swaps' stream (then ``total`` sizes the progress bar): a pair
+    with ``swap_rgb`` is scored on those pixels, not on its marked file."""
     from diffswap_igfi.eval import metrics as M
     from diffswap_igfi.eval.fid import NO_INCEPTION_NOTE, set_scores
     from diffswap_igfi.eval.report import Evaluation
@@ -131,7 +133,7 @@ def evaluate_pairs(pairs: list[Pair], *, detector, meter: FaceMeter, inception=N
     measurer = M.PhotoMeasurer(detector, meter, max_pixels)
     rows, swap_desc, features, pooled = [], {}, {"swap": [], "target": []}, {}
     ev = Evaluation(rows=rows, recognizer=meter.recognizer.name)
-    for pair in tqdm(pairs, desc="evaluating", disable=not progress, file=sys.stderr):
+    for pair in tqdm(pairs, desc=desc, total=total, disable=not progress, file=sys.stderr):
         row = {"line": pair.line, "source": pair.names[0], "target": pair.names[1],
                "swap": pair.names[2], "status": "failed", "reason": pair.failure,
                "self_swap": pair.source.resolve() == pair.target.resolve()}
@@ -139,6 +141,8 @@ def evaluate_pairs(pairs: list[Pair], *, detector, meter: FaceMeter, inception=N
         if pair.failure:
             continue
         images: dict[Path, np.ndarray] = {}
+        if pair.swap_rgb is not None:
+            images[pair.swap] = pair.swap_rgb
         try:
             src, _ = measurer.measure(pair.source, "source", images)
             ev.sources.setdefault(pair.source, src)  # in the gallery even if the pair fails
@@ -267,14 +271,16 @@ def run_eval(args: argparse.Namespace) -> int:
     inception = load_inception(weights, args.device) if weights else None
     lpips = M.load_lpips(args.lpips).to(args.device) if args.lpips else None
     with Swapper(engine) as swapper:  # one detector: for producing the swaps and scoring them
-        if engine is not None:
+        total, desc = len(pairs), "evaluating"
+        if engine is not None:  # swapped and scored one pair at a time: memory stays bounded
             pairs = produce_swaps(pairs, engine, out / "swaps", force=args.force,
-                                  progress=not args.quiet, max_pixels=args.max_pixels,
-                                  swapper=swapper)
+                                  max_pixels=args.max_pixels, swapper=swapper)
+            desc = "swapping and evaluating"
         meter = M.FaceMeter(DlibRecognizer(), arcface=arcface)
         ev = evaluate_pairs(pairs, detector=swapper.detector, meter=meter, inception=inception,
                             lpips=lpips, progress=not args.quiet,
-                            kid_subset_size=args.kid_subset_size, max_pixels=args.max_pixels)
+                            kid_subset_size=args.kid_subset_size, max_pixels=args.max_pixels,
+                            total=total, desc=desc)
     ev.pairs_file = str(args.pairs)
     ev.engine = getattr(engine, "name", None)
     ev.arcface = str(arcface.path) if arcface is not None else None
