@@ -152,10 +152,13 @@ class ConditionBuilder:
         return self._stage("clip", face, f"{_key('clip', self.clip_encoder)}/{digest}", compute)
 
     def build(self, source_rgb: np.ndarray, source_face: FaceRecord, target_rgb: np.ndarray,
-              target_face: FaceRecord, *, occlusion: np.ndarray | None = None) -> SwapConditions:
+              target_face: FaceRecord, *, occlusion: np.ndarray | None = None,
+              region: str = "face") -> SwapConditions:
         """Conditions for putting the source's identity on the target face.
 
-        occlusion: [S,S] bool crop pixels to keep from the target (the occluder hook).
+        occlusion: [S,S] bool crop pixels to keep from the target (the occluder hook);
+        region: what is repainted, ``face`` or ``head`` (face, hair and ears:
+        ``geometry.condition.aware_mask``).
         """
         src_fit, tgt_fit = self.fit(source_rgb, source_face), self.fit(target_rgb, target_face)
         aligned = self.aligned(target_rgb, target_face)
@@ -169,7 +172,7 @@ class ConditionBuilder:
             mask, soft = aware_mask(tp, sp, (size, size),
                                     dilate=max(1, round(self.mask_dilate * size)),
                                     feather=max(1, round(self.mask_feather * size)),
-                                    occlusion=occlusion)
+                                    occlusion=occlusion, region=region, image=aligned.crop)
         clip = self.clip(target_rgb, target_face, mask)
         return SwapConditions(aligned.crop, aligned.affine, aligned.inverse, tp, sp, heat, edges,
                               mask, soft, swapped, self.identity(source_rgb, source_face),

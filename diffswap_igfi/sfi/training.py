@@ -50,6 +50,7 @@ def build_sfi_pipeline(config: SFIConfig) -> DiffSwapIGFIPipeline:
                           f"it was trained")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,
                                                prediction_type=m.prediction_type or base)
+    pipe.register_to_config(region=m.region)  # inference repaints what training masked
     return pipe
 
 
@@ -106,7 +107,8 @@ class SFITrainable(torch.nn.Module):
         mask [B,1,S,S], geometry [B,7,s,s], kps [B,5,2], identity [B,512], has_identity,
         drop_identity, drop_clip). noise_seed: a [1] int64 tensor seeding this step's noise and
         timesteps, so a resumed run draws exactly what the uninterrupted one drew.
-        Returns {"loss", "diffusion", "identity"} scalars (identity 0 when disabled).
+        Returns {"loss", "diffusion", "identity"} scalars (identity 0 when disabled), and
+        "head_share" (the share of head masks in the batch) when ``augment.mask_head`` is on.
         """
         from diffswap_igfi.sfi.losses import (diffusion_loss, diffusion_target,
                                               midpoint_identity_loss)
@@ -151,7 +153,8 @@ class SFITrainable(torch.nn.Module):
                 id_loss=self.id_loss, mask=mask[rows], target=target[rows],
                 t_range=(config.loss.id_t_min, config.loss.id_t_max))
         total = diffusion + config.loss.id_weight * identity
-        return {"loss": total, "diffusion": diffusion.detach(), "identity": identity.detach()}
+        return {"loss": total, "diffusion": diffusion.detach(), "identity": identity.detach(),
+                **region_metrics(batch, config)}
 
     def _identity_rows(self, timesteps: torch.Tensor, dropped: torch.Tensor):
         """Samples that get the identity loss this step: conditioned on identity, t in the
@@ -166,6 +169,14 @@ class SFITrainable(torch.nn.Module):
             return None
         keep = max(1, int(loss.id_fraction * len(timesteps)))
         return rows[:keep]
+
+
+def region_metrics(batch: dict, config: SFIConfig) -> dict:
+    """{"head_share": share of the batch's samples masked to the whole head} when training
+    with head masks (``augment.mask_head`` > 0), else {}."""
+    if float(config.augment.get("mask_head", 0)) <= 0:
+        return {}
+    return {"head_share": batch["head"].float().mean()}
 
 
 @torch.no_grad()
