@@ -5,7 +5,8 @@
 For every face of the shipped photos (astronaut, grace_hopper, the six of group, tom_hanks),
 aligned to the SFI's FFHQ crop at 256 px: the face mask (the mesh's oval), the geometric head
 prior and the refined head mask. Four faces carry a hand-drawn outline of the whole head (face,
-hair, cap, ears; drawn on the 256 px crop by eye, about +-5 px): for them it prints
+hair, cap, ears; drawn on the 256 px crop by eye, about +-5 px; tests/data/head_outlines.json):
+for them it prints
 
 - hair recall: the share of the outlined head outside the face oval (hair, ears, cap) that the
   mask covers;
@@ -21,6 +22,7 @@ Seconds are CPU time of ``head_mask`` per face (the machine may be loaded).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -35,24 +37,17 @@ from diffswap_igfi.io.images import load_image
 from diffswap_igfi.io.samples import sample_path
 
 CROP = 256
-# hand-drawn head outlines (face + hair + ears + headwear) in the 256 px FFHQ crop, keyed by
-# (photo, face index, largest first)
-OUTLINES = {
-    ("astronaut", 0): [(70, 20), (100, 8), (140, 4), (180, 10), (215, 35), (235, 60), (243, 95),
-                       (240, 130), (225, 155), (205, 165), (195, 190), (170, 225), (130, 240),
-                       (95, 228), (70, 195), (60, 165), (40, 150), (22, 125), (18, 90),
-                       (25, 60), (45, 35)],
-    ("grace_hopper", 0): [(100, 2), (150, 2), (185, 15), (200, 30), (210, 55), (208, 90),
-                          (205, 120), (200, 160), (195, 190), (175, 205), (150, 225), (125, 232),
-                          (100, 225), (75, 205), (55, 190), (48, 160), (45, 120), (48, 90),
-                          (55, 60), (65, 30), (80, 12)],
-    ("group", 0): [(80, 10), (110, 0), (180, 0), (210, 15), (225, 45), (228, 80), (222, 110),
-                   (215, 135), (205, 160), (185, 195), (150, 212), (120, 210), (95, 195),
-                   (75, 165), (65, 135), (60, 105), (58, 70), (65, 35)],
-    ("group", 2): [(45, 15), (100, 0), (160, 0), (195, 25), (207, 60), (210, 120), (212, 180),
-                   (212, 240), (190, 240), (170, 215), (150, 205), (120, 205), (95, 200),
-                   (75, 190), (55, 200), (30, 240), (0, 240), (0, 150), (10, 100), (25, 50)],
-}
+OUTLINES_FILE = Path(__file__).resolve().parents[1] / "tests" / "data" / "head_outlines.json"
+
+
+def load_outlines(path: Path = OUTLINES_FILE) -> dict[tuple[str, int], np.ndarray]:
+    """Hand-drawn head outlines (face + hair + ears + headwear) in the 256 px FFHQ crop:
+    (photo, face index, largest first) -> [N,2] float64 polygon."""
+    data = json.loads(path.read_text())
+    return {(o["photo"], o["face"]): np.array(o["polygon"], np.float64)
+            for o in data["outlines"]}
+
+
 PHOTOS = ("astronaut", "grace_hopper", "group", "tom_hanks")
 
 
@@ -94,6 +89,7 @@ def main() -> int:
     parser.add_argument("--figure", type=Path, default=None,
                         help="write the masks figure here (e.g. docs/head_masks.png)")
     args = parser.parse_args()
+    outlines = load_outlines()
     tiles, rows = [], []
     for name, i, crop, points in faces_in_crops():
         shape = crop.shape[:2]
@@ -103,8 +99,8 @@ def main() -> int:
         mask = head.head_mask(points, shape, crop)
         seconds = time.process_time() - t0
         outline = None
-        if (name, i) in OUTLINES:
-            outline = polygon_mask(np.array(OUTLINES[name, i], np.float64), shape)
+        if (name, i) in outlines:
+            outline = polygon_mask(outlines[name, i], shape)
             rows.append((f"{name}[{i}]", scores(face, outline, face), scores(prior, outline, face),
                          scores(mask, outline, face), seconds))
         tiles.append(overlay(crop, mask, prior, face, outline))
