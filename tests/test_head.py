@@ -138,6 +138,17 @@ def test_cli_head_swap_is_bit_identical_outside_the_head_mask(pipe, photos, face
     assert (changed & ~face_mask).sum() > 2000  # hair beyond the face was repainted
 
 
+def test_a_checkpoint_from_before_the_region_option_defaults_to_the_face(pipe, tmp_path):
+    from diffswap_igfi.engines.diffusion import load_pipeline
+
+    pipe.save_pretrained(tmp_path / "ckpt")
+    index_file = tmp_path / "ckpt" / "model_index.json"
+    index = json.loads(index_file.read_text())
+    assert index.pop("region") == "face"
+    index_file.write_text(json.dumps(index))
+    assert load_pipeline(tmp_path / "ckpt").config.region == "face"
+
+
 def test_geometric_engine_refuses_a_head_swap_in_one_line(tmp_path, capsys):
     from diffswap_igfi.cli import main
     from diffswap_igfi.engines.factory import EngineOptions
