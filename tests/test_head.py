@@ -106,6 +106,31 @@ def test_pipeline_head_region_repaints_the_hair_and_keeps_the_rest(pipe, photos,
                                                & (head_out.alphas[0] > 0)).sum()
 
 
+def test_head_swaps_condition_clip_on_the_whole_source_crop(pipe, photos, faces):
+    from diffswap_igfi.sfi.conditioning import head_reference_tokens
+
+    builder = pipe.condition_builder()
+    source = Source(photos["grace_hopper"], faces["grace_hopper"][0])
+    target, face = photos["astronaut"].rgb, faces["astronaut"][0]
+    head_cond = builder.build(source.rgb, source.face, target, face, region="head")
+    face_cond = builder.build(source.rgb, source.face, target, face, region="face")
+    crop = builder.aligned(source.rgb, source.face).crop
+    whole, _ = pipe.clip_encoder.encode_uint8(crop[None], np.zeros((1, *crop.shape[:2]), bool))
+    # the same encoder on the same pixels: equal to the last bit by construction
+    assert np.array_equal(head_cond.clip_tokens, whole.detach().numpy()[0])
+    assert not np.allclose(face_cond.clip_tokens, head_cond.clip_tokens)
+
+    # training: head-masked rows take their source crop's tokens, the others keep theirs
+    tokens = torch.randn(3, *whole.shape[1:])
+    sources = torch.rand(3, 3, 64, 64) * 2 - 1
+    rows = torch.tensor([False, True, False])
+    mixed = head_reference_tokens(pipe.clip_encoder, tokens, sources, rows)
+    assert torch.equal(mixed[[0, 2]], tokens[[0, 2]])
+    assert torch.equal(mixed[1], pipe.clip_encoder(sources[1:2])[0][0])
+    assert head_reference_tokens(pipe.clip_encoder, tokens, sources, ~torch.ones(3, dtype=bool)
+                                 ) is tokens
+
+
 def _photo_mask(pipe, photos, faces, region):
     """The hard repaint mask of the CLI's swap (astronaut <- grace_hopper), in photo pixels."""
     builder = pipe.condition_builder()

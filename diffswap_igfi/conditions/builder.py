@@ -158,7 +158,9 @@ class ConditionBuilder:
 
         occlusion: [S,S] bool crop pixels to keep from the target (the occluder hook);
         region: what is repainted, ``face`` or ``head`` (face, hair and ears:
-        ``geometry.condition.aware_mask``).
+        ``geometry.condition.aware_mask``). CLIP sees the target's crop with the face blanked
+        for a face swap, and the source's whole crop for a head swap: the hair to paint is the
+        source's (as the SFI trainer does for head-masked samples, ``sfi.conditioning``).
         """
         src_fit, tgt_fit = self.fit(source_rgb, source_face), self.fit(target_rgb, target_face)
         aligned = self.aligned(target_rgb, target_face)
@@ -173,7 +175,10 @@ class ConditionBuilder:
                                     dilate=max(1, round(self.mask_dilate * size)),
                                     feather=max(1, round(self.mask_feather * size)),
                                     occlusion=occlusion, region=region, image=aligned.crop)
-        clip = self.clip(target_rgb, target_face, mask)
+        if region == "head":
+            clip = self.clip(source_rgb, source_face, np.zeros_like(mask))
+        else:
+            clip = self.clip(target_rgb, target_face, mask)
         return SwapConditions(aligned.crop, aligned.affine, aligned.inverse, tp, sp, heat, edges,
                               mask, soft, swapped, self.identity(source_rgb, source_face),
                               None if clip is None else clip[0],
