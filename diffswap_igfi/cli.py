@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "in (0, 1], running that fraction of the steps")
     swap.add_argument("--no-refine", action="store_true",
                       help="diffusion: skip the JR refinement stage even if the checkpoint has it")
+    swap.add_argument("--region", choices=["face", "head"], default=None,
+                      help="diffusion: repaint the face, or the head (face, hair, ears) "
+                           "(default: what the checkpoint was trained with)")
     swap.add_argument("--mix-source", nargs="+", metavar="PATH",
                       help="diffusion: photo(s) of a second identity to mix in (MFIM)")
     swap.add_argument("--mix-mode", choices=["blocks", "weighted"], default="blocks",
@@ -263,7 +266,7 @@ def _engine_options(args: argparse.Namespace, mix_sources=()):
                          seed=args.seed, device=args.device, warm_start=args.warm_start,
                          refine=not args.no_refine, mix_sources=tuple(mix_sources),
                          mix_mode=args.mix_mode, mix_weight=args.mix_weight,
-                         progress=not args.quiet)
+                         region=args.region, progress=not args.quiet)
 
 
 def _engine(args: argparse.Namespace, swapper=None):
@@ -302,6 +305,9 @@ _MODE_OPTIONS = [
     ("--warm-start", "warm_start", _diffusion, "it is a diffusion option (use --engine diffusion)"),
     ("--no-refine", "no_refine", _diffusion, "it is a diffusion option (use --engine diffusion)"),
     ("--mix-source", "mix_source", _diffusion, "it is a diffusion option (use --engine diffusion)"),
+    ("--region", "region", lambda a: _diffusion(a) or a.region == "face",
+     "the geometric engine moves the source's face-mesh texture, which cannot carry hair or "
+     "ears (a head swap needs --engine diffusion)"),
     ("--mix-mode", "mix_mode", lambda a: bool(a.mix_source),
      "it says how to mix the identity of --mix-source"),
     ("--mix-weight", "mix_weight", lambda a: bool(a.mix_source) and a.mix_mode == "weighted",

@@ -66,6 +66,7 @@ def test_help_still_prints_usage(capsys):
     (["--device", "cpu"], "--device has no effect"),
     (["--mix-mode", "weighted"], "--mix-mode has no effect"),
     (["--engine", "diffusion", "--blend", "poisson"], "--blend has no effect"),
+    (["--region", "head"], "cannot carry hair or ears"),
 ])
 def test_options_without_effect_are_refused(tmp_path, capsys, extra, needle):
     out = tmp_path / "o.png"

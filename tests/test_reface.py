@@ -161,6 +161,11 @@ def test_a_tiny_reface_checkpoint_converts_and_swaps_through_the_cli(tmp_path, p
     assert np.array_equal(written[outside], target[outside])
     assert not np.array_equal(written[~outside], target[~outside])
     assert verify_image(out).watermark.found
+    from diffswap_igfi.engines.diffusion import DiffusionEngine
+
+    assert DiffusionEngine(pipe, region="face").region is None  # REFace repaints the face
+    with pytest.raises(InputError, match="--region head needs a DiffSwap-IGFI checkpoint"):
+        DiffusionEngine(pipe, region="head")
     with pytest.raises(InputError, match="warm-start"):
         pipe(target, [(faces["astronaut"][0], Source(photos["grace_hopper"],
                                                      faces["grace_hopper"][0]))],

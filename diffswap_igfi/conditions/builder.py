@@ -152,10 +152,15 @@ class ConditionBuilder:
         return self._stage("clip", face, f"{_key('clip', self.clip_encoder)}/{digest}", compute)
 
     def build(self, source_rgb: np.ndarray, source_face: FaceRecord, target_rgb: np.ndarray,
-              target_face: FaceRecord, *, occlusion: np.ndarray | None = None) -> SwapConditions:
+              target_face: FaceRecord, *, occlusion: np.ndarray | None = None,
+              region: str = "face") -> SwapConditions:
         """Conditions for putting the source's identity on the target face.
 
-        occlusion: [S,S] bool crop pixels to keep from the target (the occluder hook).
+        occlusion: [S,S] bool crop pixels to keep from the target (the occluder hook);
+        region: what is repainted, ``face`` or ``head`` (face, hair and ears:
+        ``geometry.condition.aware_mask``). CLIP sees the target's crop with the face blanked
+        for a face swap, and the source's whole crop for a head swap: the hair to paint is the
+        source's (as the SFI trainer does for head-masked samples, ``sfi.conditioning``).
         """
         src_fit, tgt_fit = self.fit(source_rgb, source_face), self.fit(target_rgb, target_face)
         aligned = self.aligned(target_rgb, target_face)
@@ -169,8 +174,11 @@ class ConditionBuilder:
             mask, soft = aware_mask(tp, sp, (size, size),
                                     dilate=max(1, round(self.mask_dilate * size)),
                                     feather=max(1, round(self.mask_feather * size)),
-                                    occlusion=occlusion)
-        clip = self.clip(target_rgb, target_face, mask)
+                                    occlusion=occlusion, region=region, image=aligned.crop)
+        if region == "head":
+            clip = self.clip(source_rgb, source_face, np.zeros_like(mask))
+        else:
+            clip = self.clip(target_rgb, target_face, mask)
         return SwapConditions(aligned.crop, aligned.affine, aligned.inverse, tp, sp, heat, edges,
                               mask, soft, swapped, self.identity(source_rgb, source_face),
                               None if clip is None else clip[0],

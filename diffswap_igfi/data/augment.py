@@ -5,6 +5,8 @@
   rather than copy pixels: flip, small rotation/scale, blur, colour jitter, elastic warp.
 - ``shape_augment_mask`` / ``shuffle_region_mask``: the inpainting mask must not give away the
   target's face shape, and the model should also learn to inpaint single regions.
+- ``head_region_mask``: REFace-style mask shuffling towards head swaps: with some probability
+  the mask is the whole head (face, hair, ears; ``faces.head``) instead of the face.
 - ``condition_dropout``: which conditions to drop, for classifier-free guidance.
 
 Every function draws only from the ``np.random.Generator`` it is given, so a sample's
@@ -20,7 +22,7 @@ import cv2
 import numpy as np
 
 from diffswap_igfi.errors import ConfigError
-from diffswap_igfi.faces import masks, topology
+from diffswap_igfi.faces import head, masks, topology
 
 # Keypoint order after a horizontal flip: the image-left eye and mouth corner swap sides.
 FLIP_KPS_ORDER = (1, 0, 2, 4, 3)
@@ -41,6 +43,7 @@ class AugmentConfig:
     elastic: float = 0.1
     mask_shape: float = 0.5
     mask_shuffle: float = 0.2
+    mask_head: float = 0.0
     p_identity: float = 0.1
     p_clip: float = 0.05
     p_both: float = 0.05
@@ -189,6 +192,23 @@ def shuffle_region_mask(mask: np.ndarray, landmarks: np.ndarray, rng: np.random.
     regions = [r for name in chosen for r in REGION_GROUPS[name]]
     shuffled = masks.region_mask(np.asarray(landmarks, np.float64), mask.shape, regions)
     return masks.dilate(shuffled, max(1, mask.shape[0] // 64))
+
+
+def head_region_mask(crop: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator, *,
+                     p: float = 0.0) -> np.ndarray | None:
+    """With probability ``p``, the head mask of the crop (face, hair, ears: the mesh's head
+    prior refined on the crop, ``faces.head.head_mask``) dilated by S/64 px for context, as
+    the inference mask is; otherwise None (the caller keeps the face mask). No draw at all when
+    ``p`` is 0, so runs without head masks see the same random stream as before.
+
+    crop: [S,S,3] uint8 RGB; landmarks: [468,2] (or 478) crop pixels.
+    Returns [S,S] uint8 {0,255} or None.
+    """
+    if p <= 0 or rng.random() >= p:
+        return None
+    size = crop.shape[0]
+    mask = head.head_mask(np.asarray(landmarks, np.float64), crop.shape[:2], crop)
+    return masks.dilate(mask, max(1, size // 64))
 
 
 def condition_dropout(rng: np.random.Generator, *, p_identity: float = 0.1, p_clip: float = 0.05,

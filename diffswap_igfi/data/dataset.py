@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffswap_igfi.data.augment import (AugmentConfig, condition_dropout, reference_augment,
-                                        shape_augment_mask, shuffle_region_mask)
+from diffswap_igfi.data.augment import (AugmentConfig, condition_dropout, head_region_mask,
+                                        reference_augment, shape_augment_mask,
+                                        shuffle_region_mask)
 from diffswap_igfi.data.shards import ShardIndex
 from diffswap_igfi.errors import ConfigError
 from diffswap_igfi.faces.align import align_face
@@ -49,7 +50,8 @@ class SFIDataset(Dataset):
       mask [1,S,S] float {0,1} (1 = inpaint); geometry [7,S/f,S/f] float in [0,1] (landmark
       heatmaps of the target); kps [5,2] float32 target keypoints in crop pixels;
       identity [512] float (zeros when none was stored); has_identity, drop_identity,
-      drop_clip: bool scalars; index: int64 scalar (the stored sample's number).
+      drop_clip: bool scalars; head: bool scalar (the mask is the head mask,
+      ``augment.mask_head``); index: int64 scalar (the stored sample's number).
     """
 
     def __init__(self, data_dir: str | os.PathLike, *, latent_factor: int = 8, seed: int = 0,
@@ -106,6 +108,9 @@ class SFIDataset(Dataset):
         source_id = align_face(source, source_kps, ID_CROP_SIZE, "arcface").crop
         mask = shape_augment_mask(sample["mask"], landmarks, rng, p=cfg.mask_shape)
         mask = shuffle_region_mask(mask, landmarks, rng, p=cfg.mask_shuffle)
+        head = head_region_mask(crop, landmarks, rng, p=cfg.mask_head)
+        if head is not None:
+            mask = head
         drop_identity, drop_clip = condition_dropout(rng, p_identity=cfg.p_identity,
                                                      p_clip=cfg.p_clip, p_both=cfg.p_both)
         identity = sample.get("identity")
@@ -123,6 +128,7 @@ class SFIDataset(Dataset):
             "has_identity": torch.tensor(identity is not None),
             "drop_identity": torch.tensor(drop_identity),
             "drop_clip": torch.tensor(drop_clip),
+            "head": torch.tensor(head is not None),
             "index": torch.tensor(i, dtype=torch.int64),
         }
 

@@ -121,7 +121,8 @@ class DiffusionEngine:
     def __init__(self, pipe, *, steps: int | None = None, guidance: float | None = None,
                  seed: int = 0,
                  warm_start_strength: float | None = None, warm_engine=None,
-                 id_mix=None, progress: bool = True, refine: bool = True) -> None:
+                 id_mix=None, progress: bool = True, refine: bool = True,
+                 region: str | None = None) -> None:
         if warm_start_strength is not None and warm_engine is None:
             raise ValueError("a warm start needs the engine whose swap it starts from")
         self.pipe = pipe
@@ -130,6 +131,14 @@ class DiffusionEngine:
         self.warm_start_strength, self.warm_engine = warm_start_strength, warm_engine
         self.refine = refine
         self.id_mix = id_mix
+        # None: the checkpoint's own (DiffSwapIGFIPipeline.config.region); a pipeline without
+        # the option (REFace's) repaints the face only
+        self.region = region if "region" in getattr(pipe, "config", {}) else None
+        if region == "head" and self.region is None:
+            from diffswap_igfi.errors import InputError
+
+            raise InputError(f"--region head needs a DiffSwap-IGFI checkpoint; this "
+                             f"{type(pipe).__name__} repaints the face only")
 
     def swap_pairs(self, target: np.ndarray,
                    pairs: Sequence[tuple[FaceRecord, Source]]) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +151,8 @@ class DiffusionEngine:
             warm, _ = self.warm_engine.swap_pairs(target, pairs)
         # None: the checkpoint's own defaults (30 at 3.0 for ours, REFace's 50 at 3.5)
         chosen = {k: v for k, v in (("num_inference_steps", self.steps),
-                                    ("guidance_scale", self.guidance)) if v is not None}
+                                    ("guidance_scale", self.guidance),
+                                    ("region", self.region)) if v is not None}
         out = self.pipe(target, list(pairs), **chosen,
                         generator=torch.Generator().manual_seed(self.seed), image=warm,
                         strength=self.warm_start_strength or 1.0, id_mix=self.id_mix,

@@ -27,7 +27,9 @@ class EngineOptions:
     steps, guidance (None: the checkpoint's own defaults), seed, device, refine, progress: the
     diffusion engine. warm_start: a
     strength in (0, 1]: start diffusion from the geometric swap. mix_sources, mix_mode,
-    mix_weight: identity mixing (MFIM) with a second person's source faces.
+    mix_weight: identity mixing (MFIM) with a second person's source faces. region: what the
+    diffusion engine repaints, ``face`` or ``head`` (None: the checkpoint's own); the geometric
+    engine swaps faces only.
     """
 
     engine: str | None = None
@@ -48,6 +50,7 @@ class EngineOptions:
     mix_sources: Sequence[Source] = field(default_factory=tuple)
     mix_mode: str = "blocks"
     mix_weight: float = 0.5
+    region: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -55,7 +58,13 @@ class EngineOptions:
             raise InputError(f"unknown engine {self.engine!r}: choose from {', '.join(ENGINES)}")
         if self.blend not in BLENDS:
             raise InputError(f"unknown blend {self.blend!r}: choose from {', '.join(BLENDS)}")
+        if self.region not in (None, "face", "head"):
+            raise InputError(f"unknown region {self.region!r}: choose face or head")
         if self.name == "geometric":
+            if self.region == "head":
+                raise InputError("--region head needs --engine diffusion: the geometric engine "
+                                 "moves the source's face-mesh texture, which cannot carry hair "
+                                 "or ears")
             if (self.checkpoint or self.mix_sources or self.warm_start is not None
                     or not self.refine):
                 raise InputError("--checkpoint, --mix-source, --warm-start and --no-refine need "
@@ -103,4 +112,5 @@ def build_engine(options: EngineOptions) -> SwapEngine:
     return DiffusionEngine(pipe, steps=options.steps, guidance=options.guidance,
                            seed=options.seed, warm_start_strength=options.warm_start,
                            warm_engine=geometric if options.warm_start is not None else None,
-                           id_mix=id_mix, progress=options.progress, refine=options.refine)
+                           id_mix=id_mix, progress=options.progress, refine=options.refine,
+                           region=options.region)

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import cv2
 import numpy as np
 
-from diffswap_igfi.faces import masks, topology
+from diffswap_igfi.faces import head, masks, topology
 
 # Heatmap / edge-map channels, in order.
 MESH_REGIONS: dict[str, tuple[int, ...]] = {
@@ -98,17 +98,27 @@ def landmark_edge_map(points: np.ndarray, size: int, thickness: int = 1) -> np.n
 
 def aware_mask(target_points: np.ndarray, swapped_points: np.ndarray, shape: tuple[int, int],
                *, dilate: int = 8, feather: int = 6,
-               occlusion: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               occlusion: np.ndarray | None = None, region: str = "face",
+               image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The 3D-aware inpainting mask: hull of the target face U hull of the swapped face.
 
     target_points, swapped_points: [K,2] pixels (mesh or 68 points); shape: (H, W); dilate,
     feather: pixels; occlusion: [H,W] bool pixels to keep from the target (hands, glasses,
     hair from a parser), subtracted after dilation: the hook for occluder masks.
+    region "head" (mesh points only): the target's head (face, hair, ears; ``faces.head``,
+    refined on ``image`` [H,W,3] uint8, the target crop, when given) U the swapped face's
+    geometric head prior, instead of the two face hulls.
     Returns (hard [H,W] uint8 {0,255}, soft [H,W] float32 in [0,1], zero outside hard).
     """
-    face_idx = list(regions_for(len(target_points))["face"])
-    hard = masks.polygon_mask(np.asarray(target_points)[face_idx], shape, convex=True)
-    hard |= masks.polygon_mask(np.asarray(swapped_points)[face_idx], shape, convex=True)
+    if region == "head":
+        hard = head.head_mask(target_points, shape, image)
+        hard |= head.head_prior(swapped_points, shape)
+    elif region == "face":
+        face_idx = list(regions_for(len(target_points))["face"])
+        hard = masks.polygon_mask(np.asarray(target_points)[face_idx], shape, convex=True)
+        hard |= masks.polygon_mask(np.asarray(swapped_points)[face_idx], shape, convex=True)
+    else:
+        raise ValueError(f"unknown region {region!r}: choose from {', '.join(head.REGIONS)}")
     hard = masks.dilate(hard, dilate)
     if occlusion is not None:
         if occlusion.shape != tuple(shape):

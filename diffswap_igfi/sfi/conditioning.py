@@ -1,6 +1,7 @@
 """What the SFI UNet sees, written once for inference (``sfi.pipeline``) and training
 (``sfi.training``): the VAE latents of the target crop and of the crop with the face blanked,
-CLIP tokens of the blanked crop, and the UNet's input layout
+CLIP tokens of the blanked crop (of the whole source crop for head swaps), and the UNet's
+input layout
 ``cat([latents, mask, masked latents, geometry])`` with the cross-attention context."""
 
 from __future__ import annotations
@@ -41,6 +42,24 @@ def encode_crops(vae, clip_encoder, images: torch.Tensor, mask: torch.Tensor) ->
         tokens = clip_encoder(blanked.to(clip_encoder.dtype))[0]
     return EncodedCrops(latents, masked_latents,
                         latent_mask(mask.to(images), tuple(latents.shape[-2:])), tokens)
+
+
+def head_reference_tokens(clip_encoder, tokens: torch.Tensor, source: torch.Tensor,
+                          head: torch.Tensor) -> torch.Tensor:
+    """The CLIP tokens of a batch where some samples are head swaps: those take the tokens of
+    their whole source crop (the hair to paint is the source's: nothing of it is outside a
+    head mask), the others keep ``tokens`` (their target crop with the face blanked).
+
+    tokens: [B,T,D]; source: [B,3,S,S] float in [-1,1] source crops (in training, the
+    reference-augmented copy of the target); head: [B] bool. Returns [B,T,D] (``tokens``
+    itself when no sample is a head swap, so face-only runs compute nothing more).
+    """
+    if not bool(head.any()):
+        return tokens
+    rows = torch.nonzero(head.to(torch.bool)).flatten()
+    out = tokens.clone()
+    out[rows] = clip_encoder(source[rows].to(clip_encoder.dtype))[0].to(tokens)
+    return out
 
 
 @dataclass

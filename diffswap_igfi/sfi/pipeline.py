@@ -140,12 +140,13 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
                  identity_encoder: ArcFaceEncoderModel, clip_encoder: ClipVisionEncoderModel,
                  refiner: torch.nn.Module | None = None,
                  dictionary: torch.nn.Module | None = None, crop_size: int = 512,
-                 template: str = "ffhq") -> None:
+                 template: str = "ffhq", region: str = "face") -> None:
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, id_projector=id_projector,
                               clip_projector=clip_projector, identity_encoder=identity_encoder,
                               clip_encoder=clip_encoder, refiner=refiner, dictionary=dictionary)
-        self.register_to_config(crop_size=crop_size, template=template)
+        # region: what the model was trained to repaint (face | head), the default of __call__
+        self.register_to_config(crop_size=crop_size, template=template, region=region)
         for module in (vae, unet, id_projector, clip_projector, identity_encoder, clip_encoder,
                        refiner, dictionary):
             if module is not None:
@@ -196,6 +197,7 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
                  generator: torch.Generator | None = None,
                  image: np.ndarray | list[np.ndarray] | None = None, strength: float = 1.0,
                  id_mix: IdMix | None = None, refine: bool = True, residual_seed: int = 0,
+                 region: str | None = None,
                  return_dict: bool = True) -> DiffSwapIGFIOutput | tuple:
         """Swap identities onto already-detected faces of one or more target photos.
 
@@ -207,7 +209,8 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         crop noised to ``strength`` and runs that fraction of the steps; ``strength`` < 1
         without it is refused. refine: run JR after SFI when the pipeline has a refiner (its
         self-swap for the residual map is seeded with ``residual_seed``); the crops are then at
-        the refiner's resolution.
+        the refiner's resolution. region: ``face`` or ``head`` (face, hair and ears repainted;
+        ``faces.head``); None: what the checkpoint was trained with (``config.region``).
         """
         start = time.perf_counter()
         stats = SwapStats()
@@ -220,11 +223,12 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         if strength < 1.0 and warm_photos is None:
             raise ValueError("strength < 1 needs a warm_start image (image=)")
         builder = self.condition_builder()
+        region = region or self.config.get("region", "face")
 
         # 1. per target face: its source, aligned crop, swapped geometry, 3D-aware mask and
         # the identity and CLIP conditions (computed once per face, cached on the records)
         jobs = [FaceJob(t, face, src.rgb, src.face,
-                        builder.build(src.rgb, src.face, targets[t], face))
+                        builder.build(src.rgb, src.face, targets[t], face, region=region))
                 for t, pairs in enumerate(per_photo) for face, src in pairs]
         if not jobs:
             raise ValueError("no face to swap: pass at least one (face, source) pair")
@@ -258,7 +262,7 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         if refine and self.refiner is not None:
             out_crops, soft_np, inverses, residual = self._refine(
                 builder, jobs, targets, prepared, out_crops, embeds, num_inference_steps,
-                guidance_scale, residual_seed, stats)
+                guidance_scale, residual_seed, stats, region)
 
         # 4. paste back: pixels outside the feathered mask stay the target's
         images = [p.copy() for p in targets]
@@ -362,7 +366,7 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         return Sampled(crops, stats)
 
     def _refine(self, builder, jobs, targets, prepared, swaps, embeds, steps, guidance_scale,
-                residual_seed, stats):
+                residual_seed, stats, region="face"):
         """JR: refine the SFI swaps with the self-swap residual map, at the refiner's scale.
 
         The residual dX = target - SFI(target, target) comes from a real self-swap of this same
@@ -374,7 +378,8 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         # a true self-swap: each face's own identity, own geometry and own mask
         own = torch.stack([self._identity(builder, [(targets[j.photo], j.face)]) for j in jobs])
         self_jobs = [FaceJob(j.photo, j.face, targets[j.photo], j.face,
-                             builder.build(targets[j.photo], j.face, targets[j.photo], j.face))
+                             builder.build(targets[j.photo], j.face, targets[j.photo], j.face,
+                                           region=region))
                      for j in jobs]
         self_prepared = self.prepare_jobs(self_jobs)
         stats.vae_seconds += self_prepared.vae_seconds

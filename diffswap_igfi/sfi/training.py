@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from diffswap_igfi.data.validation import validation_pair
-from diffswap_igfi.sfi.conditioning import UNetConditions, encode_crops
+from diffswap_igfi.sfi.conditioning import UNetConditions, encode_crops, head_reference_tokens
 from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
 from diffswap_igfi.training.config import SFIConfig
 from diffswap_igfi.training.logs import image_grid
@@ -50,6 +50,7 @@ def build_sfi_pipeline(config: SFIConfig) -> DiffSwapIGFIPipeline:
                           f"it was trained")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,
                                                prediction_type=m.prediction_type or base)
+    pipe.register_to_config(region=m.region)  # inference repaints what training masked
     return pipe
 
 
@@ -104,9 +105,12 @@ class SFITrainable(torch.nn.Module):
 
         batch: SFIDataset samples (target [B,3,S,S] and source_id [B,3,112,112] in [-1,1],
         mask [B,1,S,S], geometry [B,7,s,s], kps [B,5,2], identity [B,512], has_identity,
-        drop_identity, drop_clip). noise_seed: a [1] int64 tensor seeding this step's noise and
-        timesteps, so a resumed run draws exactly what the uninterrupted one drew.
-        Returns {"loss", "diffusion", "identity"} scalars (identity 0 when disabled).
+        drop_identity, drop_clip; source [B,3,S,S] and head [B] bool: head-masked samples take
+        CLIP tokens of their whole source crop, ``head_reference_tokens``). noise_seed: a [1]
+        int64 tensor seeding this step's noise and timesteps, so a resumed run draws exactly
+        what the uninterrupted one drew.
+        Returns {"loss", "diffusion", "identity"} scalars (identity 0 when disabled), and
+        "head_share" (the share of head masks in the batch) when ``augment.mask_head`` is on.
         """
         from diffswap_igfi.sfi.losses import (diffusion_loss, diffusion_target,
                                               midpoint_identity_loss)
@@ -117,6 +121,10 @@ class SFITrainable(torch.nn.Module):
         generator = torch.Generator().manual_seed(int(noise_seed.item()))
         with torch.no_grad():
             encoded = encode_crops(frozen.vae, frozen.clip_encoder, target, mask)
+            clip_tokens = encoded.clip_tokens
+            if "head" in batch:  # head-masked samples (augment.mask_head) see the source's hair
+                clip_tokens = head_reference_tokens(frozen.clip_encoder, clip_tokens,
+                                                    batch["source"], batch["head"])
             computed = frozen.identity_encoder(batch["source_id"])
             has = batch["has_identity"].to(device).bool()[:, None]
             source_embeds = torch.where(has, F.normalize(batch["identity"].to(dtype), dim=-1),
@@ -128,7 +136,7 @@ class SFITrainable(torch.nn.Module):
         noisy = scheduler.add_noise(latents, noise, timesteps)
         drop_id = batch["drop_identity"].bool()
         context = torch.cat([self.id_projector(source_embeds, drop=drop_id),
-                             self.clip_projector(encoded.clip_tokens,
+                             self.clip_projector(clip_tokens,
                                                  drop=batch["drop_clip"].bool())], dim=1)
         conditions = UNetConditions(encoded.mask, encoded.masked_latents, batch["geometry"],
                                     context)
@@ -151,7 +159,8 @@ class SFITrainable(torch.nn.Module):
                 id_loss=self.id_loss, mask=mask[rows], target=target[rows],
                 t_range=(config.loss.id_t_min, config.loss.id_t_max))
         total = diffusion + config.loss.id_weight * identity
-        return {"loss": total, "diffusion": diffusion.detach(), "identity": identity.detach()}
+        return {"loss": total, "diffusion": diffusion.detach(), "identity": identity.detach(),
+                **region_metrics(batch, config)}
 
     def _identity_rows(self, timesteps: torch.Tensor, dropped: torch.Tensor):
         """Samples that get the identity loss this step: conditioned on identity, t in the
@@ -166,6 +175,14 @@ class SFITrainable(torch.nn.Module):
             return None
         keep = max(1, int(loss.id_fraction * len(timesteps)))
         return rows[:keep]
+
+
+def region_metrics(batch: dict, config: SFIConfig) -> dict:
+    """{"head_share": share of the batch's samples masked to the whole head} when training
+    with head masks (``augment.mask_head`` > 0), else {}."""
+    if float(config.augment.get("mask_head", 0)) <= 0:
+        return {}
+    return {"head_share": batch["head"].float().mean()}
 
 
 @torch.no_grad()

@@ -29,6 +29,9 @@ class ModelConfig:
     prediction_type: str | None = None
     id_tokens: int = 4
     clip_tokens: int = 4
+    # what the exported pipeline repaints by default (face | head); head needs head masks in
+    # training: augment.mask_head, the share of samples whose mask is the whole head
+    region: str = "face"
 
 
 @dataclass
@@ -127,6 +130,11 @@ class SFIConfig:
              f"train.train_modules may list unet, id_projector, clip_projector; got "
              f"{self.train.train_modules}"),
             *common_checks(self),
+            (self.model.region in ("face", "head"),
+             f"model.region must be face or head, got {self.model.region!r}"),
+            (self.model.region != "head" or float(self.augment.get("mask_head", 0)) > 0,
+             "model.region head needs head masks in training: set augment.mask_head, the share "
+             "of samples masked to the whole head (e.g. 0.5)"),
             (0.0 < self.loss.id_fraction <= 1.0,
              f"loss.id_fraction must be in (0, 1], got {self.loss.id_fraction}"),
             (0 <= self.loss.id_t_min < self.loss.id_t_max,
