@@ -216,6 +216,8 @@ class TrainLoop:
             before, yielded = self.step_count, 0
             for batch in batches:
                 seed = noise_seed(t.seed, self.step_count, self._micro, acc.process_index)
+                if t.log_samples:
+                    self._log_samples(batch, epoch)
                 consumed += 1
                 yielded += 1
                 yield batch, torch.tensor([seed])
@@ -239,6 +241,19 @@ class TrainLoop:
         self.dataset.set_epoch(epoch)
         self.loader.set_epoch(epoch)
         return self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+
+    def _log_samples(self, batch: dict, epoch: int) -> None:
+        """One line per micro-batch: the step it feeds, its epoch and a digest of each target
+        crop (the stored sample; augmentations touch the source only)."""
+        import json
+
+        crops = batch["target"].detach().cpu().contiguous()
+        digests = [hashlib.sha256(c.numpy().tobytes()).hexdigest()[:16] for c in crops]
+        record = {"step": self.step_count + 1, "micro": self._micro, "epoch": epoch,
+                  "samples": digests}
+        path = self.run_dir / f"samples-rank{self.accelerator.process_index}.jsonl"
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def step(self, model: torch.nn.Module, batch: dict, seed: torch.Tensor) -> bool:
         """Forward, backward and (every accumulation cycle) an optimizer step with its
