@@ -77,7 +77,8 @@ class TrainLoop:
                 num_steps=train.gradient_accumulation_steps, sync_with_dataloader=False),
             log_with="tensorboard", project_dir=str(self.run_dir),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
+                             *self._process_group_kwargs()])
         if note:
             self.accelerator.print(note)
         set_seed(train.seed)
@@ -85,6 +86,18 @@ class TrainLoop:
         self.step_count = 0
         self._micro = 0
         self._last: dict = {}
+
+    @staticmethod
+    def _process_group_kwargs() -> list:
+        """DeepSpeed without CUDA: accelerate finds no backend, lets DeepSpeed form a gloo group
+        of every process, yet records a world of one (every rank thought it was rank 0 of 1,
+        read the whole data set, and DeepSpeed refused its batch size). Naming gloo makes
+        accelerate take ranks and world size from that group."""
+        from accelerate import InitProcessGroupKwargs
+
+        if using_deepspeed() and not torch.cuda.is_available():
+            return [InitProcessGroupKwargs(backend="gloo")]
+        return []
 
     @property
     def deepspeed(self) -> bool:
@@ -252,6 +265,7 @@ class TrainLoop:
         record = {"step": self.step_count + 1, "micro": self._micro, "epoch": epoch,
                   "samples": digests}
         path = self.run_dir / f"samples-rank{self.accelerator.process_index}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)  # the main process may not have yet
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
