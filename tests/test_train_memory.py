@@ -17,6 +17,7 @@ from diffswap_igfi.training.mmap_load import (WeightsMismatch, empty_module, fil
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc/self/maps")
 
+TINY_ARCFACE = (1, 1, 1, 1)  # iresnet stage depths (width 64, as arcface_torch's)
 TINY_CLIP = "diffswap-test-mmap-vit"
 TINY_CLIP_CFG = {
     "embed_dim": 32,
@@ -43,28 +44,35 @@ def sources(tmp_path_factory):
     torch.manual_seed(0)
     clip = open_clip.create_model(TINY_CLIP)
     torch.save(clip.state_dict(), root / "clip.bin")
-    return folder, root / "clip.bin"
+    from safetensors.torch import save_file
+
+    from diffswap_igfi.conditions.iresnet import IResNet
+
+    # an arcface_torch-style file without BatchNorm's counters (as released backbones are)
+    state = IResNet(TINY_ARCFACE).state_dict()
+    save_file({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")},
+              root / "arcface.safetensors")
+    return folder, root / "clip.bin", root / "arcface.safetensors"
 
 
 def _pipeline(sources, monkeypatch, mmap: bool):
-    from diffswap_igfi.conditions.identity import ArcFaceEncoderModel
+    from diffswap_igfi.conditions import iresnet
     from diffswap_igfi.sfi.build import pipeline_from_sd_inpaint
 
-    # ArcFace is not part of this mechanism (a small file loaded the usual way)
-    monkeypatch.setattr(ArcFaceEncoderModel, "from_file",
-                        classmethod(lambda cls, *a: cls(layers=(1, 1, 1, 1), width=8)))
-    folder, clip = sources
+    monkeypatch.setitem(iresnet.ARCHS, "tiny-test", TINY_ARCFACE)  # r18 would be 96 MB
+    folder, clip, arcface = sources
     torch.manual_seed(0)
-    return pipeline_from_sd_inpaint(folder, arcface="unused", clip_model=TINY_CLIP,
-                                    clip_weights=clip, crop_size=64, mmap=mmap)
+    return pipeline_from_sd_inpaint(folder, arcface=arcface, arcface_arch="tiny-test",
+                                    clip_model=TINY_CLIP, clip_weights=clip, crop_size=64,
+                                    mmap=mmap)
 
 
 def test_sd_pipeline_weights_are_file_backed_and_equal_to_the_copying_build(sources,
                                                                             monkeypatch):
-    folder, clip_file = sources
+    folder, clip_file, arcface_file = sources
     mapped = _pipeline(sources, monkeypatch, mmap=True)
     copied = _pipeline(sources, monkeypatch, mmap=False)
-    for name in ("unet", "vae", "clip_encoder"):
+    for name in ("unet", "vae", "clip_encoder", "identity_encoder"):
         a, b = getattr(mapped, name).state_dict(), getattr(copied, name).state_dict()
         assert a.keys() == b.keys(), name
         for key in a:  # the same file's tensors, copied or not: equal to the bit
@@ -78,7 +86,9 @@ def test_sd_pipeline_weights_are_file_backed_and_equal_to_the_copying_build(sour
     # copied) used to be private copies
     assert file_backed_share(mapped.vae, vae_file) == file_backed_share(copied.vae) == 1.0
     assert file_backed_share(mapped.clip_encoder, clip_file) == 1.0
-    assert file_backed_share(copied.unet) == file_backed_share(copied.clip_encoder) == 0.0
+    assert file_backed_share(mapped.identity_encoder, arcface_file) == 1.0
+    assert (file_backed_share(copied.unet) == file_backed_share(copied.clip_encoder)
+            == file_backed_share(copied.identity_encoder) == 0.0)
     # every UNet tensor but conv_in's weight (widened by the geometry channels: a new tensor)
     widened = mapped.unet.conv_in.weight
     share = file_backed_share(mapped.unet, unet_file)
@@ -86,8 +96,10 @@ def test_sd_pipeline_weights_are_file_backed_and_equal_to_the_copying_build(sour
     assert share == pytest.approx(1 - widened.numel() / total, abs=1e-12)
     assert not mapped.unet.conv_in.weight[:, 9:].any()
     assert all(p.requires_grad for p in mapped.unet.parameters())
-    assert not any(p.requires_grad for p in mapped.clip_encoder.parameters())
-    for name in ("unet", "vae", "clip_encoder"):
+    for name in ("clip_encoder", "identity_encoder"):
+        assert not any(p.requires_grad for p in getattr(mapped, name).parameters()), name
+    assert not mapped.identity_encoder.train().training  # frozen: stays in eval
+    for name in ("unet", "vae", "clip_encoder", "identity_encoder"):
         module = getattr(mapped, name)
         assert not any(t.is_meta for t in [*module.parameters(), *module.buffers()]), name
 
@@ -97,7 +109,7 @@ def test_training_a_mapped_unet_matches_the_copied_one_and_never_writes_the_file
     from diffswap_igfi.sfi.build import _mmap_sd_unet
     from diffswap_igfi.sfi.unet import sfi_unet_from_sd_inpaint
 
-    folder, _ = sources
+    folder = sources[0]
     unet_file = folder / "unet" / "diffusion_pytorch_model.safetensors"
     before = _sha(unet_file)
     losses = {}

@@ -103,8 +103,7 @@ def _assemble(path: Path, unet, *, arcface, clip_model, clip_weights, crop_size,
         id_projector=IdentityTokenProjector(num_tokens=id_tokens, cross_attention_dim=dim),
         clip_projector=ClipTokenProjector(clip_dim=clip.token_dim, num_tokens=clip_tokens,
                                           cross_attention_dim=dim),
-        identity_encoder=ArcFaceEncoderModel.from_file(arcface, arcface_arch),
-        clip_encoder=clip,
+        identity_encoder=_arcface(arcface, arcface_arch, mmap), clip_encoder=clip,
         crop_size=crop_size)
 
 
@@ -160,6 +159,46 @@ def _mmap_sd_unet(path: Path):
     return None if unet is None else unet.train()  # as from_config leaves it
 
 
+def _unwrapped(state):
+    """The weights of a checkpoint: a training checkpoint's ``state_dict`` entry, without the
+    ``module.`` prefix DistributedDataParallel adds. None stays None."""
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _arcface(weights: str | Path, arch: str, mmap: bool) -> ArcFaceEncoderModel:
+    """``ArcFaceEncoderModel.from_file(weights, arch)``; with ``mmap``, built on the meta device
+    from the memory-mapped tensors of a safetensors or torch zip file (BatchNorm's
+    ``num_batches_tracked`` counters may be absent, as ``load_iresnet`` allows). Files that do
+    not fit take ``from_file``, which names the problem."""
+    from diffswap_igfi.conditions.iresnet import ARCHS, read_state_dict
+    from diffswap_igfi.training.mmap_load import (WeightsMismatch, empty_module, fill,
+                                                  mmap_state_dict)
+
+    path = Path(weights).expanduser()
+    if mmap and arch in ARCHS and path.is_file():
+        try:
+            state = (read_state_dict(path) if path.suffix == ".safetensors"  # mapped already
+                     else mmap_state_dict(path))
+        except Exception:  # not a zip/safetensors state dict: from_file says what it is
+            state = None
+        state = _unwrapped(state)
+        if state:
+            model = empty_module(lambda: ArcFaceEncoderModel(layers=ARCHS[arch]))
+            state = {f"backbone.{k}": v for k, v in state.items()}
+            for key, counter in model.state_dict().items():
+                if key.endswith("num_batches_tracked"):
+                    state.setdefault(key, counter)
+            try:
+                return fill(model, state, torch.float32)
+            except WeightsMismatch:
+                pass
+    return ArcFaceEncoderModel.from_file(weights, arch)
+
+
 def _mmap_clip(model_name: str, weights: str | Path):
     """``ClipVisionEncoderModel.from_open_clip`` from the memory-mapped image-tower tensors of an
     open_clip checkpoint (``visual.*`` keys of a safetensors or torch zip file); None when the
@@ -180,10 +219,7 @@ def _mmap_clip(model_name: str, weights: str | Path):
         state = mmap_state_dict(path)
     except Exception:  # a legacy (non-zip) torch file or an unreadable one
         return None
-    if isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = _unwrapped(state)
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     preprocess = {**asdict(PreprocessCfg()), **cfg.get("preprocess_cfg", {})}
     model = empty_module(lambda: ClipVisionEncoderModel(
