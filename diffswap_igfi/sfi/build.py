@@ -50,11 +50,12 @@ def pipeline_from_sd_inpaint(folder: str | Path, *, arcface: str | Path, clip_mo
     geometry channels), VAE and scheduler, our ArcFace and CLIP encoders from local weights, and
     new projectors. Train it (train/train_sfi.py) before expecting swaps.
 
-    mmap: the UNet and the CLIP tower are built on the meta device and given the memory-mapped
-    tensors of their safetensors/torch-zip files (``training.mmap_load``; diffusers does the
-    same for the VAE): no random init, no private copy, pages shared by the processes of a node
-    (bench/bench_startup_memory.py). The weights are the same to the bit; files in another
-    format (a ``.bin`` UNet, a CLIP checkpoint open_clip must convert) take the copying path."""
+    mmap: the UNet, the CLIP tower and ArcFace are built on the meta device and given the
+    memory-mapped tensors of their safetensors/torch-zip files (``training.mmap_load``;
+    diffusers does the same for the VAE): no random init, no private copy, pages shared by the
+    processes of a node (bench/bench_startup_memory.py). The weights are the same to the bit;
+    files in another format (a ``.bin`` UNet, a CLIP checkpoint open_clip must convert) take
+    the copying path."""
     path = _sd_folder(folder, "pass a Stable Diffusion inpainting model folder")
     unet = _mmap_sd_unet(path) if mmap else None
     if unet is None:

@@ -1,8 +1,8 @@
 """Start-up memory: models built without weights and filled from memory-mapped files.
 
 Every training process builds the whole pipeline before moving it to its GPU. Built the usual
-way (random init, then a copy of the checkpoint into it) that is ~8 GB of private host memory
-per process for SD-1.5 inpainting with a ViT-L CLIP, 64 GB on an 8-GPU node. Here a module is
+way (random init, then a copy of the checkpoint into it) that is ~7.5 GB of host memory per
+process for SD-1.5 inpainting with a ViT-L CLIP (peak RSS, measured), 60 GB on an 8-GPU node. Here a module is
 created on the meta device (no memory, no random init), and its parameters become the tensors
 of a memory-mapped safetensors (or torch zip) file: their pages belong to the page cache, are
 read on first touch and shared by every process of the node that maps the same file, until
