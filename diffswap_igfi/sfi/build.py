@@ -118,46 +118,34 @@ def _weights_file(folder: Path) -> Path | None:
     return None
 
 
-def _mmap_diffusers(cls, folder: Path, edit=None):
-    """``cls`` (a diffusers model) from ``folder`` with memory-mapped fp32 weights, in eval mode
-    like ``from_pretrained``; ``edit(config, state)`` may change both first. None when the folder
-    has no safetensors file or its keys do not fit the class: ``from_pretrained`` then converts
-    them."""
-    from diffswap_igfi.training.mmap_load import (WeightsMismatch, empty_module, fill,
-                                                  mmap_state_dict)
-
-    weights = _weights_file(folder)
-    if weights is None or not (folder / "config.json").is_file():
-        return None
-    config, state = dict(cls.load_config(folder)), mmap_state_dict(weights)
-    if edit is not None:
-        config, state = edit(config, state)
-    try:
-        return fill(empty_module(lambda: cls.from_config(config)), state, torch.float32).eval()
-    except WeightsMismatch:
-        return None
-
-
 def _mmap_sd_unet(path: Path):
     """``sfi_unet_from_sd_inpaint(path)`` without a private copy of the weights: the same
-    tensors to the bit (conv_in, widened with zeros, is the one new tensor); None when the
-    folder needs the copying path."""
+    tensors to the bit, in fp32 (conv_in, widened with zero geometry channels, is the one new
+    tensor). None when the folder needs the copying path: no safetensors file, or keys that
+    ``from_pretrained`` must convert (old attention names), or a conv_in it refuses."""
     from diffusers import UNet2DConditionModel
 
     from diffswap_igfi.sfi.unet import sfi_in_channels
+    from diffswap_igfi.training.mmap_load import (WeightsMismatch, empty_module, fill,
+                                                  mmap_state_dict)
 
-    in_channels = sfi_in_channels()
-
-    def widen(config, state):
-        old = state.get("conv_in.weight")
-        if old is None or old.shape[1] > in_channels:
-            return config, state  # the copying path names the problem
-        weight = torch.zeros(old.shape[0], in_channels, *old.shape[2:], dtype=torch.float32)
-        weight[:, : old.shape[1]] = old
-        return {**config, "in_channels": in_channels}, {**state, "conv_in.weight": weight}
-
-    unet = _mmap_diffusers(UNet2DConditionModel, path / "unet", widen)
-    return None if unet is None else unet.train()  # as from_config leaves it
+    folder = path / "unet"
+    weights = _weights_file(folder)
+    if weights is None or not (folder / "config.json").is_file():
+        return None
+    state = mmap_state_dict(weights)
+    old, in_channels = state.get("conv_in.weight"), sfi_in_channels()
+    if old is None or old.shape[1] > in_channels:
+        return None
+    weight = torch.zeros(old.shape[0], in_channels, *old.shape[2:], dtype=torch.float32)
+    weight[:, : old.shape[1]] = old
+    config = {**UNet2DConditionModel.load_config(folder), "in_channels": in_channels}
+    try:
+        # train mode, as from_config leaves the copying path's UNet
+        return fill(empty_module(lambda: UNet2DConditionModel.from_config(config)),
+                    {**state, "conv_in.weight": weight}, torch.float32)
+    except WeightsMismatch:
+        return None
 
 
 def _unwrapped(state):
