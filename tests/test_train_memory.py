@@ -1,6 +1,6 @@
-"""Start-up memory of the SD-based pipeline: UNet, VAE and CLIP tower are built on the meta device
-and take the memory-mapped tensors of their files (training/mmap_load.py), instead of a random
-init plus a private copy per process. Same weights, same training, file never written.
+"""Start-up memory of the SD-based pipeline: UNet, CLIP tower and ArcFace are built on the meta
+device and take the memory-mapped tensors of their files (training/mmap_load.py; diffusers maps
+the VAE), instead of a random init plus a private copy per process. Same weights, same training, file never written.
 ``bench/bench_startup_memory.py`` measures the saving at SD-1.5 size with 2 processes."""
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def _sha(path) -> str:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """A tiny SD-inpainting folder and a tiny open_clip checkpoint (whole model, torch zip)."""
+    """A tiny SD-inpainting folder, a tiny open_clip checkpoint (whole model, torch zip) and a
+    small iresnet ArcFace (safetensors)."""
     import open_clip
     from tiny_models import make_tiny_sd_inpaint_folder
 
