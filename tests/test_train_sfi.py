@@ -289,3 +289,55 @@ def test_streaming_reader_trains_across_epochs_and_resumes_exactly(tmp_path, dat
     assert sorted(a) == [1, 2, 3, 4, 5] and sorted(b) == [4, 5]
     for step in (4, 5):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+@pytest.mark.slow
+def test_two_processes_two_workers_stream_disjoint_samples_and_resume_exactly(
+        tmp_path, tmp_path_factory):
+    """train.data_reader: stream with 2 processes x 2 DataLoader workers (4 readers) over 5
+    shards: in every epoch the two processes' samples are disjoint, and a run resumed from the
+    step-3 checkpoint (mid-epoch) sees the same samples and losses as the straight run."""
+    import shutil
+
+    from diffswap_igfi.cli import main
+    from diffswap_igfi.data.preprocess import preprocess
+
+    faces = tmp_path_factory.mktemp("faces-shards")
+    assert main(["samples", str(faces)]) == 0
+    data = tmp_path / "data"
+    preprocess(faces, data, crop_size=64, max_faces=6, shard_size=1, progress=False)
+    config = _config(tmp_path, **{"train.data_reader": "stream", "train.shuffle_buffer": 2,
+                                  "train.batch_size": 2, "train.num_workers": 2,
+                                  "train.checkpoint_every": 3, "train.validation_every": 1000,
+                                  "train.log_samples": True})
+    common = ["--config", str(config), "--data", str(data), "--max-steps", "5"]
+    straight = tmp_path / "straight"
+    proc = _train(common + ["--output", str(straight)], launcher=launcher(2), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def seen(run: Path, rank: int) -> list[dict]:
+        lines = (run / f"samples-rank{rank}.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    logs = [seen(straight, r) for r in (0, 1)]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2, 3, 4, 5]
+    epochs = {r["epoch"] for r in logs[0]}
+    assert len(epochs) >= 2  # the run crossed an epoch boundary
+    for epoch in epochs:
+        ours, theirs = ({s for r in log if r["epoch"] == epoch for s in r["samples"]}
+                        for log in logs)
+        assert ours and theirs and not ours & theirs, epoch
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "checkpoint-00000003",
+                    resumed / "checkpoints" / "checkpoint-00000003")
+    proc = _train(common + ["--output", str(resumed), "--resume", "latest"],
+                  launcher=launcher(2), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        again = seen(resumed, rank)
+        assert [r["step"] for r in again] == [4, 5]
+        assert again == [r for r in logs[rank] if r["step"] > 3], rank
+    a, b = _losses(straight), _losses(resumed)
+    for step in (4, 5):
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])

@@ -34,13 +34,15 @@ def build_sfi_pipeline(config: SFIConfig) -> DiffSwapIGFIPipeline:
 
         pipe = pipeline_from_sd_inpaint(m.sd_inpaint, arcface=m.arcface, clip_model=m.clip_model,
                                         clip_weights=m.clip_weights, crop_size=m.crop_size,
-                                        id_tokens=m.id_tokens, clip_tokens=m.clip_tokens)
+                                        id_tokens=m.id_tokens, clip_tokens=m.clip_tokens,
+                                        arcface_arch=m.arcface_arch)
     else:
         from diffswap_igfi.sfi.build import pipeline_from_scratch
 
         pipe = pipeline_from_scratch(m.sd_inpaint, arcface=m.arcface, clip_model=m.clip_model,
                                      clip_weights=m.clip_weights, crop_size=m.crop_size,
-                                     id_tokens=m.id_tokens, clip_tokens=m.clip_tokens)
+                                     id_tokens=m.id_tokens, clip_tokens=m.clip_tokens,
+                                     arcface_arch=m.arcface_arch)
     base = pipe.scheduler.config.prediction_type
     if m.kind == "sd_inpaint" and m.prediction_type not in (None, base):
         from diffswap_igfi.errors import ConfigError

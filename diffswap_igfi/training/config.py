@@ -62,6 +62,9 @@ class RunConfig:
     keep_checkpoints: int = 3
     validation_every: int = 500
     log_every: int = 1
+    # each process writes a digest of every batch's target crops to RUN_DIR/samples-rankR.jsonl
+    # (to check which samples each process and epoch saw; tests, data debugging)
+    log_samples: bool = False
     train_modules: list[str] = field(default_factory=lambda: ["unet", "id_projector",
                                                               "clip_projector"])
 

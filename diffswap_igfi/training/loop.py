@@ -77,7 +77,8 @@ class TrainLoop:
                 num_steps=train.gradient_accumulation_steps, sync_with_dataloader=False),
             log_with="tensorboard", project_dir=str(self.run_dir),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
+                             *self._process_group_kwargs()])
         if note:
             self.accelerator.print(note)
         set_seed(train.seed)
@@ -85,6 +86,18 @@ class TrainLoop:
         self.step_count = 0
         self._micro = 0
         self._last: dict = {}
+
+    @staticmethod
+    def _process_group_kwargs() -> list:
+        """DeepSpeed without CUDA: accelerate finds no backend, lets DeepSpeed form a gloo group
+        of every process, yet records a world of one (every rank thought it was rank 0 of 1,
+        read the whole data set, and DeepSpeed refused its batch size). Naming gloo makes
+        accelerate take ranks and world size from that group."""
+        from accelerate import InitProcessGroupKwargs
+
+        if using_deepspeed() and not torch.cuda.is_available():
+            return [InitProcessGroupKwargs(backend="gloo")]
+        return []
 
     @property
     def deepspeed(self) -> bool:
@@ -216,6 +229,8 @@ class TrainLoop:
             before, yielded = self.step_count, 0
             for batch in batches:
                 seed = noise_seed(t.seed, self.step_count, self._micro, acc.process_index)
+                if t.log_samples:
+                    self._log_samples(batch, epoch)
                 consumed += 1
                 yielded += 1
                 yield batch, torch.tensor([seed])
@@ -239,6 +254,20 @@ class TrainLoop:
         self.dataset.set_epoch(epoch)
         self.loader.set_epoch(epoch)
         return self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+
+    def _log_samples(self, batch: dict, epoch: int) -> None:
+        """One line per micro-batch: the step it feeds, its epoch and a digest of each target
+        crop (the stored sample; augmentations touch the source only)."""
+        import json
+
+        crops = batch["target"].detach().cpu().contiguous()
+        digests = [hashlib.sha256(c.numpy().tobytes()).hexdigest()[:16] for c in crops]
+        record = {"step": self.step_count + 1, "micro": self._micro, "epoch": epoch,
+                  "samples": digests}
+        path = self.run_dir / f"samples-rank{self.accelerator.process_index}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)  # the main process may not have yet
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def step(self, model: torch.nn.Module, batch: dict, seed: torch.Tensor) -> bool:
         """Forward, backward and (every accumulation cycle) an optimizer step with its
