@@ -56,7 +56,30 @@ def swap_face_bounded(swapper: Swapper, rgb: np.ndarray, face: FaceRecord, sourc
     result = swapper.swap_pairs(np.ascontiguousarray(small), [(local, source)])
     if (sh, sw) == (h, w):
         return result.image, result.alpha, box
-    up = cv2.resize(result.image, (w, h), interpolation=cv2.INTER_LINEAR)
-    alpha = np.clip(cv2.resize(result.alpha, (w, h), interpolation=cv2.INTER_LINEAR), 0, 1)
-    alpha[alpha < 1e-3] = 0.0  # interpolation tails: keep untouched pixels exact
-    return composite(up.astype(np.float32), crop, alpha), alpha, box
+    # Only the part where the small alpha is > 0 is scaled back up and composited (the rest of
+    # the crop is untouched anyway): frame pixel p sits at small pixel (p + 0.5) * s - 0.5, as
+    # for cv2.resize; take every frame pixel whose position lies in that box, plus one of
+    # slack for the interpolation.
+    ys, xs = np.nonzero(result.alpha > 0)
+    out = crop.copy()
+    alpha = np.zeros((h, w), np.float32)
+    if len(xs) == 0:
+        return out, alpha, box
+    a0, a1, b0, b1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    px0 = max(0, int(np.floor((a0 - 0.5) / sx - 0.5)))
+    px1 = min(w, int(np.ceil((a1 + 0.5) / sx - 0.5)) + 1)
+    py0 = max(0, int(np.floor((b0 - 0.5) / sy - 0.5)))
+    py1 = min(h, int(np.ceil((b1 + 0.5) / sy - 0.5)) + 1)
+    gx = ((np.arange(px0, px1) + 0.5) * sx - 0.5).astype(np.float32)
+    gy = ((np.arange(py0, py1) + 0.5) * sy - 0.5).astype(np.float32)
+    map_x = np.ascontiguousarray(np.broadcast_to(gx[None, :], (len(gy), len(gx))))
+    map_y = np.ascontiguousarray(np.broadcast_to(gy[:, None], (len(gy), len(gx))))
+    up = cv2.remap(result.image, map_x, map_y, cv2.INTER_LINEAR,
+                   borderMode=cv2.BORDER_REPLICATE)
+    part = cv2.remap(result.alpha, map_x, map_y, cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    np.clip(part, 0, 1, out=part)
+    part[part < 1e-3] = 0.0  # interpolation tails: keep untouched pixels exact
+    alpha[py0:py1, px0:px1] = part
+    out[py0:py1, px0:px1] = composite(up, crop[py0:py1, px0:px1], part)
+    return out, alpha, box
