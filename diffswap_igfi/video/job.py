@@ -69,6 +69,8 @@ class VideoSwapOptions:
     selector/index/reference_distance: face selection over tracks (see plan.assign_sources);
     trim_start/trim_end: seconds of the input to keep (end excluded); chunk_frames: frames per
     resumable chunk (at least max_gap + 1); smooth_landmarks / smooth_colour: stability filters;
+    smooth_window: frames on either side of the landmarks' centred fit (plan.Planner; capped at
+    chunk_frames), 0 for the causal one-euro filter (``smoothing``) instead;
     max_iod: faces are swapped at most this many pixels between the eyes (video/bounded.py),
     and no finer than the source face (down to MIN_WORK_IOD).
     """
@@ -82,6 +84,7 @@ class VideoSwapOptions:
     chunk_frames: int = 48
     tracker: TrackerSettings = field(default_factory=TrackerSettings)
     smoothing: OneEuroSettings = field(default_factory=OneEuroSettings)
+    smooth_window: int = 6
     smooth_landmarks: bool = True
     smooth_colour: bool = True
     colour_rate: float = 0.3
@@ -344,7 +347,9 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
     smoothing = options.smoothing if options.smooth_landmarks else OneEuroSettings(
         min_cutoff=1e6, beta=0.0)
     planner = Planner(list(assignment.sources), info.upright_size, info.time_base,
-                      max_gap=options.tracker.max_lost, smoothing=smoothing)
+                      max_gap=options.tracker.max_lost, smoothing=smoothing,
+                      window=min(options.smooth_window, options.chunk_frames)
+                      if options.smooth_landmarks else 0)
     colour = ColourSmoother(rate=options.colour_rate if options.smooth_colour else 1.0)
     anchors = MarkAnchors(swapper.detector)
     trimmed = bool(options.trim_start or options.trim_end)
