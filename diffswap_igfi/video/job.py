@@ -52,13 +52,18 @@ from diffswap_igfi.provenance.video import write_synthetic_video
 from diffswap_igfi.provenance.video_mark import mark_frame
 from diffswap_igfi.swapper import Source, Swapper
 from diffswap_igfi.video.anchor import MarkAnchors
-from diffswap_igfi.video.bounded import DEFAULT_MAX_IOD, MIN_WORK_IOD, swap_face_bounded
+from diffswap_igfi.video.bounded import (
+    DEFAULT_MAX_IOD,
+    MIN_WORK_IOD,
+    WarmState,
+    swap_face_bounded,
+)
 from diffswap_igfi.video.pipeline import Worker, prefetch
 from diffswap_igfi.video.plan import AnalysisChunk, Assignment, Planner, assign_sources
 from diffswap_igfi.video.smoothing import ColourSmoother, OneEuroSettings
 from diffswap_igfi.video.tracking import Track, Tracker, TrackerSettings
 
-WORK_VERSION = 2
+WORK_VERSION = 3
 ProgressCallback = Callable[[str, int, int], None]  # (pass name, frames done, frames in all)
 
 
@@ -352,11 +357,17 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
                       if options.smooth_landmarks else 0)
     colour = ColourSmoother(rate=options.colour_rate if options.smooth_colour else 1.0)
     anchors = MarkAnchors(swapper.detector)
+    # engines with per-track state (the diffusion engine: a seed per track, and each frame
+    # warm-started from the track's previous one); warm: track -> its last WarmState
+    per_track = getattr(swapper.engine, "for_track", None)
+    engines = {t: per_track(t) for t in assignment.sources} if per_track else {}
+    warm: dict[int, WarmState] = {}
     trimmed = bool(options.trim_start or options.trim_end)
     shift = _first_kept_pts(work) if trimmed else 0
 
-    def chunk_files(k: int) -> tuple[Path, Path]:
-        return video / _chunk_name(k, CHUNK_SUFFIX), video / _chunk_name(k, ".state.json")
+    def chunk_files(k: int) -> tuple[Path, Path, Path]:
+        return (video / _chunk_name(k, CHUNK_SUFFIX), video / _chunk_name(k, ".state.json"),
+                video / _chunk_name(k, ".warm.npz"))
 
     # The planner carries filter state from chunk to chunk, so it runs over the chunks already
     # rendered too (cheap: no decoding). Plans are made one chunk ahead of use and dropped
@@ -382,6 +393,7 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
         state = json.loads(chunk_files(first - 1)[1].read_text())
         colour.load_state(state["colour"])
         anchors.load_state(state["anchors"])
+        warm = _load_warm(chunk_files(first - 1)[2])
     c = options.chunk_frames
     bar = _Progress(frames, "swapping", progress)
     bar.update(first * c)
@@ -417,7 +429,8 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
         started = time.thread_time()
         if kind == "end":
             writer.close()
-            _write_json(chunk_files(k)[1], {"colour": colour_state,
+            _save_warm(chunk_files(k)[2], colour_state["warm"])
+            _write_json(chunk_files(k)[1], {"colour": colour_state["colour"],
                                             "anchors": anchors.state()})
             writer = None
             return
@@ -440,18 +453,20 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
     try:
         for frame, faces in decoded:
             if frame.index >= (k + 1) * c:
-                encoder.put(("end", k, None, None, None, None, colour.state()))
+                encoder.put(("end", k, None, None, None, None,
+                             {"colour": colour.state(), "warm": dict(warm)}))
                 k += 1
             if faces:
                 started = time.thread_time()
                 image, region = _swap_frame(swapper, frame.rgb, faces, assignment, colour,
-                                            options.max_iod)
+                                            options.max_iod, engines, warm)
                 cpu["cpu_swap"] += time.thread_time() - started
                 encoder.put(("frame", k, frame, image, faces, region, None))
             else:
                 encoder.put(("frame", k, frame, None, None, None, None))
             bar.update()
-        encoder.put(("end", k, None, None, None, None, colour.state()))
+        encoder.put(("end", k, None, None, None, None,
+                     {"colour": colour.state(), "warm": dict(warm)}))
         encoder.finish()
         if k + 1 < len(track_files):
             raise InputError(f"{info.path} decoded to fewer frames the second time (chunk {k} "
@@ -468,18 +483,44 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
 
 
 def _swap_frame(swapper: Swapper, rgb: np.ndarray, faces, assignment: Assignment,
-                colour: ColourSmoother, max_iod: float) -> tuple[np.ndarray, np.ndarray]:
+                colour: ColourSmoother, max_iod: float, engines: dict | None = None,
+                warm: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Swap each planned face with its track's source (on a crop, at a bounded resolution)
-    and smooth its colour. rgb: [H,W,3] uint8, the decoded frame (changed in place). Returns
-    (the swapped frame, [H,W] bool the pixels any swap touched)."""
+    and smooth its colour. rgb: [H,W,3] uint8, the decoded frame (changed in place);
+    engines: track -> its own engine (DiffusionEngine.for_track), when the engine has one;
+    warm: track -> WarmState, read and updated for those tracks (their previous swap starts
+    this one's sampling). Returns (the swapped frame, [H,W] bool the pixels any swap
+    touched)."""
     region = np.zeros(rgb.shape[:2], bool)
+    engines = engines or {}
     for track, face in faces:
         source = assignment.sources[track]
         # no finer than the source face itself: its texture holds no more detail than that
         work_iod = min(max_iod, max(MIN_WORK_IOD, source.face.interocular))
-        crop, alpha, (x0, y0, x1, y1) = swap_face_bounded(swapper, rgb, face, source,
-                                                          max_iod=work_iod)
+        engine = engines.get(track)
+        crop, alpha, (x0, y0, x1, y1), state = swap_face_bounded(
+            swapper, rgb, face, source, max_iod=work_iod, engine=engine,
+            warm=None if engine is None or warm is None else warm.get(track))
+        if engine is not None and warm is not None:
+            warm[track] = state
         crop = colour(track, crop, rgb[y0:y1, x0:x1], alpha)
         rgb[y0:y1, x0:x1] = crop
         region[y0:y1, x0:x1] |= alpha > 0
     return rgb, region
+
+
+def _save_warm(path: Path, warm: dict) -> None:
+    """Each track's WarmState at a chunk's end (empty for engines without one), atomically."""
+    arrays = {}
+    for track, state in warm.items():
+        arrays[f"image_{track}"] = state.image
+        arrays[f"kps_{track}"] = state.kps
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _load_warm(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        tracks = sorted(int(name[6:]) for name in z.files if name.startswith("image_"))
+        return {t: WarmState(z[f"image_{t}"], z[f"kps_{t}"]) for t in tracks}

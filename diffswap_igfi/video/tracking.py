@@ -74,13 +74,17 @@ def _face_from_state(s: dict | None) -> FaceRecord | None:
 @dataclass
 class TrackerSettings:
     """detect_every: faces are measured on frames whose kept index is a multiple of this (the
-    others are interpolated by the planner; 1 = every frame); full_every: measured frames
+    others are interpolated by the planner; 1 = every frame); every_frame_iod: faces narrower
+    than this (pixels between the eyes) are measured in every frame all the same (a pixel of
+    placement error is a large part of a small face: the face watermark's payload link on a
+    30 px face weakened with the stride, measured); full_every: measured frames
     between full-frame detections; tile_every: every how many full
     detections also run the tile pass (small faces in large frames); crop_scale: crop side as
     a multiple of the face box; crop_side: crops are downscaled to at most this many pixels;
     max_lost: frames a track may go unseen and still be linked by IoU (the gap is bridged)."""
 
     detect_every: int = 2
+    every_frame_iod: float = 64.0
     full_every: int = 12
     tile_every: int = 5
     crop_scale: float = 2.0
@@ -130,7 +134,10 @@ class Tracker:
         """Whether to measure frame ``index``: on the stride, or whenever no track is being
         followed or one was lost recently (then every frame is searched, so a face that comes
         back is swapped from the first frame it is seen in)."""
-        if self.on_stride(index) or not self.live(index):
+        live = self.live(index)
+        if self.on_stride(index) or not live:
+            return True
+        if any(t.last.interocular < self.settings.every_frame_iod for t in live):
             return True
         return any(index - t.last_frame <= self.settings.max_lost for t in self.lost(index))
 
