@@ -463,6 +463,7 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
                 cpu["cpu_swap"] += time.thread_time() - started
                 encoder.put(("frame", k, frame, image, faces, region, None))
             else:
+                warm.clear()  # a warm start only carries over from the frame just before
                 encoder.put(("frame", k, frame, None, None, None, None))
             bar.update()
         encoder.put(("end", k, None, None, None, None,
@@ -489,7 +490,7 @@ def _swap_frame(swapper: Swapper, rgb: np.ndarray, faces, assignment: Assignment
     and smooth its colour. rgb: [H,W,3] uint8, the decoded frame (changed in place);
     engines: track -> its own engine (DiffusionEngine.for_track), when the engine has one;
     warm: track -> WarmState, read and updated for those tracks (their previous swap starts
-    this one's sampling). Returns (the swapped frame, [H,W] bool the pixels any swap
+    this one's sampling; tracks not in this frame are dropped from it). Returns (the swapped frame, [H,W] bool the pixels any swap
     touched)."""
     region = np.zeros(rgb.shape[:2], bool)
     engines = engines or {}
@@ -506,6 +507,9 @@ def _swap_frame(swapper: Swapper, rgb: np.ndarray, faces, assignment: Assignment
         crop = colour(track, crop, rgb[y0:y1, x0:x1], alpha)
         rgb[y0:y1, x0:x1] = crop
         region[y0:y1, x0:x1] |= alpha > 0
+    if warm is not None:  # a track missing from this frame starts cold when it comes back
+        for track in set(warm) - {t for t, _ in faces}:
+            del warm[track]
     return rgb, region
 
 
