@@ -7,17 +7,18 @@ similarity that takes the target's keypoints to the template), barely changes al
 the same source shape on the same person. So :class:`MarkAnchors` re-detects the swapped
 face on a track's first frame and every ``every`` frames after (kept frame index a multiple
 of ``every``), keeps the reader's keypoints in the aligned frame of the planned keypoints, and
-in between maps them back through the current frame's own alignment. That removes the
-per-frame detection (~8 ms of CPU a 720p frame) from the render pass. Its state goes with
-each rendered chunk, so a resumed run anchors exactly as an uninterrupted one.
+in between maps them back through the current frame's own alignment. That removes most of
+the per-frame detection (~8 ms of CPU a 720p frame) from the render pass. Its state goes
+with each rendered chunk, so a resumed run anchors exactly as an uninterrupted one.
 
 What it costs the mark, measured after H.264 CRF 18 (the clip's payload match z over the
-frames, threshold 3.72): a 128 px face at 720p (24 frames) 5.5-6.1 re-detected in every frame,
-4.7-5.3 anchored; a 30 px face (16 frames) 2.5-5.5 re-detected, 1.6-4.6 anchored, with 1-3
-frames fewer reaching the per-frame threshold. The reader's detector wobbles by a pixel or so
-from frame to frame, which re-detection follows and the offset cannot, and a pixel is a large
-part of a small face: faces under ``SMALL_IOD`` pixels between the eyes are re-detected in
-every frame.
+frames, threshold 3.72; frames agreeing of 16) on a 64 px face over six payloads:
+re-detected in every frame z 4.9-7.6 (16/16), every 4 frames 4.4-6.9 (16/16), every 12
+frames 3.3-6.4 (9-13/16); on a 128 px face at 720p, every frame 5.5-6.1, every 12 frames
+4.7-5.3. The reader's detector wobbles by a pixel or so from frame to frame, which
+re-detection follows and the offset cannot, and a pixel is a large part of a small face:
+faces under ``SMALL_IOD`` pixels between the eyes are re-detected in every frame, larger ones
+every ``DEFAULT_EVERY`` (4) frames (~2 ms of CPU a 720p frame instead of ~8).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from diffswap_igfi.provenance import face_mark
 
-DEFAULT_EVERY = 12
+DEFAULT_EVERY = 4
 SMALL_IOD = 64.0  # faces narrower than this are re-detected in every frame
 
 

@@ -74,8 +74,10 @@ class VideoSwapOptions:
     selector/index/reference_distance: face selection over tracks (see plan.assign_sources);
     trim_start/trim_end: seconds of the input to keep (end excluded); chunk_frames: frames per
     resumable chunk (at least max_gap + 1); smooth_landmarks / smooth_colour: stability filters;
-    smooth_window: frames on either side of the landmarks' centred fit (plan.Planner; capped at
-    chunk_frames), 0 for the causal one-euro filter (``smoothing``) instead;
+    smooth_window: > 0 for the landmarks' centred local fit over that many frames on either
+    side (plan.Planner; capped at chunk_frames) instead of the one-euro filter
+    (``smoothing``): no lag, but it blunts fast expressions (a talking mouth, an animated
+    face), so it is not the default;
     max_iod: faces are swapped at most this many pixels between the eyes (video/bounded.py),
     and no finer than the source face (down to MIN_WORK_IOD).
     """
@@ -89,7 +91,7 @@ class VideoSwapOptions:
     chunk_frames: int = 48
     tracker: TrackerSettings = field(default_factory=TrackerSettings)
     smoothing: OneEuroSettings = field(default_factory=OneEuroSettings)
-    smooth_window: int = 6
+    smooth_window: int = 0
     smooth_landmarks: bool = True
     smooth_colour: bool = True
     colour_rate: float = 0.3
