@@ -13,6 +13,12 @@ original face). (d) ``swapped_still_rigid``: the photo swapped once and moved ri
 same camera, the best any video swap can do: the landmarker is noisier on swapped content
 than on the original face, so this, not the input, is the floor for (b) and (c).
 
+Two sources: grace_hopper (glasses: the landmarker wobbles on the frames around her eyes and
+brows, so even the rigid still measures ~1.7x the input) and tom_hanks (no glasses). Two
+landmarkers: MediaPipe's 478 points (the one the swap itself uses) and, independent of it,
+dlib's 68 points on dlib's own HOG detection (``face_recognition_models``), which tells the
+measurement's floor from real motion.
+
 Speed: the whole ``swap_video`` (tracking pass, render pass, mux) on a clip with one face at
 1280x720 and 1920x1080, in frames per second, beside a plain decode + re-encode of the same clip
 with the same encoder settings, measured in the same run (their ratio is what to compare
@@ -34,6 +40,7 @@ from diffswap_igfi.faces.detect import FaceDetector
 from diffswap_igfi.io.images import LoadedImage, load_image
 from diffswap_igfi.io.samples import sample_path
 from diffswap_igfi.io.video import ChunkWriter, EncodeSettings, iter_frames, probe_video
+from diffswap_igfi.provenance.video_mark import mark_frame
 from diffswap_igfi.swapper import Swapper
 from diffswap_igfi.video.job import VideoSwapOptions, swap_video
 from diffswap_igfi.video.synthetic import camera_path, render_frames, write_test_video
@@ -56,11 +63,42 @@ def landmark_track(frames: list[np.ndarray], affines: np.ndarray, detector: Face
     return out
 
 
+class Dlib68:
+    """dlib's HOG face detector + 68-point shape predictor (independent of MediaPipe)."""
+
+    def __init__(self) -> None:
+        import dlib
+
+        from diffswap_igfi.faces.recognizer import _models_dir
+
+        self.detector = dlib.get_frontal_face_detector()
+        self.predictor = dlib.shape_predictor(
+            str(_models_dir() / "shape_predictor_68_face_landmarks.dat"))
+
+    def track(self, frames: list[np.ndarray], affines: np.ndarray) -> np.ndarray:
+        """[n,68,2] points of the largest face per frame in photo coordinates (NaN: none)."""
+        out = np.full((len(frames), 68, 2), np.nan)
+        for i, (rgb, a) in enumerate(zip(frames, affines)):
+            boxes = self.detector(rgb, 0)
+            if not boxes:
+                continue
+            box = max(boxes, key=lambda b: b.area())
+            shape = self.predictor(rgb, box)
+            pts = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
+            inv = np.linalg.inv(np.vstack([a, [0, 0, 1]]))[:2]
+            out[i] = pts @ inv[:, :2].T + inv[:, 2]
+        return out
+
+
 def jitter(track: np.ndarray) -> dict:
     """RMS frame-to-frame displacement (photo pixels and inter-ocular units) and the RMS
     second difference (acceleration: shake without the slow drift of lag)."""
     ok = ~np.isnan(track[:, 0, 0])
-    iod = float(np.nanmedian(np.linalg.norm(track[:, 468] - track[:, 473], axis=1)))
+    if track.shape[1] == 68:  # dlib: eye centres from the eye contours
+        eyes = track[:, 36:42].mean(axis=1) - track[:, 42:48].mean(axis=1)
+    else:  # MediaPipe: iris centres
+        eyes = track[:, 468] - track[:, 473]
+    iod = float(np.nanmedian(np.linalg.norm(eyes, axis=1)))
     step = np.linalg.norm(np.diff(track, axis=0), axis=2)  # [n-1,478]
     step = step[ok[1:] & ok[:-1]]
     acc = np.linalg.norm(np.diff(track, 2, axis=0), axis=2)
@@ -74,43 +112,59 @@ def decoded(path: Path) -> list[np.ndarray]:
     return [f.rgb for f in iter_frames(probe_video(path))]
 
 
-def bench_jitter(photo, source, frames_n: int, work: Path, detector: FaceDetector) -> dict:
+def bench_jitter(photo, source, frames_n: int, work: Path, detector: FaceDetector,
+                 dlib68: Dlib68, unsmoothed: bool = True) -> dict:
+    """Jitter figures for one source: {case: {"mediapipe": {...}, "dlib68": {...}}}."""
     size = (480, 640)
     affines = camera_path(frames_n, photo.shape[:2], size, center=FACE_CENTER, cover=1.6,
                           zoom=0.2, pan=0.06, rotate_deg=5.0)
     clip = write_test_video(work / "jitter.mp4", render_frames(photo, affines, size), fps=25,
                             crf=16)
-    results = {"input": jitter(landmark_track(decoded(clip), affines, detector))}
+
+    def measure(frames: list[np.ndarray]) -> dict:
+        return {"mediapipe": jitter(landmark_track(frames, affines, detector)),
+                "dlib68": jitter(dlib68.track(frames, affines))}
+
+    results = {"input": measure(decoded(clip))}
     with Swapper() as swapper:
         src = swapper.source(source)
         out = work / "jitter_swap.mp4"
         swap_video(swapper, [src], clip, out, progress=False, log=lambda m: None)
-        results["video_swap"] = jitter(landmark_track(decoded(out), affines, detector))
-        out_raw = work / "jitter_nosmooth.mp4"
-        swap_video(swapper, [src], clip, out_raw, progress=False, log=lambda m: None,
-                   options=VideoSwapOptions(smooth_landmarks=False, smooth_colour=False))
-        results["video_swap_unsmoothed"] = jitter(landmark_track(decoded(out_raw), affines,
-                                                                 detector))
+        results["video_swap"] = measure(decoded(out))
+        if unsmoothed:
+            out_raw = work / "jitter_nosmooth.mp4"
+            swap_video(swapper, [src], clip, out_raw, progress=False, log=lambda m: None,
+                       options=VideoSwapOptions(smooth_landmarks=False, smooth_colour=False))
+            results["video_swap_unsmoothed"] = measure(decoded(out_raw))
+        # The per-frame swap and the still carry the marks as every written frame does (the
+        # face mark's texture moves the landmarker too: ~+8% jitter on a still face, measured)
         per_frame = []
         for rgb in decoded(clip):
             target = LoadedImage(rgb, None, Path("frame.png"), "PNG", "RGB", None)
-            per_frame.append(swapper.swap([src], target).image)
-        results["per_frame_swap"] = jitter(landmark_track(per_frame, affines, detector))
+            per_frame.append(_marked(swapper.swap([src], target), swapper))
+        results["per_frame_swap"] = measure(per_frame)
         # The ideal output: the photo swapped once, then moved rigidly by the same camera.
         # Its figure is the landmarker's noise floor on swapped content, which differs from
         # the floor on the original face (the detector sees a different face).
-        still = swapper.swap([src], LoadedImage(photo, None, Path("photo.png"), "PNG", "RGB",
-                                                None)).image
+        still = _marked(swapper.swap([src], LoadedImage(photo, None, Path("photo.png"), "PNG",
+                                                        "RGB", None)), swapper)
         rigid = write_test_video(work / "rigid.mp4", render_frames(still, affines, size),
                                  fps=25, crf=16)
-        results["swapped_still_rigid"] = jitter(landmark_track(decoded(rigid), affines,
-                                                               detector))
-    base = results["input"]["step_iod"]
-    ideal = results["swapped_still_rigid"]["step_iod"]
-    for key in ("video_swap", "video_swap_unsmoothed", "per_frame_swap", "swapped_still_rigid"):
-        results[key]["ratio_to_input"] = results[key]["step_iod"] / base
-        results[key]["ratio_to_rigid"] = results[key]["step_iod"] / ideal
+        results["swapped_still_rigid"] = measure(decoded(rigid))
+    for who in ("mediapipe", "dlib68"):
+        base = results["input"][who]["step_iod"]
+        ideal = results["swapped_still_rigid"][who]["step_iod"]
+        for key in results:
+            if key != "input":
+                results[key][who]["ratio_to_input"] = results[key][who]["step_iod"] / base
+                results[key][who]["ratio_to_rigid"] = results[key][who]["step_iod"] / ideal
     return results
+
+
+def _marked(out, swapper: Swapper) -> np.ndarray:
+    """A Swapper.swap output with both marks, as the video writer marks a frame."""
+    return mark_frame(out.image, out.faces, out.alpha > 0, payload="0123abcd",
+                      detector=swapper.detector)
 
 
 def transcode(path: Path, out: Path, settings: EncodeSettings) -> None:
@@ -160,20 +214,26 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp, FaceDetector() as detector:
         work = Path(tmp)
         if not args.skip_jitter:
-            results["jitter"] = bench_jitter(photo, source, args.frames, work, detector)
+            dlib68 = Dlib68()
+            results["jitter"] = {
+                name: bench_jitter(photo, load_image(sample_path(name)), args.frames, work,
+                                   detector, dlib68, unsmoothed=name == "grace_hopper")
+                for name in ("grace_hopper", "tom_hanks")}
         sizes = [(720, 1280)] + ([] if args.skip_1080p else [(1080, 1920)])
         results["speed"] = [bench_speed(photo, source, args.speed_frames, s, work)
                             for s in sizes]
-    j = results.get("jitter", {})
     print("jitter (RMS frame-to-frame landmark motion in photo coordinates, inter-ocular units)")
     keys = ("input", "swapped_still_rigid", "video_swap", "video_swap_unsmoothed",
             "per_frame_swap")
-    for key in [k for k in keys if k in j]:
-        r = j[key]
-        ratio = (f"  x{r['ratio_to_input']:.2f} of input, x{r['ratio_to_rigid']:.2f} of rigid"
-                 if "ratio_to_input" in r else "")
-        print(f"  {key:24s} {r['step_iod']:.4f} ({r['step_px']:.2f} px, accel "
-              f"{r['accel_px']:.2f} px, {r['frames_with_face']} frames){ratio}")
+    for name, j in results.get("jitter", {}).items():
+        for who in ("mediapipe", "dlib68"):
+            print(f" source {name}, landmarks {who}")
+            for key in [k for k in keys if k in j]:
+                r = j[key][who]
+                ratio = (f"  x{r['ratio_to_input']:.2f} of input, x{r['ratio_to_rigid']:.2f} "
+                         f"of rigid" if "ratio_to_input" in r else "")
+                print(f"  {key:24s} {r['step_iod']:.4f} ({r['step_px']:.2f} px, accel "
+                      f"{r['accel_px']:.2f} px, {r['frames_with_face']} frames){ratio}")
     print("speed (one face, geometric engine, libx264 veryfast crf 18)")
     for r in results["speed"]:
         print(f"  {r['size']:>9s}: {r['swap_fps']:.1f} fps swap, {r['plain_transcode_fps']:.1f} "

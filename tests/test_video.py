@@ -458,3 +458,68 @@ def test_no_unsigned_file_ever_at_the_output_path(tmp_path, monkeypatch):
         tmp_path / "out" / "out.mkv", lambda p, t: write_test_video(p, frames, audio_hz=None),
         **kwargs)
     assert not read_video_manifest(mkv).present
+
+
+@pytest.mark.slow
+def test_diffusion_engine_same_noise_and_warm_start_per_track(clip, tmp_path, monkeypatch):
+    """With the diffusion engine each track samples from its own fixed seed in every frame,
+    and every frame after a track's first starts from the track's previous swap (moved onto
+    this frame's face); two runs give the same video, bit for bit."""
+    from diffswap_igfi.engines.diffusion import DiffusionEngine
+    from diffswap_igfi.io.images import load_image
+    from diffswap_igfi.io.samples import sample_path
+    from diffswap_igfi.sfi.build import tiny_pipeline
+    from diffswap_igfi.swapper import Swapper
+    from diffswap_igfi.video.job import VideoSwapOptions, swap_video
+
+    engine = DiffusionEngine(tiny_pipeline(seed=0), steps=2, progress=False)
+    assert engine.for_track(0).seed == engine.for_track(0).seed != engine.for_track(1).seed
+    assert engine.for_track(0).pipe is engine.pipe  # one model in memory
+    calls = []
+    original = DiffusionEngine.swap_pairs
+
+    def spy(self, target, pairs, **kw):
+        calls.append((self.seed, kw.get("warm") is not None))
+        return original(self, target, pairs, **kw)
+
+    monkeypatch.setattr(DiffusionEngine, "swap_pairs", spy)
+    outs = [tmp_path / "run0.mp4", tmp_path / "run1.mp4"]
+    with Swapper(engine) as swapper:
+        source = swapper.source(load_image(sample_path("grace_hopper")))
+        for out in outs:
+            swap_video(swapper, [source], clip[0], out, progress=False, log=lambda m: None,
+                       options=VideoSwapOptions(trim_end=0.1, chunk_frames=10))
+    first = calls[: len(calls) // 2]
+    assert len(first) == 3 and len({seed for seed, _ in first}) == 1
+    assert first[0][0] == engine.for_track(0).seed
+    assert [w for _, w in first] == [False, True, True]
+    assert _packets(outs[0], "video") == _packets(outs[1], "video")
+
+
+def test_face_mark_anchored_between_detections_survives_h264(photos, tmp_path, monkeypatch):
+    """Faces of 64 px or more between the eyes are re-detected for the face mark only every
+    4 frames (video/anchor.py); after H.264 the clip still carries the mark in every frame and
+    its payload (z 4.4-6.9 over six payloads when measured; threshold face_mark.MATCH_Z =
+    3.72)."""
+    from diffswap_igfi.provenance import face_mark
+    from diffswap_igfi.swapper import Swapper
+    from diffswap_igfi.video import anchor
+    from diffswap_igfi.video.job import swap_video
+
+    size = (256, 320)
+    affines = camera_path(16, photos["astronaut"].rgb.shape[:2], size, center=FACE_CENTER,
+                          cover=2.4)
+    path = write_test_video(tmp_path / "big.mp4", render_frames(photos["astronaut"].rgb,
+                                                                 affines, size), audio_hz=None)
+    calls = []
+    original = anchor.face_mark.reader_kps
+    monkeypatch.setattr(anchor.face_mark, "reader_kps",
+                        lambda *a: calls.append(1) or original(*a))
+    out = tmp_path / "big_out.mp4"
+    with Swapper() as swapper:
+        source = swapper.source(photos["grace_hopper"])
+        swap_video(swapper, [source], path, out, progress=False, log=lambda m: None)
+    assert len(calls) == 4  # frames 0, 4, 8 and 12 of 16
+    report = verify_video(out)
+    assert report.clip.found and report.clip.agreeing == 16, report.lines()
+    assert report.clip.match_z >= face_mark.MATCH_Z, report.lines()

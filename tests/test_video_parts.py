@@ -98,3 +98,79 @@ def test_colour_smoother_keeps_unmasked_pixels(rng):
     # the jump of +20 in the offset is let through at the rate, not at once
     gained = out[alpha == 1].astype(float).mean() - target[alpha == 1].astype(float).mean()
     assert 20 < gained < 35
+
+
+def test_local_fit_follows_quadratic_motion_and_averages_noise(rng):
+    """A centred quadratic fit is exact on a steadily accelerating face (no lag, unlike a
+    causal filter) and spreads detector noise over the window."""
+    from diffswap_igfi.video.smoothing import local_fit
+
+    def at(f):
+        return np.array([[3.0 + 2.0 * f + 0.25 * f * f, -1.0 * f]])
+
+    obs = [(f, f / 25, at(f)) for f in range(0, 13, 2)]
+    # exact by construction up to float rounding of a 3-term least-squares solve
+    assert np.allclose(local_fit(obs, 7, 7 / 25, 6), at(7), atol=1e-3)
+    assert np.allclose(local_fit(obs[:1], 0, 0.0, 6), at(0))
+    noisy = [(f, f / 25, rng.normal(0.0, 1.0, (50, 2))) for f in range(-6, 7)]
+    smoothed = local_fit(noisy, 0, 0.0, 6)
+    assert smoothed.std() < 0.75  # one sample: std 1
+
+
+def test_mark_anchors_follow_the_face_between_detections(monkeypatch):
+    """Between re-detections the reader's keypoints are carried in the face's own aligned
+    frame: on a face that moves rigidly (zoom, turn, pan) they stay exactly where a reader
+    finds them, with one detection every ``every`` frames."""
+    from diffswap_igfi.video import anchor
+
+    base = np.array([[40.0, 50.0], [72.0, 50.0], [56.0, 66.0], [44.0, 80.0], [68.0, 80.0]])
+    offset = np.array([[1.5, -0.5], [0.5, -1.0], [0.0, 1.0], [-1.0, 0.5], [1.0, 0.0]])
+    calls = []
+    truth = {}
+
+    def reader_kps(rgb, kps, detector):  # the swapped face sits ``offset`` off, moving along
+        calls.append(1)
+        return truth["found"]
+
+    monkeypatch.setattr(anchor.face_mark, "reader_kps", reader_kps)
+    anchors = anchor.MarkAnchors(detector=None, every=4)
+    for i in range(7):
+        s, a = 2.0 + 0.1 * i, 0.05 * i
+        rot = s * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        kps = base @ rot.T + (100.0 + 3 * i, 120.0)
+        truth["found"] = (base + offset) @ rot.T + (100.0 + 3 * i, 120.0)
+        got = anchors(i, np.zeros((400, 400, 3), np.uint8), 0, kps)
+        # float64 round trips through two similarity fits
+        assert np.allclose(got, truth["found"], atol=1e-6)
+    assert len(calls) == 2  # frames 0 and 4
+    restored = anchor.MarkAnchors(detector=None, every=4)
+    restored.load_state(anchors.state())
+    assert np.array_equal(restored(5, None, 0, kps), anchors(5, None, 0, kps))
+
+
+def test_pipeline_stages_keep_order_and_raise_errors():
+    from diffswap_igfi.video.pipeline import Worker, prefetch
+
+    assert list(prefetch(lambda: iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise InputError("bad frame")
+
+    with pytest.raises(InputError, match="bad frame"):
+        list(prefetch(broken))
+    seen = []
+    worker = Worker(seen.append, depth=2)
+    for i in range(20):
+        worker.put(i)
+    worker.finish()
+    assert seen == list(range(20))
+
+    def fail(item):
+        raise InputError(f"cannot encode {item}")
+
+    worker = Worker(fail)
+    with pytest.raises(InputError, match="cannot encode"):
+        for i in range(100):
+            worker.put(i)
+        worker.finish()

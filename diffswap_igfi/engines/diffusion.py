@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -140,21 +141,36 @@ class DiffusionEngine:
             raise InputError(f"--region head needs a DiffSwap-IGFI checkpoint; this "
                              f"{type(pipe).__name__} repaints the face only")
 
+    def for_track(self, track: int) -> DiffusionEngine:
+        """This engine for one person of a video (video/job.py): the same pipeline with a seed
+        of the track's own, so every frame of a track starts from the same noise (in the
+        face's aligned frame, where the pipeline samples) and two people do not share it."""
+        engine = copy.copy(self)
+        engine.seed = (self.seed * 1_000_003 + 7919 * (track + 1)) % (2**63)
+        return engine
+
     def swap_pairs(self, target: np.ndarray,
-                   pairs: Sequence[tuple[FaceRecord, Source]]) -> tuple[np.ndarray, np.ndarray]:
+                   pairs: Sequence[tuple[FaceRecord, Source]], *,
+                   warm: np.ndarray | None = None, strength: float | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
         """target: [H,W,3] uint8; pairs: (target face, its source). Returns (image [H,W,3]
-        uint8, alpha [H,W] float32; image == target where alpha == 0)."""
+        uint8, alpha [H,W] float32; image == target where alpha == 0). warm: [H,W,3] uint8 a
+        warm start in target's pixels (a video's previous swap of the same face, moved to this
+        frame), noised to ``strength`` (default: the engine's warm_start_strength, else
+        0.5); without it the engine's own warm start, if any."""
         import torch
 
-        warm = None
-        if self.warm_start_strength is not None:
+        if warm is not None:
+            strength = strength or self.warm_start_strength or 0.5
+        elif self.warm_start_strength is not None:
             warm, _ = self.warm_engine.swap_pairs(target, pairs)
+            strength = self.warm_start_strength
         # None: the checkpoint's own defaults (30 at 3.0 for ours, REFace's 50 at 3.5)
         chosen = {k: v for k, v in (("num_inference_steps", self.steps),
                                     ("guidance_scale", self.guidance),
                                     ("region", self.region)) if v is not None}
         out = self.pipe(target, list(pairs), **chosen,
                         generator=torch.Generator().manual_seed(self.seed), image=warm,
-                        strength=self.warm_start_strength or 1.0, id_mix=self.id_mix,
+                        strength=strength or 1.0, id_mix=self.id_mix,
                         refine=self.refine)
         return out.images[0], out.alphas[0]

@@ -13,9 +13,12 @@ of the full-resolution cost.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
+from diffswap_igfi.faces.align import similarity_transform
 from diffswap_igfi.faces.blend import composite
 from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.swapper import Source, Swapper
@@ -34,13 +37,29 @@ def face_crop_box(face: FaceRecord, shape: tuple[int, int]) -> tuple[int, int, i
             int(min(w, np.ceil(x1 + m))), int(min(h, np.ceil(y1 + m))))
 
 
+@dataclass
+class WarmState:
+    """A track's last swap at working resolution, to warm-start the next frame's (diffusion
+    engine): ``image`` [h,w,3] uint8 the engine's output, ``kps`` [5,2] the face's keypoints
+    in it."""
+
+    image: np.ndarray
+    kps: np.ndarray
+
+
 def swap_face_bounded(swapper: Swapper, rgb: np.ndarray, face: FaceRecord, source: Source, *,
-                      max_iod: float = DEFAULT_MAX_IOD
-                      ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+                      max_iod: float = DEFAULT_MAX_IOD, engine=None,
+                      warm: WarmState | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int], WarmState]:
     """Swap ``face`` of the frame ``rgb`` ([H,W,3] uint8) with ``source``.
 
-    Returns (swapped crop [h,w,3] uint8, alpha [h,w] float32 in [0,1], box (x0, y0, x1, y1)
-    of the crop in the frame). The crop equals ``rgb[y0:y1, x0:x1]`` exactly where alpha == 0.
+    engine: the engine to call (default the swapper's; video passes each track's own, see
+    DiffusionEngine.for_track); warm: the track's previous swap, moved onto this face by the
+    similarity between the two faces' keypoints and given to the engine as its warm start
+    (engines whose ``swap_pairs`` takes ``warm=``; others ignore it). Returns (swapped crop
+    [h,w,3] uint8, alpha [h,w] float32 in [0,1], box (x0, y0, x1, y1) of the crop in the
+    frame, this swap's WarmState). The crop equals ``rgb[y0:y1, x0:x1]`` exactly where
+    alpha == 0.
     """
     box = face_crop_box(face, rgb.shape[:2])
     x0, y0, x1, y1 = box
@@ -53,10 +72,41 @@ def swap_face_bounded(swapper: Swapper, rgb: np.ndarray, face: FaceRecord, sourc
     local = face.transformed(affine, (sh, sw))
     small = crop if (sh, sw) == (h, w) else cv2.resize(crop, (sw, sh),
                                                        interpolation=cv2.INTER_AREA)
-    result = swapper.swap_pairs(np.ascontiguousarray(small), [(local, source)])
+    small = np.ascontiguousarray(small)
+    engine = engine or swapper.engine
+    if warm is not None and hasattr(engine, "for_track"):
+        moved = cv2.warpAffine(warm.image, similarity_transform(warm.kps, local.kps), (sw, sh),
+                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        image, alpha_small = engine.swap_pairs(small, [(local, source)], warm=moved)
+    else:
+        image, alpha_small = engine.swap_pairs(small, [(local, source)])
+    state = WarmState(image, np.asarray(local.kps, np.float64))
     if (sh, sw) == (h, w):
-        return result.image, result.alpha, box
-    up = cv2.resize(result.image, (w, h), interpolation=cv2.INTER_LINEAR)
-    alpha = np.clip(cv2.resize(result.alpha, (w, h), interpolation=cv2.INTER_LINEAR), 0, 1)
-    alpha[alpha < 1e-3] = 0.0  # interpolation tails: keep untouched pixels exact
-    return composite(up.astype(np.float32), crop, alpha), alpha, box
+        return image, alpha_small, box, state
+    # Only the part where the small alpha is > 0 is scaled back up and composited (the rest of
+    # the crop is untouched anyway): frame pixel p sits at small pixel (p + 0.5) * s - 0.5, as
+    # for cv2.resize; take every frame pixel whose position lies in that box, plus one of
+    # slack for the interpolation.
+    ys, xs = np.nonzero(alpha_small > 0)
+    out = crop.copy()
+    alpha = np.zeros((h, w), np.float32)
+    if len(xs) == 0:
+        return out, alpha, box, state
+    a0, a1, b0, b1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    px0 = max(0, int(np.floor((a0 - 0.5) / sx - 0.5)))
+    px1 = min(w, int(np.ceil((a1 + 0.5) / sx - 0.5)) + 1)
+    py0 = max(0, int(np.floor((b0 - 0.5) / sy - 0.5)))
+    py1 = min(h, int(np.ceil((b1 + 0.5) / sy - 0.5)) + 1)
+    gx = ((np.arange(px0, px1) + 0.5) * sx - 0.5).astype(np.float32)
+    gy = ((np.arange(py0, py1) + 0.5) * sy - 0.5).astype(np.float32)
+    map_x = np.ascontiguousarray(np.broadcast_to(gx[None, :], (len(gy), len(gx))))
+    map_y = np.ascontiguousarray(np.broadcast_to(gy[:, None], (len(gy), len(gx))))
+    up = cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR,
+                   borderMode=cv2.BORDER_REPLICATE)
+    part = cv2.remap(alpha_small, map_x, map_y, cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    np.clip(part, 0, 1, out=part)
+    part[part < 1e-3] = 0.0  # interpolation tails: keep untouched pixels exact
+    alpha[py0:py1, px0:px1] = part
+    out[py0:py1, px0:px1] = composite(up, crop[py0:py1, px0:px1], part)
+    return out, alpha, box, state

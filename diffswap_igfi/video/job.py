@@ -51,12 +51,19 @@ from diffswap_igfi.provenance.c2pa_sign import can_sign, check_signing_keys
 from diffswap_igfi.provenance.video import write_synthetic_video
 from diffswap_igfi.provenance.video_mark import mark_frame
 from diffswap_igfi.swapper import Source, Swapper
-from diffswap_igfi.video.bounded import DEFAULT_MAX_IOD, MIN_WORK_IOD, swap_face_bounded
+from diffswap_igfi.video.anchor import MarkAnchors
+from diffswap_igfi.video.bounded import (
+    DEFAULT_MAX_IOD,
+    MIN_WORK_IOD,
+    WarmState,
+    swap_face_bounded,
+)
+from diffswap_igfi.video.pipeline import Worker, prefetch
 from diffswap_igfi.video.plan import AnalysisChunk, Assignment, Planner, assign_sources
 from diffswap_igfi.video.smoothing import ColourSmoother, OneEuroSettings
 from diffswap_igfi.video.tracking import Track, Tracker, TrackerSettings
 
-WORK_VERSION = 1
+WORK_VERSION = 3
 ProgressCallback = Callable[[str, int, int], None]  # (pass name, frames done, frames in all)
 
 
@@ -67,6 +74,10 @@ class VideoSwapOptions:
     selector/index/reference_distance: face selection over tracks (see plan.assign_sources);
     trim_start/trim_end: seconds of the input to keep (end excluded); chunk_frames: frames per
     resumable chunk (at least max_gap + 1); smooth_landmarks / smooth_colour: stability filters;
+    smooth_window: > 0 for the landmarks' centred local fit over that many frames on either
+    side (plan.Planner; capped at chunk_frames) instead of the one-euro filter
+    (``smoothing``): no lag, but it blunts fast expressions (a talking mouth, an animated
+    face), so it is not the default;
     max_iod: faces are swapped at most this many pixels between the eyes (video/bounded.py),
     and no finer than the source face (down to MIN_WORK_IOD).
     """
@@ -80,6 +91,7 @@ class VideoSwapOptions:
     chunk_frames: int = 48
     tracker: TrackerSettings = field(default_factory=TrackerSettings)
     smoothing: OneEuroSettings = field(default_factory=OneEuroSettings)
+    smooth_window: int = 0
     smooth_landmarks: bool = True
     smooth_colour: bool = True
     colour_rate: float = 0.3
@@ -174,9 +186,11 @@ def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output
         # options); the manifest names it too
         payload = hashlib.sha256((work / "manifest.json").read_bytes()).hexdigest()[:8]
         seconds: dict[str, float] = {}
-        start = time.perf_counter()
-        frames, tracks = _track_pass(swapper, info, work, options, progress)
+        start, cpu = time.perf_counter(), time.process_time()
+        with _one_blas_thread():
+            frames, tracks = _track_pass(swapper, info, work, options, progress)
         seconds["track"] = time.perf_counter() - start
+        seconds["cpu_track_pass"] = time.process_time() - cpu  # all threads
         if frames == 0:
             raise InputError(f"{target} has no frame between --trim-start and --trim-end")
         assignment = assign_sources(tracks, sources, selector=options.selector,
@@ -184,8 +198,9 @@ def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output
                                     reference_distance=options.reference_distance,
                                     face_map=face_map, what=target.name)
         start = time.perf_counter()
-        swapped = _render_pass(swapper, info, work, options, assignment, frames, progress,
-                               payload)
+        with _one_blas_thread():
+            swapped = _render_pass(swapper, info, work, options, assignment, frames, progress,
+                                   payload, seconds)
         seconds["render"] = time.perf_counter() - start
         start = time.perf_counter()
         chunks = sorted((work / "video").glob(f"*{CHUNK_SUFFIX}"))
@@ -205,6 +220,17 @@ def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output
     shutil.rmtree(work, ignore_errors=True)
     return VideoSwapResult(output, frames, swapped, len(tracks), sorted(assignment.sources),
                            seconds)
+
+
+def _one_blas_thread():
+    """BLAS on one thread while the passes run: their stages are threads of their own, and
+    OpenBLAS's threads on the watermark's small matrix products (8x8 DCT blocks) cost ~3x the
+    CPU time and more wall time on two busy cores (measured: the marks 28 -> 9 ms a 720p
+    frame). One thread also fixes the products' summation order, whatever the machine's core
+    count."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _fingerprint(info: VideoInfo, sources, options, reference, face_map, engine) -> dict:
@@ -260,23 +286,49 @@ def _track_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSwa
     bar.update(min(frames, info.frames))
     pts: list[int] = []
     observations: list = []
-    for frame in iter_frames(info, start=options.trim_start, end=options.trim_end,
-                             first_index=frames):
-        seen = tracker.step(frame.index, frame.rgb)
-        pts.append(frame.pts)
-        observations.extend((frame.index, tid, face) for tid, face in seen.faces)
-        frames = frame.index + 1
-        if len(pts) == c:
-            AnalysisChunk.build(frames - c, pts, observations, tracker.state()).save(
-                folder / _chunk_name(frames // c - 1, ".npz"))
-            pts, observations = [], []
-        bar.update()
-    if pts:
-        AnalysisChunk.build(frames - len(pts), pts, observations, tracker.state()).save(
+    start = frames
+
+    def save(state: dict) -> None:
+        AnalysisChunk.build(frames - len(pts), pts, observations, state).save(
             folder / _chunk_name((frames - 1) // c, ".npz"))
+        pts.clear()
+        observations.clear()
+
+    # decoding (and the RGB conversion of measured frames) runs a frame or so ahead, on its
+    # own thread; a chunk is saved when the next one's first frame arrives, so the video's
+    # last frame, measured or not, is always measured before its chunk is written
+    decoded = prefetch(lambda: iter_frames(info, start=options.trim_start,
+                                           end=options.trim_end, first_index=start,
+                                           rgb=tracker.on_stride), name="track-decode")
+    last = None
+    try:
+        for frame in decoded:
+            if pts and frame.index % c == 0:
+                save(tracker.state())
+            measured = frame.rgb is not None or tracker.wants(frame.index)
+            if measured:
+                rgb = frame.rgb if frame.rgb is not None else upright_rgb(frame, info)
+                seen = tracker.step(frame.index, rgb)
+                observations.extend((frame.index, tid, face) for tid, face in seen.faces)
+            pts.append(frame.pts)
+            frames = frame.index + 1
+            last = (frame, measured)
+            bar.update()
+    finally:
+        decoded.close()
+    if last is not None and not last[1]:
+        seen = tracker.step(last[0].index, upright_rgb(last[0], info))
+        observations.extend((last[0].index, tid, face) for tid, face in seen.faces)
+    if pts:
+        save(tracker.state())
     bar.close()
     _write_json(done_marker, {"frames": frames, "state": tracker.state()})
     return frames, list(tracker.tracks.values())
+
+
+def upright_rgb(frame, info: VideoInfo) -> np.ndarray:
+    """[H,W,3] uint8 upright RGB of a DecodedFrame decoded without it."""
+    return to_upright(frame_to_rgb(frame.raw), info.rotation)
 
 
 def _first_kept_pts(work: Path) -> int:
@@ -287,36 +339,52 @@ def _first_kept_pts(work: Path) -> int:
 
 def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSwapOptions,
                  assignment: Assignment, frames: int, progress: bool | ProgressCallback,
-                 payload: str) -> int:
+                 payload: str, cpu: dict[str, float] | None = None) -> int:
     """Render every chunk not on disk yet, in one decoding pass, marking swapped frames with
-    ``payload`` (8 hex digits). Returns the number of frames with a swapped face."""
+    ``payload`` (8 hex digits). Returns the number of frames with a swapped face. ``cpu``
+    receives each stage's CPU seconds (``cpu_decode``, ``cpu_swap``, ``cpu_mark``,
+    ``cpu_encode``: time.thread_time of its thread, for profiling).
+
+    Three stages on their own threads (video/pipeline.py): decoding (with the plan of each
+    frame and, for frames with a face to swap, the RGB conversion), swapping (engine and
+    colour smoothing, in the caller's thread), and marking + encoding. Each keeps its state
+    in frame order, so the output does not depend on the threads' timing."""
     track_files = sorted((work / "track").glob("*.npz"))
     video = work / "video"
     smoothing = options.smoothing if options.smooth_landmarks else OneEuroSettings(
         min_cutoff=1e6, beta=0.0)
     planner = Planner(list(assignment.sources), info.upright_size, info.time_base,
-                      max_gap=options.tracker.max_lost, smoothing=smoothing)
+                      max_gap=options.tracker.max_lost, smoothing=smoothing,
+                      window=min(options.smooth_window, options.chunk_frames)
+                      if options.smooth_landmarks else 0)
     colour = ColourSmoother(rate=options.colour_rate if options.smooth_colour else 1.0)
+    anchors = MarkAnchors(swapper.detector)
+    # engines with per-track state (the diffusion engine: a seed per track, and each frame
+    # warm-started from the track's previous one); warm: track -> its last WarmState
+    per_track = getattr(swapper.engine, "for_track", None)
+    engines = {t: per_track(t) for t in assignment.sources} if per_track else {}
+    warm: dict[int, WarmState] = {}
     trimmed = bool(options.trim_start or options.trim_end)
     shift = _first_kept_pts(work) if trimmed else 0
 
-    def chunk_files(k: int) -> tuple[Path, Path]:
-        return video / _chunk_name(k, CHUNK_SUFFIX), video / _chunk_name(k, ".colour.json")
+    def chunk_files(k: int) -> tuple[Path, Path, Path]:
+        return (video / _chunk_name(k, CHUNK_SUFFIX), video / _chunk_name(k, ".state.json"),
+                video / _chunk_name(k, ".warm.npz"))
 
     # The planner carries filter state from chunk to chunk, so it runs over the chunks already
     # rendered too (cheap: no decoding). Plans are made one chunk ahead of use and dropped
     # after, so memory does not grow with the video's length.
     loaded = {0: AnalysisChunk.load(track_files[0])}
+    swapped = 0
 
     def plan(k: int) -> dict:
+        nonlocal swapped
         if k + 1 < len(track_files):
             loaded[k + 1] = AnalysisChunk.load(track_files[k + 1])
         result = planner.plan(loaded.pop(k), loaded.get(k + 1))
-        nonlocal swapped
         swapped += len(result)
         return result
 
-    swapped = 0
     first = 0
     while first < len(track_files) and all(f.exists() for f in chunk_files(first)):
         plan(first)
@@ -324,64 +392,141 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
     if first == len(track_files):
         return swapped
     if first:
-        colour.load_state(json.loads(chunk_files(first - 1)[1].read_text()))
+        state = json.loads(chunk_files(first - 1)[1].read_text())
+        colour.load_state(state["colour"])
+        anchors.load_state(state["anchors"])
+        warm = _load_warm(chunk_files(first - 1)[2])
     c = options.chunk_frames
     bar = _Progress(frames, "swapping", progress)
     bar.update(first * c)
-    wanted: dict = plan(first)
-    k = first
 
-    def needs_rgb(index: int) -> bool:  # reads ``wanted`` as it is when the frame is decoded
-        return index in wanted
+    cpu = {} if cpu is None else cpu
+    for name in ("cpu_decode", "cpu_swap", "cpu_mark", "cpu_encode"):
+        cpu[name] = 0.0
 
-    writer = ChunkWriter(chunk_files(k)[0], info, options.encode)
-    try:
+    def planned_frames():
+        """(frame, its planned faces) in order; the plan is made as each chunk begins."""
+        wanted: dict = {}
+        k = first - 1
+        started = time.thread_time()
+
+        def needs_rgb(index: int) -> bool:  # runs in this same (decoding) thread
+            nonlocal wanted, k
+            if index >= (k + 1) * c:
+                k = index // c
+                wanted = plan(k)
+            return index in wanted
+
         for frame in iter_frames(info, start=options.trim_start, end=options.trim_end,
                                  first_index=first * c, rgb=needs_rgb):
+            cpu["cpu_decode"] = time.thread_time() - started
+            yield frame, wanted.get(frame.index)
+
+    writer: ChunkWriter | None = None
+
+    def encode(item) -> None:
+        """Mark (swapped frames) and encode one frame; close a chunk as the next begins."""
+        nonlocal writer
+        kind, k, frame, image, faces, region, colour_state = item
+        started = time.thread_time()
+        if kind == "end":
+            writer.close()
+            _save_warm(chunk_files(k)[2], colour_state["warm"])
+            _write_json(chunk_files(k)[1], {"colour": colour_state["colour"],
+                                            "anchors": anchors.state()})
+            writer = None
+            return
+        if writer is None:
+            writer = ChunkWriter(chunk_files(k)[0], info, options.encode)
+        if image is None:
+            writer.write_raw(frame.raw, frame.pts - shift)
+            cpu["cpu_encode"] += time.thread_time() - started
+            return
+        kps = [anchors(frame.index, image, track, face.kps) for track, face in faces]
+        marked = mark_frame(image, kps, region, payload=payload)
+        marking = time.thread_time()
+        cpu["cpu_mark"] += marking - started
+        writer.write_rgb(marked, frame.pts - shift, frame.raw.duration)
+        cpu["cpu_encode"] += time.thread_time() - marking
+
+    encoder = Worker(encode, depth=3, name="mark-encode")
+    decoded = prefetch(planned_frames, depth=3, name="render-decode")
+    k = first
+    try:
+        for frame, faces in decoded:
             if frame.index >= (k + 1) * c:
-                writer.close()
-                _write_json(chunk_files(k)[1], colour.state())
+                encoder.put(("end", k, None, None, None, None,
+                             {"colour": colour.state(), "warm": dict(warm)}))
                 k += 1
-                wanted = plan(k)
-                writer = ChunkWriter(chunk_files(k)[0], info, options.encode)
-                if frame.rgb is None and frame.index in wanted:  # converted before the switch
-                    frame.rgb = to_upright(frame_to_rgb(frame.raw), info.rotation)
-            faces = wanted.get(frame.index)
             if faces:
-                swapped_rgb = _swap_frame(swapper, frame.rgb, faces, assignment, colour,
-                                          options.max_iod, payload)
-                writer.write_rgb(swapped_rgb, frame.pts - shift, frame.raw.duration)
+                started = time.thread_time()
+                image, region = _swap_frame(swapper, frame.rgb, faces, assignment, colour,
+                                            options.max_iod, engines, warm)
+                cpu["cpu_swap"] += time.thread_time() - started
+                encoder.put(("frame", k, frame, image, faces, region, None))
             else:
-                writer.write_raw(frame.raw, frame.pts - shift)
+                warm.clear()  # a warm start only carries over from the frame just before
+                encoder.put(("frame", k, frame, None, None, None, None))
             bar.update()
-        writer.close()
-        _write_json(chunk_files(k)[1], colour.state())
+        encoder.put(("end", k, None, None, None, None,
+                     {"colour": colour.state(), "warm": dict(warm)}))
+        encoder.finish()
         if k + 1 < len(track_files):
             raise InputError(f"{info.path} decoded to fewer frames the second time (chunk {k} "
                              f"of {len(track_files)}): re-export it")
     except BaseException:
-        writer.abort()
+        encoder.abort()
+        if writer is not None:
+            writer.abort()
         raise
     finally:
+        decoded.close()
         bar.close()
     return swapped
 
 
 def _swap_frame(swapper: Swapper, rgb: np.ndarray, faces, assignment: Assignment,
-                colour: ColourSmoother, max_iod: float, payload: str) -> np.ndarray:
-    """Swap each planned face with its track's source (on a crop, at a bounded resolution),
-    smooth its colour, and mark the swapped pixels (both marks; the face mark anchored where
-    the swapper's detector finds each swapped face)."""
-    image = rgb.copy()
+                colour: ColourSmoother, max_iod: float, engines: dict | None = None,
+                warm: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Swap each planned face with its track's source (on a crop, at a bounded resolution)
+    and smooth its colour. rgb: [H,W,3] uint8, the decoded frame (changed in place);
+    engines: track -> its own engine (DiffusionEngine.for_track), when the engine has one;
+    warm: track -> WarmState, read and updated for those tracks (their previous swap starts
+    this one's sampling; tracks not in this frame are dropped from it). Returns (the swapped frame, [H,W] bool the pixels any swap
+    touched)."""
     region = np.zeros(rgb.shape[:2], bool)
+    engines = engines or {}
     for track, face in faces:
         source = assignment.sources[track]
         # no finer than the source face itself: its texture holds no more detail than that
         work_iod = min(max_iod, max(MIN_WORK_IOD, source.face.interocular))
-        crop, alpha, (x0, y0, x1, y1) = swap_face_bounded(swapper, image, face, source,
-                                                          max_iod=work_iod)
-        crop = colour(track, crop, image[y0:y1, x0:x1], alpha)
-        image[y0:y1, x0:x1] = crop
+        engine = engines.get(track)
+        crop, alpha, (x0, y0, x1, y1), state = swap_face_bounded(
+            swapper, rgb, face, source, max_iod=work_iod, engine=engine,
+            warm=None if engine is None or warm is None else warm.get(track))
+        if engine is not None and warm is not None:
+            warm[track] = state
+        crop = colour(track, crop, rgb[y0:y1, x0:x1], alpha)
+        rgb[y0:y1, x0:x1] = crop
         region[y0:y1, x0:x1] |= alpha > 0
-    return mark_frame(image, [f for _, f in faces], region, payload=payload,
-                      detector=swapper.detector)
+    if warm is not None:  # a track missing from this frame starts cold when it comes back
+        for track in set(warm) - {t for t, _ in faces}:
+            del warm[track]
+    return rgb, region
+
+
+def _save_warm(path: Path, warm: dict) -> None:
+    """Each track's WarmState at a chunk's end (empty for engines without one), atomically."""
+    arrays = {}
+    for track, state in warm.items():
+        arrays[f"image_{track}"] = state.image
+        arrays[f"kps_{track}"] = state.kps
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _load_warm(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        tracks = sorted(int(name[6:]) for name in z.files if name.startswith("image_"))
+        return {t: WarmState(z[f"image_{t}"], z[f"kps_{t}"]) for t in tracks}

@@ -21,7 +21,7 @@ import numpy as np
 from diffswap_igfi.errors import FaceNotFoundError, InputError
 from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.swapper import Source, choose_source
-from diffswap_igfi.video.smoothing import OneEuroFilter, OneEuroSettings
+from diffswap_igfi.video.smoothing import OneEuroFilter, OneEuroSettings, local_fit
 from diffswap_igfi.video.tracking import Track
 
 
@@ -161,16 +161,29 @@ class Planner:
     Call :meth:`plan` on chunks in order (each with the next one, or None at the end). A track
     missing for at most ``max_gap`` frames between two observations gets linearly interpolated
     landmarks in the gap (bridged, not flickered); longer gaps are left unswapped.
+
+    Smoothing: with ``window`` > 0 (at most a chunk), each frame's landmarks are a local
+    quadratic fit in time (LOESS: tricube weights) over the track's observations within
+    ``window`` frames on either side, evaluated at the frame's time (smoothing.local_fit):
+    the video is known in advance, so the smoother can look both ways, and a centred fit
+    follows a moving face without the lag any causal filter has (lag against a moving camera
+    is itself jitter once the motion changes). With ``window`` 0, the causal one-euro filter
+    (``smoothing``).
     """
 
     def __init__(self, selected: Sequence[int], size: tuple[int, int], time_base: Fraction, *,
-                 max_gap: int = 8, smoothing: OneEuroSettings | None = None) -> None:
+                 max_gap: int = 8, smoothing: OneEuroSettings | None = None,
+                 window: int = 0) -> None:
         self.selected = set(selected)
         self.size = size
         self.time_base = time_base
         self.max_gap = max_gap
+        self.window = window
         self.filters = {t: OneEuroFilter(smoothing) for t in self.selected}
         self.last_seen: dict[int, tuple[int, np.ndarray, int, AnalysisChunk]] = {}
+        # per track: (frame, seconds, [478,3] landmarks) observed in the previous chunk's last
+        # ``window`` frames (the part of the past a fit still reaches)
+        self.history: dict[int, list[tuple[int, float, np.ndarray]]] = {}
 
     def plan(self, chunk: AnalysisChunk, following: AnalysisChunk | None
              ) -> dict[int, list[tuple[int, FaceRecord]]]:
@@ -180,6 +193,7 @@ class Planner:
         for k, (f, t) in enumerate(zip(chunk.obs_frame, chunk.obs_track)):
             if int(t) in self.selected:
                 by_frame.setdefault(int(f), {})[int(t)] = k
+        nearby = self._nearby(chunk, following) if self.window > 0 else {}
         for offset, pts in enumerate(chunk.pts):
             frame = chunk.first + offset
             when = float(int(pts) * self.time_base)
@@ -190,18 +204,46 @@ class Planner:
                     k = seen[track]
                     raw = chunk.obs_landmarks[k]
                     self.last_seen[track] = (frame, raw, k, chunk)
-                    faces.append((track, self._smooth(track, raw, when, chunk, k)))
+                    faces.append((track, self._smooth(track, raw, when, chunk, k, frame,
+                                                      nearby)))
                     continue
                 bridged = self._bridge(track, frame, chunk, following)
                 if bridged is not None:
                     raw, k, src = bridged
-                    faces.append((track, self._smooth(track, raw, when, src, k)))
+                    faces.append((track, self._smooth(track, raw, when, src, k, frame,
+                                                      nearby)))
             if faces:
                 out[frame] = faces
+        if self.window > 0:
+            end = chunk.first + len(chunk.pts)
+            self.history = {t: [o for o in obs if end - self.window <= o[0] < end]
+                            for t, obs in nearby.items()}
         return out
 
-    def _smooth(self, track: int, raw: np.ndarray, when: float, chunk: AnalysisChunk, k: int
-                ) -> FaceRecord:
+    def _nearby(self, chunk: AnalysisChunk, following: AnalysisChunk | None
+                ) -> dict[int, list[tuple[int, float, np.ndarray]]]:
+        """Per selected track, its observations a fit for this chunk's frames may use: the
+        previous chunk's tail, this chunk, and the following chunk's first ``window`` frames,
+        in frame order."""
+        out = {t: list(self.history.get(t, [])) for t in self.selected}
+        end = chunk.first + len(chunk.pts) + self.window
+        for c in (chunk, following):
+            if c is None:
+                continue
+            for k, (f, t) in enumerate(zip(c.obs_frame, c.obs_track)):
+                f, t = int(f), int(t)
+                if t in out and f < end:
+                    when = float(int(c.pts[f - c.first]) * self.time_base)
+                    out[t].append((f, when, c.obs_landmarks[k]))
+        return out
+
+    def _smooth(self, track: int, raw: np.ndarray, when: float, chunk: AnalysisChunk, k: int,
+                frame: int, nearby: dict) -> FaceRecord:
+        if self.window > 0:
+            near = [o for o in nearby.get(track, ()) if abs(o[0] - frame) <= self.window]
+            if near:
+                return chunk.face(k, self.size, local_fit(near, frame, when, self.window))
+            return chunk.face(k, self.size, raw)
         face = chunk.face(k, self.size, raw)
         smoothed = self.filters[track](raw, when, scale=max(face.interocular, 1.0))
         return chunk.face(k, self.size, smoothed)

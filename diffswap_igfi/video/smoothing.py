@@ -78,6 +78,32 @@ class OneEuroFilter:
         self.t = state["t"]
 
 
+def local_fit(observations, frame: int, when: float, window: int) -> np.ndarray:
+    """A local polynomial fit (LOESS) of landmarks in time, evaluated at one frame.
+
+    observations: (frame, seconds, [N,D] landmarks) of one track, each within ``window``
+    frames of ``frame`` (at least one); when: the frame's time in seconds. Weights are
+    tricube in the frame distance; the fit is quadratic in time when observations lie on both
+    sides of the frame (it follows a steady acceleration without lag), linear when they lie
+    on one side only (a track's first or last frames: a one-sided quadratic overshoots), and
+    the observation itself when it is the only one. Returns [N,D] float32.
+    """
+    frames = np.array([o[0] for o in observations], np.float64)
+    dt = np.array([o[1] for o in observations], np.float64) - when
+    values = np.stack([np.asarray(o[2], np.float64) for o in observations])
+    if len(observations) == 1:
+        return values[0].astype(np.float32)
+    both_sides = (frames < frame).any() and (frames > frame).any()
+    degree = min(2 if both_sides else 1, len(observations) - 1)
+    weight = (1.0 - (np.abs(frames - frame) / (window + 1.0)) ** 3) ** 3
+    scale = max(float(np.abs(dt).max()), 1e-6)  # conditioning: times in [-1, 1]
+    basis = np.stack([(dt / scale) ** p for p in range(degree + 1)], axis=1)  # [M,P]
+    root = np.sqrt(weight)[:, None]
+    flat = values.reshape(len(values), -1)
+    coef, *_ = np.linalg.lstsq(basis * root, flat * root, rcond=None)
+    return coef[0].reshape(values.shape[1:]).astype(np.float32)
+
+
 class ColourSmoother:
     """Per-track exponential smoothing of the swapped face's colour offset (see module doc).
 

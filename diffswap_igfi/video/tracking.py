@@ -1,8 +1,10 @@
 """Faces across frames: detection on crops around known faces, and tracks linked by IoU and
 identity.
 
-Full-frame detection runs every ``full_every`` frames, on the first frame, and whenever a track
-is lost; in between, each live track is re-measured on a square crop around its last box (at
+Faces are measured on every ``detect_every``-th frame (kept index a multiple of it; the
+planner interpolates the frames between, as it bridges any short gap, which also halves the
+landmarks' frame-to-frame noise there). Full-frame detection runs every ``full_every``
+measured frames, on the first frame, and whenever a track is lost; in between, each live track is re-measured on a square crop around its last box (at
 most ``crop_side`` pixels), which is both cheaper and, for small faces, more accurate than the
 whole frame. Detections join the track whose last box overlaps them most (IoU); a face that
 overlaps no live track is compared by identity (dlib descriptor, computed only then) with tracks
@@ -71,11 +73,18 @@ def _face_from_state(s: dict | None) -> FaceRecord | None:
 
 @dataclass
 class TrackerSettings:
-    """full_every: frames between full-frame detections; tile_every: every how many full
+    """detect_every: faces are measured on frames whose kept index is a multiple of this (the
+    others are interpolated by the planner; 1 = every frame); every_frame_iod: faces narrower
+    than this (pixels between the eyes) are measured in every frame all the same (a pixel of
+    placement error is a large part of a small face: the face watermark's payload link on a
+    30 px face weakened with the stride, measured); full_every: measured frames
+    between full-frame detections; tile_every: every how many full
     detections also run the tile pass (small faces in large frames); crop_scale: crop side as
     a multiple of the face box; crop_side: crops are downscaled to at most this many pixels;
     max_lost: frames a track may go unseen and still be linked by IoU (the gap is bridged)."""
 
+    detect_every: int = 2
+    every_frame_iod: float = 64.0
     full_every: int = 12
     tile_every: int = 5
     crop_scale: float = 2.0
@@ -117,16 +126,34 @@ class Tracker:
         self._full_count = state["full_count"]
         self._since_full = state["since_full"]
 
+    def on_stride(self, index: int) -> bool:
+        """Whether frame ``index`` is on the measuring stride (see detect_every)."""
+        return index % max(1, self.settings.detect_every) == 0
+
+    def wants(self, index: int) -> bool:
+        """Whether to measure frame ``index``: on the stride, or whenever no track is being
+        followed or one was lost recently (then every frame is searched, so a face that comes
+        back is swapped from the first frame it is seen in)."""
+        live = self.live(index)
+        if self.on_stride(index) or not live:
+            return True
+        if any(t.last.interocular < self.settings.every_frame_iod for t in live):
+            return True
+        return any(index - t.last_frame <= self.settings.max_lost for t in self.lost(index))
+
     def live(self, index: int) -> list[Track]:
-        """Tracks seen in the previous frame."""
-        return [t for t in self.tracks.values() if t.last_frame == index - 1]
+        """Tracks seen in the previous measured frame."""
+        stride = max(1, self.settings.detect_every)
+        return [t for t in self.tracks.values() if index - stride <= t.last_frame < index]
 
     def lost(self, index: int) -> list[Track]:
-        """Tracks not seen in the previous frame."""
-        return [t for t in self.tracks.values() if t.last_frame < index - 1]
+        """Tracks not seen in the previous measured frame."""
+        stride = max(1, self.settings.detect_every)
+        return [t for t in self.tracks.values() if t.last_frame < index - stride]
 
     def step(self, index: int, rgb: np.ndarray) -> FrameFaces:
-        """Detect and link the faces of frame ``index`` (rgb: [H,W,3] uint8 upright)."""
+        """Detect and link the faces of frame ``index`` (rgb: [H,W,3] uint8 upright): a
+        measured frame, or the video's last frame (so its faces need no extrapolation)."""
         s = self.settings
         live = self.live(index)
         recent_lost = [t for t in self.lost(index) if index - t.last_frame <= s.max_lost]
