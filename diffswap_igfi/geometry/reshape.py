@@ -50,9 +50,15 @@ def displacement_field(old: np.ndarray, new: np.ndarray, shape: tuple[int, int],
     gw, gh = max(2, int(np.ceil(w / step)) + 1), max(2, int(np.ceil(h / step)) + 1)
     gx = np.linspace(0, w - 1, gw)
     gy = np.linspace(0, h - 1, gh)
-    grid = np.stack(np.meshgrid(gx, gy), axis=-1).reshape(-1, 2)  # [G,2]
-    d2 = ((grid[:, None, :] - new[None, :, :]) ** 2).sum(-1)  # [G,K]
-    g = np.exp(-0.5 * d2 / sigma**2)
-    field = (g @ (new - old)) / (g.sum(1, keepdims=True) + 0.5)
+    grid = (np.stack(np.meshgrid(gx, gy), axis=-1).reshape(-1, 2) / sigma).astype(np.float32)
+    pts = (np.asarray(new, np.float64) / sigma).astype(np.float32)  # [K,2], units of sigma
+    move = (np.asarray(new, np.float64) - old).astype(np.float32)  # [K,2] pixels
+    # float32 elementwise products, no BLAS: this runs on every video frame, and float64
+    # exponentials or matrix products with an inner size of 2 cost several times as much
+    dx = grid[:, 0:1] - pts[None, :, 0]
+    dy = grid[:, 1:2] - pts[None, :, 1]
+    g = np.exp(-0.5 * (dx * dx + dy * dy))  # [G,K]
+    field = np.stack([(g * move[:, 0]).sum(1), (g * move[:, 1]).sum(1)], axis=1)
+    field /= g.sum(1, keepdims=True) + 0.5
     field = field.reshape(gh, gw, 2).astype(np.float32)
     return cv2.resize(field, (w, h), interpolation=cv2.INTER_LINEAR)
