@@ -99,7 +99,7 @@ def test_swaps_look_like_the_source_to_an_independent_recognizer(faces, photos, 
         to_source = recognizer.distance(swapped, recognizer.describe(s_img, s_face))
         to_target = recognizer.distance(swapped, recognizer.describe(t_img, t_face))
         wins.append(to_source < to_target)
-    assert sum(wins) >= 5, wins  # acceptance asks 4 of 5; measured 63 of 72 over all pairs
+    assert sum(wins) >= 5, wins  # acceptance asks 4 of 5; 60 of 72 over all pairs (eval)
 
 
 def test_large_faces_are_worked_at_bounded_resolution_and_stay_exact_outside(faces, photos):
@@ -171,6 +171,24 @@ def test_shape_transfer_moves_the_outline_and_warps_only_near_the_face(faces, ph
         t_face.points, target.shape[:2], ("face",)), 4) == 0)
     assert beyond.sum() > 500  # the surroundings of the jaw were warped
     assert (alpha > 0).sum() > (plain_alpha > 0).sum()
+
+
+def test_shape_transfer_is_on_by_default_and_off_on_request():
+    from diffswap_igfi.cli import _engine_options, build_parser
+    from diffswap_igfi.engines.factory import EngineOptions, build_engine
+
+    def options(*extra):
+        args = build_parser().parse_args(["swap", "-s", "a.png", "-t", "b.png", "-o", "c.png",
+                                          *extra])
+        return _engine_options(args)
+
+    assert build_engine(options()).shape_transfer == 1.0
+    assert build_engine(options("--no-shape-transfer")).shape_transfer == 0.0
+    assert build_engine(options("--shape-transfer")).shape_transfer == 1.0
+    # a diffusion warm start keeps the target's outline; asking for shape transfer there fails
+    assert options("--checkpoint", "ckpt").shape_transfer is None
+    with pytest.raises(InputError, match="shape-transfer"):
+        EngineOptions(checkpoint="ckpt", shape_transfer=1.0)
 
 
 def _cartoon(rgb: np.ndarray) -> np.ndarray:
