@@ -11,7 +11,12 @@
   ``off_tone_share``) in the output minus the same share in the target.
 - Far pixels: pixels farther than half a face from the face box must be unchanged.
 
-Run: python bench/eval_geometric_quality.py [--grid docs/]   (about a minute on 2 cores)
+Held-out figures: the same measures over the pairs whose source is one of the last four
+faces (people 5-8), which no engine setting was tuned on.
+
+Run: python bench/eval_geometric_quality.py [--grid docs/] [--no-shape-transfer]
+     python bench/eval_geometric_quality.py --compare   (before/after: shape transfer off
+     and on, one table; about a minute on 2 idle cores)
 """
 
 from __future__ import annotations
@@ -126,65 +131,104 @@ def save_grid(path: Path, rows: list[list[np.ndarray]], header: str) -> None:
         path, optimize=True)
 
 
+HELD_OUT = 5  # people[5:] (the group photo's last four faces): sources for the held-out figures
+
+
+def evaluate(engine: GeometricSwapper, photos: dict, faces: dict, detector, recognizer,
+             log: bool = True) -> tuple[dict, list, list]:
+    """All figures for one engine setting. Returns (figures, same-person grid rows, distinct
+    grid rows); figures holds lists per swap: ssim, and per distinct pair (source index,
+    target index, distance to source, distance to target, off-tone excess, far unchanged)."""
+    people = [(n, i) for n in NAMES for i in range(len(faces[n]))]
+    ssims, same_rows = [], []
+    for name in ("astronaut", "grace_hopper", "tom_hanks"):
+        target, t_face = photos[name], faces[name][0]
+        for label, src in variants(target, t_face).items():
+            found = detector.detect(src)
+            if not found:
+                print(f"  {name} {label}: no face found in the variant")
+                continue
+            out, _ = engine.swap_one(target, t_face, src, found[0])
+            ssims.append(face_ssim(out, target, t_face))
+            same_rows.append([crop_around(src, found[0]), crop_around(target, t_face),
+                              crop_around(out, t_face)])
+            if log:
+                print(f"  same person {name:12s} from {label:18s}: face SSIM {ssims[-1]:.3f}")
+    desc = {p: recognizer.describe(photos[p[0]], faces[p[0]][p[1]]) for p in people}
+    pairs, rows = [], []
+    for si, s in enumerate(people):
+        prepared = engine.prepare_source(photos[s[0]], faces[s[0]][s[1]])
+        for ti, t in enumerate(people):
+            if s == t or s[0] == t[0] and s[0] != "group":
+                continue
+            target, t_face = photos[t[0]], faces[t[0]][t[1]]
+            out, _ = engine.swap_one(target, t_face, prepared)
+            d = recognizer.describe(out, t_face)
+            pairs.append((si, ti, recognizer.distance(d, desc[s]),
+                          recognizer.distance(d, desc[t]),
+                          off_tone_share(out, target, t_face)
+                          - off_tone_share(target, target, t_face),
+                          far_unchanged(out, target, t_face)))
+            if t[0] != "group" and s[1] == 0 or (s[0] != "group" and t == ("group", 0)):
+                rows.append([crop_around(photos[s[0]], faces[s[0]][s[1]]),
+                             crop_around(target, t_face), crop_around(out, t_face)])
+    return {"ssim": ssims, "pairs": pairs}, same_rows, rows
+
+
+def identity(pairs: list) -> str:
+    """'wins/n (pct%), median d' over distinct pairs (see ``evaluate``)."""
+    wins = sum(p[2] < p[3] for p in pairs)
+    return (f"{wins}/{len(pairs)} ({100 * wins / len(pairs):.0f}%), "
+            f"{statistics.median(p[2] for p in pairs):.3f}")
+
+
+def table(results: dict[str, dict]) -> str:
+    """A markdown table of the figures, one column per engine setting."""
+    rows = [("same person: median face SSIM (min)",
+             lambda f: f"{statistics.median(f['ssim']):.3f} ({min(f['ssim']):.3f})"),
+            ("distinct: closer to source, median dlib distance to source",
+             lambda f: identity(f["pairs"])),
+            ("  tuning half (sources 0-4)",
+             lambda f: identity([p for p in f["pairs"] if p[0] < HELD_OUT])),
+            ("  held-out half (sources 5-8)",
+             lambda f: identity([p for p in f["pairs"] if p[0] >= HELD_OUT])),
+            ("off-tone excess: median / 90th percentile",
+             lambda f: f"{100 * statistics.median(p[4] for p in f['pairs']):+.1f}% / "
+                       f"{100 * float(np.percentile([p[4] for p in f['pairs']], 90)):+.1f}%"),
+            ("far pixels unchanged",
+             lambda f: f"{sum(p[5] for p in f['pairs'])}/{len(f['pairs'])}")]
+    lines = ["| figure | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(f) for f in results.values()) + " |"
+              for name, cell in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", type=Path, default=None, help="write before/after grids here")
-    parser.add_argument("--shape-transfer", action="store_true", help="measure with it on")
+    parser.add_argument("--shape-transfer", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure with shape transfer on (the engine's default) or off")
+    parser.add_argument("--compare", action="store_true",
+                        help="measure both settings and print one table (grids: the default)")
     args = parser.parse_args()
     photos = {n: load_image(sample_path(n)).rgb for n in NAMES}
-    engine = GeometricSwapper(shape_transfer=1.0 if args.shape_transfer else 0.0)
+    settings = ([True, False] if args.compare else [args.shape_transfer])
     recognizer = DlibRecognizer()
+    results, grids = {}, None
     with FaceDetector() as detector:
         faces = {n: detector.detect(photos[n]) for n in NAMES}
-        people = [(n, i) for n in NAMES for i in range(len(faces[n]))]
-        # same person
-        ssims, same_rows = [], []
-        for name in ("astronaut", "grace_hopper", "tom_hanks"):
-            target, t_face = photos[name], faces[name][0]
-            for label, src in variants(target, t_face).items():
-                found = detector.detect(src)
-                if not found:
-                    print(f"  {name} {label}: no face found in the variant")
-                    continue
-                out, _ = engine.swap_one(target, t_face, src, found[0])
-                ssims.append(face_ssim(out, target, t_face))
-                same_rows.append([crop_around(src, found[0]), crop_around(target, t_face),
-                                  crop_around(out, t_face)])
-                print(f"  same person {name:12s} from {label:18s}: face SSIM {ssims[-1]:.3f}")
-        # distinct people
-        desc = {p: recognizer.describe(photos[p[0]], faces[p[0]][p[1]]) for p in people}
-        wins, to_src, leaks, far_ok, rows = [], [], [], [], []
-        for s in people:
-            prepared = engine.prepare_source(photos[s[0]], faces[s[0]][s[1]])
-            for t in people:
-                if s == t or s[0] == t[0] and s[0] != "group":
-                    continue
-                target, t_face = photos[t[0]], faces[t[0]][t[1]]
-                out, _ = engine.swap_one(target, t_face, prepared)
-                d = recognizer.describe(out, t_face)
-                ds, dt = recognizer.distance(d, desc[s]), recognizer.distance(d, desc[t])
-                wins.append(ds < dt)
-                to_src.append(ds)
-                leaks.append(off_tone_share(out, target, t_face)
-                             - off_tone_share(target, target, t_face))
-                far_ok.append(far_unchanged(out, target, t_face))
-                if t[0] != "group" and s[1] == 0 or (s[0] != "group" and t == ("group", 0)):
-                    rows.append([crop_around(photos[s[0]], faces[s[0]][s[1]]),
-                                 crop_around(target, t_face), crop_around(out, t_face)])
-    print(f"same person: median face SSIM {statistics.median(ssims):.3f} over {len(ssims)} "
-          f"swaps (min {min(ssims):.3f})")
-    print(f"distinct people: {sum(wins)}/{len(wins)} closer to the source "
-          f"({100 * sum(wins) / len(wins):.1f}%), median dlib distance to the source "
-          f"{statistics.median(to_src):.3f}")
-    print(f"colour leak: off-tone share above the target's own, median "
-          f"{100 * statistics.median(leaks):+.2f}%, 90th percentile "
-          f"{100 * float(np.percentile(leaks, 90)):+.2f}%")
-    print(f"far pixels unchanged on {sum(far_ok)}/{len(far_ok)} swaps")
+        for on in settings:
+            engine = GeometricSwapper(shape_transfer=1.0 if on else 0.0)
+            figures, same_rows, rows = evaluate(engine, photos, faces, detector, recognizer,
+                                                log=not args.compare)
+            results["shape transfer on" if on else "off (--no-shape-transfer)"] = figures
+            grids = grids or (same_rows, rows)
+    print(table(results))
     if args.grid:
         args.grid.mkdir(parents=True, exist_ok=True)
-        save_grid(args.grid / "geometric_same_person.png", same_rows[::2],
+        save_grid(args.grid / "geometric_same_person.png", grids[0][::2],
                   "same person: changed copy (source) | original (target) | swap")
-        save_grid(args.grid / "geometric_distinct.png", rows[:8],
+        save_grid(args.grid / "geometric_distinct.png", grids[1][:8],
                   "distinct people: source | target | swap")
 
 

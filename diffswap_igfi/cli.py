@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="geometric: the source's eyes even when they are less open than "
                            "the target's (default: the target's then); either way they look "
                            "where the target looks")
-    swap.add_argument("--shape-transfer", action="store_true",
-                      help="geometric: move the face outline to the source's face shape")
+    swap.add_argument("--shape-transfer", action=argparse.BooleanOptionalAction, default=None,
+                      help="geometric: move the face outline to the source's face shape "
+                           "(default: on; --no-shape-transfer keeps the target's outline)")
     swap.add_argument("--domain", choices=["auto", "photo", "stylized"], default=None,
                       help="geometric: stylized = a drawn/animated target, the face takes its "
                            "flat colours (default: auto)")
@@ -260,7 +261,8 @@ def _engine_options(args: argparse.Namespace, mix_sources=()):
     return EngineOptions(engine=args.engine, blend=args.blend, occlusion_mask=occlusion,
                          keep_eyes="never" if args.source_eyes else "auto",
                          keep_mouth_interior="never" if args.source_mouth else "always",
-                         shape_transfer=1.0 if args.shape_transfer else 0.0,
+                         shape_transfer=None if args.shape_transfer is None
+                         else float(args.shape_transfer),
                          domain=args.domain or "auto", auto_occluders=args.auto_occluders,
                          checkpoint=args.checkpoint, steps=args.steps, guidance=args.guidance,
                          seed=args.seed, device=args.device, warm_start=args.warm_start,

@@ -107,6 +107,8 @@ def test_engines_share_one_contract(pipe, tmp_path, photos, faces):
         assert image.shape == target.shape and np.array_equal(image[alpha == 0],
                                                               target[alpha == 0])
     assert diffusion.warm_engine is not None and diffusion.warm_engine.blend == "alpha"
+    # the warm start keeps the target's outline (its masked sampling keeps the surroundings)
+    assert diffusion.warm_engine.shape_transfer == 0.0 and geometric.shape_transfer == 1.0
     with pytest.raises(InputError, match="need --engine diffusion"):
         EngineOptions(engine="geometric", warm_start=0.5)
     with pytest.raises(InputError, match="warm-start"):

@@ -99,7 +99,7 @@ def test_swaps_look_like_the_source_to_an_independent_recognizer(faces, photos, 
         to_source = recognizer.distance(swapped, recognizer.describe(s_img, s_face))
         to_target = recognizer.distance(swapped, recognizer.describe(t_img, t_face))
         wins.append(to_source < to_target)
-    assert sum(wins) >= 5, wins  # acceptance asks 4 of 5; measured 63 of 72 over all pairs
+    assert sum(wins) >= 5, wins  # acceptance asks 4 of 5; 60 of 72 over all pairs (eval)
 
 
 def test_large_faces_are_worked_at_bounded_resolution_and_stay_exact_outside(faces, photos):
@@ -165,12 +165,30 @@ def test_shape_transfer_moves_the_outline_and_warps_only_near_the_face(faces, ph
     shift = np.linalg.norm(moved.points[oval] - t_face.points[oval], axis=1)
     assert shift.max() > 0.1 * t_face.interocular  # a narrower face than Grace Hopper's
     out, alpha = engine.swap_one(target, t_face, source)
-    plain, plain_alpha = GeometricSwapper().swap_one(target, t_face, source)
+    plain, plain_alpha = GeometricSwapper(shape_transfer=0.0).swap_one(target, t_face, source)
     assert np.array_equal(out[alpha == 0], target[alpha == 0])
     beyond = (alpha > 0) & (masks.dilate(masks.region_mask(
         t_face.points, target.shape[:2], ("face",)), 4) == 0)
     assert beyond.sum() > 500  # the surroundings of the jaw were warped
     assert (alpha > 0).sum() > (plain_alpha > 0).sum()
+
+
+def test_shape_transfer_is_on_by_default_and_off_on_request():
+    from diffswap_igfi.cli import _engine_options, build_parser
+    from diffswap_igfi.engines.factory import EngineOptions, build_engine
+
+    def options(*extra):
+        args = build_parser().parse_args(["swap", "-s", "a.png", "-t", "b.png", "-o", "c.png",
+                                          *extra])
+        return _engine_options(args)
+
+    assert build_engine(options()).shape_transfer == 1.0
+    assert build_engine(options("--no-shape-transfer")).shape_transfer == 0.0
+    assert build_engine(options("--shape-transfer")).shape_transfer == 1.0
+    # a diffusion warm start keeps the target's outline; asking for shape transfer there fails
+    assert options("--checkpoint", "ckpt").shape_transfer is None
+    with pytest.raises(InputError, match="shape-transfer"):
+        EngineOptions(checkpoint="ckpt", shape_transfer=1.0)
 
 
 def _cartoon(rgb: np.ndarray) -> np.ndarray:
@@ -230,10 +248,15 @@ def test_a_face_filling_the_photo_changes_nothing_outside_its_oval(faces, photos
     cut = np.ascontiguousarray(photos["grace_hopper"].rgb[y0 + 20:y1 - 10, x0 + 10:x1 - 10])
     shift = np.array([[1.0, 0, -(x0 + 10)], [0, 1.0, -(y0 + 20)]])
     cut_face = face.transformed(shift, cut.shape[:2])
-    engine = GeometricSwapper()
+    engine = GeometricSwapper(shape_transfer=0.0)  # the texture alone
     out, alpha = engine.swap_one(cut, cut_face, photos["astronaut"].rgb, faces["astronaut"][0])
     assert np.array_equal(out[alpha == 0], cut[alpha == 0])
     grow = int(round(engine.grow * cut_face.interocular)) + 2
-    oval = masks.dilate(masks.region_mask(cut_face.points, cut.shape[:2], ("face",)), grow)
-    assert not alpha[oval == 0].any()  # nothing past the face (no ears, no background)
-    assert (alpha > 0.99).mean() > 0.3
+    oval = masks.region_mask(cut_face.points, cut.shape[:2], ("face",))
+    assert not alpha[masks.dilate(oval, grow) == 0].any()  # nothing past the face (no ears,
+    assert (alpha > 0.99).mean() > 0.3  # no background)
+    # shape transfer (the default) also moves the target's own surroundings toward the
+    # source's outline (tested on its own below); still exact where it leaves alpha at 0
+    out, alpha = GeometricSwapper().swap_one(cut, cut_face, photos["astronaut"].rgb,
+                                             faces["astronaut"][0])
+    assert np.array_equal(out[alpha == 0], cut[alpha == 0])

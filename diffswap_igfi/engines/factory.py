@@ -37,7 +37,7 @@ class EngineOptions:
     occlusion_mask: np.ndarray | None = None
     keep_eyes: str = "auto"
     keep_mouth_interior: str = "always"
-    shape_transfer: float = 0.0
+    shape_transfer: float | None = None  # None: the geometric engine's default (on)
     domain: str = "auto"
     auto_occluders: bool = False
     checkpoint: str | Path | None = None
@@ -94,10 +94,15 @@ class EngineOptions:
 def build_engine(options: EngineOptions) -> SwapEngine:
     """The engine ``options`` ask for. Loading a diffusion checkpoint raises
     ModelNotFoundError with what to do."""
+    # a diffusion warm start keeps the target's outline: its masked sampling keeps every pixel
+    # outside the target's face exactly, so a warped jaw would not line up with them
+    shape = options.shape_transfer
+    if shape is None:
+        shape = GeometricSwapper.shape_transfer if options.name == "geometric" else 0.0
     geometric = GeometricSwapper(blend=options.blend, occlusion_mask=options.occlusion_mask,
                                  keep_eyes=options.keep_eyes,
                                  keep_mouth_interior=options.keep_mouth_interior,
-                                 shape_transfer=options.shape_transfer, domain=options.domain,
+                                 shape_transfer=shape, domain=options.domain,
                                  auto_occluders=options.auto_occluders)
     if options.name == "geometric":
         return geometric

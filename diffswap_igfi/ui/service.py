@@ -323,8 +323,11 @@ class SwapService:
         the --mix-source photos are detected here and enter as Sources."""
         from diffswap_igfi.engines.geometric import GeometricSwapper
 
+        # a diffusion warm start keeps the target's outline (as engines.factory does)
         geometric = GeometricSwapper(blend=options.blend,
-                                     keep_mouth_interior=options.keep_mouth_interior)
+                                     keep_mouth_interior=options.keep_mouth_interior,
+                                     shape_transfer=GeometricSwapper.shape_transfer
+                                     if options.engine == "geometric" else 0.0)
         if options.engine == "geometric":
             return geometric
         mix: list[Source] = []
