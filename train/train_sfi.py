@@ -11,8 +11,11 @@ One training step, start to end:
    and the masked target; ArcFace embeds the source, CLIP the face-blanked target, and the
    projectors turn both into cross-attention tokens. Noise is added at a random timestep; the
    UNet sees [noisy latents | mask | masked latents | geometry] and predicts the noise
-   (diffusion loss). On a share of the batch the midpoint identity loss estimates the clean
-   face, decodes it and compares its ArcFace embedding with the source's.
+   (diffusion loss). On a share of the batch the midpoint estimate of the clean face is
+   decoded once and judged: its ArcFace embedding against the source's (identity), its 3DDFA_V2
+   shape, pose and expression against the target's (tddfa), its eye landmarks (eye) and VGG16
+   features (perceptual) against the target's, each when its weight is on. With
+   ``model.condition: blurred`` the UNet sees the target's face blurred instead of blanked.
 3. ``TrainLoop.step`` (diffswap_igfi/training/loop.py): backward; every accumulation cycle it
    clips, steps the optimizer, the LR schedule and the EMA, writes metrics.jsonl and
    tensorboard, and saves a checkpoint when due.
@@ -49,7 +52,8 @@ def train(args: argparse.Namespace) -> int:
         raise InputError(f"{args.data} holds {dataset.crop_size}px crops but the config trains "
                          f"at {config.model.crop_size}px: preprocess with --crop-size "
                          f"{config.model.crop_size} or change model.crop_size")
-    from diffswap_igfi.sfi.training import SFITrainable, build_sfi_pipeline, training_scheduler
+    from diffswap_igfi.sfi.training import (SFITrainable, build_sfi_pipeline, midpoint_judges,
+                                            training_scheduler)
     from diffswap_igfi.training.loop import TrainLoop, flat
 
     run_dir = Path(args.output)
@@ -58,12 +62,9 @@ def train(args: argparse.Namespace) -> int:
 
     # the pipeline the config describes; its UNet and projectors train
     pipe = build_sfi_pipeline(config)
-    id_loss = None
-    if config.loss.id_weight > 0:
-        from diffswap_igfi.sfi.losses import IdentityLoss
-
-        id_loss = IdentityLoss(pipe.identity_encoder)
-    model = SFITrainable(pipe, training_scheduler(pipe), config, id_loss)
+    # the frozen judges of the decoded midpoint estimate: identity, 3DMM, eye, perceptual
+    model = SFITrainable(pipe, training_scheduler(pipe), config,
+                         judges=midpoint_judges(config, pipe))
     model.frozen.to(loop.accelerator.device)
     for name in ("unet", "id_projector", "clip_projector"):
         getattr(model, name).requires_grad_(name in config.train.train_modules)

@@ -13,10 +13,12 @@ folded into the convolutions as the exporter does), or a safetensors state dict 
   BatchNormalization, Relu, pooling, Gemm or MatMul+Add) or from ``*.safetensors``.
 - ``roi_crop``: the regressor's input cut from a batch of images by a differentiable affine
   sampling of each face's roi box (bilinear, zero outside the image), BGR and scaled by
-  ``(v - 127.5) / 128`` as 3DDFA_V2 feeds it.
-- ``TDDFAParams``: regressor + basis normalisation: images and boxes in, de-normalised params
-  [B, 12+S+E] out, ``split`` into pose [B,3,4], shape [B,S], expression [B,E], and (with the
-  BFM basis) ``landmarks``: the 68 keypoints in image pixels, differentiable.
+  ``(v - 127.5) / 128`` as 3DDFA_V2 feeds it; ``roi_boxes_from_kps``: that roi box from five
+  keypoints (what training batches carry).
+- ``TDDFAParams`` (``from_path``: a folder or a regressor file): regressor + basis
+  normalisation: images and boxes in, de-normalised params [B, 12+S+E] out, ``split`` into pose
+  [B,3,4], shape [B,S], expression [B,E], and (with the BFM basis) ``landmarks``: the 68
+  keypoints in image pixels, differentiable.
 - ``ThreeDMMLoss`` (MFIM's 3DMM supervision): the swap's shape equal to the source's, its pose
   and expression equal to the target's; ``EyeLoss`` (GHOST's eye loss): eye-region landmark
   heatmaps of the swap equal to the target's.
@@ -218,6 +220,29 @@ def roi_crop(images: torch.Tensor, boxes: torch.Tensor, size: int = INPUT_SIZE) 
     return (crop.flip(1) - 127.5) / 128.0
 
 
+# Fitted on the 9 faces of the shipped photos (MediaPipe mesh -> 68 points -> 3DDFA_V2's
+# landmark roi): the roi's centre lies 0.67 +- 0.11 of the way from the eye centre to the mouth
+# centre (0.10 +- 0.18 of it sideways: taken as 0), its side is 3.17 +- 0.24 eye-to-mouth
+# distances (the eye-to-eye distance varies 3x more with yaw).
+KPS_ROI_CENTRE = 0.67
+KPS_ROI_SIDE = 3.17
+
+
+def roi_boxes_from_kps(kps: torch.Tensor) -> torch.Tensor:
+    """3DDFA_V2's roi box of faces known by their five keypoints (no 68-point fit needed).
+
+    kps: [B,5,2] pixels in ArcFace order (eyes, nose, mouth corners). Returns [B,4] (x0, y0,
+    x1, y1), square, axis-aligned, not rounded (``roi_crop`` samples sub-pixel boxes): centre
+    ``KPS_ROI_CENTRE`` of the way from the eye centre to the mouth centre, side ``KPS_ROI_SIDE``
+    eye-to-mouth distances. On aligned crops (fixed template) this is nearly one fixed box.
+    """
+    kps = kps.float()
+    eyes, mouth = kps[:, :2].mean(1), kps[:, 3:5].mean(1)
+    centre = eyes + KPS_ROI_CENTRE * (mouth - eyes)
+    half = 0.5 * KPS_ROI_SIDE * (mouth - eyes).norm(dim=-1, keepdim=True)
+    return torch.cat([centre - half, centre + half], dim=-1)
+
+
 class TDDFAParams(nn.Module):
     """Differentiable 3DDFA_V2 parameters: regressor + the basis' normalisation.
 
@@ -250,6 +275,25 @@ class TDDFAParams(nn.Module):
         basis = load_basis(folder)
         return cls(load_tddfa_regressor(folder / ONNX_NAME), basis["param_mean"],
                    basis["param_std"], basis["w_shp_base"].shape[1], basis)
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> TDDFAParams:
+        """From the converted folder (``mb1_120x120.onnx``, or ``mb1_120x120.safetensors``
+        from ``save_regressor``, beside ``bfm_68.*``) or from a regressor file (.onnx or
+        .safetensors) whose folder holds the basis."""
+        from diffswap_igfi.geometry.tddfa import ONNX_NAME, load_basis
+
+        path = Path(path).expanduser()
+        if path.is_dir():
+            folder = path
+            onnx_file = folder / ONNX_NAME
+            regressor = onnx_file if onnx_file.is_file() else onnx_file.with_suffix(
+                ".safetensors")
+        else:
+            folder, regressor = path.parent, path
+        basis = load_basis(folder)
+        return cls(load_tddfa_regressor(regressor), basis["param_mean"], basis["param_std"],
+                   basis["w_shp_base"].shape[1], basis)
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         normalised = self.regressor(roi_crop(images, boxes))
@@ -298,14 +342,20 @@ class ThreeDMMLoss(nn.Module):
                 swap_boxes: torch.Tensor, source_boxes: torch.Tensor,
                 target_boxes: torch.Tensor) -> dict[str, torch.Tensor]:
         """swap/source/target: [B,3,H,W] in [-1,1]; boxes [B,4] pixels (3DDFA rois)."""
-        std = self.params.std
         with torch.no_grad():
-            src = self.params(source, source_boxes) / std
-            tgt = self.params(target, target_boxes) / std
-        out = self.params(swap, swap_boxes) / std
+            src = self.params(source, source_boxes)
+            tgt = src if (target is source and target_boxes is source_boxes) else \
+                self.params(target, target_boxes)
+        return self.terms(self.params(swap, swap_boxes), src, tgt)
+
+    def terms(self, out: torch.Tensor, src: torch.Tensor,
+              tgt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss from de-normalised params [B,12+S+E] already regressed (``TDDFAParams``
+        outputs) of the swap (with gradients), the source and the target (constants)."""
+        std = self.params.std.to(out.dtype)
         split = self.params.split
         (p_out, s_out, e_out), (_, s_src, _), (p_tgt, _, e_tgt) = \
-            split(out), split(src), split(tgt)
+            split(out / std), split(src.detach() / std), split(tgt.detach() / std)
         terms = {"shape": (s_out - s_src).abs().mean(), "pose": (p_out - p_tgt).abs().mean(),
                  "expression": (e_out - e_tgt).abs().mean()}
         terms["total"] = sum(w * terms[k] for w, k in zip(self.weights,
@@ -339,9 +389,17 @@ class EyeLoss(nn.Module):
                 boxes: torch.Tensor) -> torch.Tensor:
         """swap/target: [B,3,H,W] in [-1,1], aligned alike (the swap repaints the target's crop);
         boxes [B,4] the target's 3DDFA rois. Returns the mean squared heatmap difference."""
-        size = swap.shape[-2:]
         with torch.no_grad():
-            want = self.params.landmarks(self.params(target, boxes), boxes)[:, list(EYE_POINTS)]
-            want_maps = landmark_heatmaps(want, size, self.sigma)
-        got = self.params.landmarks(self.params(swap, boxes), boxes)[:, list(EYE_POINTS)]
-        return (landmark_heatmaps(got, size, self.sigma) - want_maps).pow(2).mean()
+            want = self.params(target, boxes)
+        return self.from_params(self.params(swap, boxes), want, boxes, swap.shape[-2:])
+
+    def from_params(self, got: torch.Tensor, want: torch.Tensor, boxes: torch.Tensor,
+                    size: tuple[int, int]) -> torch.Tensor:
+        """The loss from de-normalised params [B,12+S+E] of the swap (with gradients) and of
+        the target (a constant), both regressed in ``boxes`` [B,4] of images of ``size``."""
+        eyes = list(EYE_POINTS)
+        with torch.no_grad():
+            want_maps = landmark_heatmaps(self.params.landmarks(want.detach(), boxes)[:, eyes],
+                                          size, self.sigma)
+        got_points = self.params.landmarks(got, boxes)[:, eyes]
+        return (landmark_heatmaps(got_points, size, self.sigma) - want_maps).pow(2).mean()

@@ -2,7 +2,8 @@
 (``sfi.training``): the VAE latents of the target crop and of the crop with the face blanked,
 CLIP tokens of the blanked crop (of the whole source crop for head swaps), and the UNet's
 input layout
-``cat([latents, mask, masked latents, geometry])`` with the cross-attention context."""
+``cat([latents, mask, masked latents, geometry])`` with the cross-attention context. The
+"masked latents" encode the crop with the face blanked, or blurred (``sfi.blurred``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from diffswap_igfi.conditions.clip import blank_face
+from diffswap_igfi.sfi.blurred import condition_image
 from diffswap_igfi.sfi.sampling import latent_mask
 
 
@@ -26,17 +28,21 @@ class EncodedCrops:
     clip_tokens: torch.Tensor | None
 
 
-def encode_crops(vae, clip_encoder, images: torch.Tensor, mask: torch.Tensor) -> EncodedCrops:
-    """VAE-encode the target crops and the crops with the face blanked; CLIP-encode the blanked
-    crops (skipped when ``clip_encoder`` is None).
+def encode_crops(vae, clip_encoder, images: torch.Tensor, mask: torch.Tensor, *,
+                 condition: str = "masked", condition_blur: float = 0.125) -> EncodedCrops:
+    """VAE-encode the target crops and the crops with the face blanked (``condition`` masked)
+    or strongly blurred (blurred: ``sfi.blurred.blur_face``, sigma ``condition_blur`` x the face
+    size); CLIP-encode the blanked crops either way (skipped when ``clip_encoder`` is None).
 
     images: [B,3,S,S] float in [-1,1]; mask: [B,1,S,S] in [0,1], 1 = repaint. The latent mask is
     1 wherever any of a cell's pixels is (``latent_mask``).
     """
     blanked = blank_face(images, mask)
+    shown = blanked if condition == "masked" else condition_image(images, mask, condition,
+                                                                   condition_blur)
     scaling = vae.config.scaling_factor
     latents = vae.encode(images).latent_dist.mode() * scaling
-    masked_latents = vae.encode(blanked).latent_dist.mode() * scaling
+    masked_latents = vae.encode(shown).latent_dist.mode() * scaling
     tokens = None
     if clip_encoder is not None:
         tokens = clip_encoder(blanked.to(clip_encoder.dtype))[0]

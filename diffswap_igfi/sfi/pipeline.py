@@ -2,7 +2,8 @@
 
 ``__call__`` reads top to bottom as the algorithm: for every (target face, source) pair build
 the conditions (identity of the source, CLIP tokens of the target crop with the face blanked,
-swapped geometry and the 3D-aware mask; cached on the face records), encode the target crops,
+swapped geometry and the 3D-aware mask; cached on the face records), encode the target crops
+(and the crops with the face blanked, or blurred: ``config.condition``),
 run masked sampling with identity guidance, decode, keep the target's pixels outside the mask,
 and paste back into the photo. Faces come in already detected: the pipeline detects nothing.
 """
@@ -28,6 +29,7 @@ from diffswap_igfi.conditions.tensors import to_tensor, to_uint8
 from diffswap_igfi.faces.blend import composite
 from diffswap_igfi.faces.paste import paste_back
 from diffswap_igfi.faces.record import FaceRecord
+from diffswap_igfi.sfi.blurred import CONDITIONS
 from diffswap_igfi.sfi.conditioning import UNetConditions, encode_crops
 from diffswap_igfi.sfi.sampling import (guided, id_mix_processors, masked_sample,
                                         warm_start_timesteps)
@@ -140,13 +142,20 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
                  identity_encoder: ArcFaceEncoderModel, clip_encoder: ClipVisionEncoderModel,
                  refiner: torch.nn.Module | None = None,
                  dictionary: torch.nn.Module | None = None, crop_size: int = 512,
-                 template: str = "ffhq", region: str = "face") -> None:
+                 template: str = "ffhq", region: str = "face", condition: str = "masked",
+                 condition_blur: float = 0.125) -> None:
         super().__init__()
+        if condition not in CONDITIONS:
+            raise ValueError(f"condition must be one of {', '.join(CONDITIONS)}, got "
+                             f"{condition!r}")
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, id_projector=id_projector,
                               clip_projector=clip_projector, identity_encoder=identity_encoder,
                               clip_encoder=clip_encoder, refiner=refiner, dictionary=dictionary)
-        # region: what the model was trained to repaint (face | head), the default of __call__
-        self.register_to_config(crop_size=crop_size, template=template, region=region)
+        # region: what the model was trained to repaint (face | head), the default of __call__;
+        # condition: what the UNet's masked-image input shows of the face (sfi.blurred); both
+        # part of the checkpoint, so inference does what training did
+        self.register_to_config(crop_size=crop_size, template=template, region=region,
+                                condition=condition, condition_blur=float(condition_blur))
         for module in (vae, unet, id_projector, clip_projector, identity_encoder, clip_encoder,
                        refiner, dictionary):
             if module is not None:
@@ -299,7 +308,8 @@ class DiffSwapIGFIPipeline(DiffusionPipeline):
         """
         t0 = time.perf_counter()
         encoded = encode_crops(self.vae, self.clip_encoder if clip_tokens is None else None, x,
-                               hard.to(x.device).to(x))
+                               hard.to(x.device).to(x), condition=self.config.condition,
+                               condition_blur=self.config.condition_blur)
         seconds = time.perf_counter() - t0
         tokens = encoded.clip_tokens if clip_tokens is None else clip_tokens
         return PreparedCrops(x=x, crops=to_uint8(x), soft=soft, geometry=geometry,

@@ -52,8 +52,38 @@ def build_sfi_pipeline(config: SFIConfig) -> DiffSwapIGFIPipeline:
                           f"it was trained")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,
                                                prediction_type=m.prediction_type or base)
-    pipe.register_to_config(region=m.region)  # inference repaints what training masked
+    # saved with the pipeline: inference repaints what training masked and conditions the
+    # UNet as training did
+    pipe.register_to_config(region=m.region, condition=m.condition,
+                            condition_blur=float(m.condition_blur))
     return pipe
+
+
+def midpoint_judges(config: SFIConfig, pipe: DiffSwapIGFIPipeline,
+                    id_loss: torch.nn.Module | None = None):
+    """The losses the config asks for on the decoded midpoint estimate (``sfi.losses.
+    MidpointJudges``), or None when all are off. id_loss: the identity loss to use (default:
+    ``IdentityLoss`` of the pipeline's ArcFace when ``loss.id_weight`` > 0)."""
+    from diffswap_igfi.sfi.losses import IdentityLoss, MidpointJudges, PerceptualLoss
+
+    loss, model = config.loss, config.model
+    if id_loss is None and loss.id_weight > 0:
+        id_loss = IdentityLoss(pipe.identity_encoder)
+    tddfa = eye = perceptual = None
+    if loss.tddfa_weight > 0 or loss.eye_weight > 0:
+        from diffswap_igfi.geometry.tddfa_torch import EyeLoss, TDDFAParams, ThreeDMMLoss
+
+        params = TDDFAParams.from_path(model.tddfa).eval()
+        if loss.tddfa_weight > 0:
+            tddfa = ThreeDMMLoss(params)
+        if loss.eye_weight > 0:
+            # heatmaps as wide as a 64 px crop's 2 px, at any crop size
+            eye = EyeLoss(params, sigma=model.crop_size / 32.0)
+    if loss.perceptual_weight > 0:
+        perceptual = PerceptualLoss(loss.perceptual_weights)
+    judges = MidpointJudges(identity=id_loss if loss.id_weight > 0 else None, tddfa=tddfa,
+                            eye=eye, perceptual=perceptual)
+    return judges if judges.names else None
 
 
 def training_scheduler(pipe: DiffSwapIGFIPipeline) -> DDPMScheduler:
@@ -68,17 +98,20 @@ class Frozen:
     vae: torch.nn.Module
     identity_encoder: torch.nn.Module
     clip_encoder: torch.nn.Module
+    judges: torch.nn.Module | None = None  # the image-space losses' networks (ArcFace, ...)
 
     @classmethod
-    def of(cls, pipe: DiffSwapIGFIPipeline) -> Frozen:
-        for module in (pipe.vae, pipe.identity_encoder, pipe.clip_encoder):
-            module.requires_grad_(False)
-            module.eval()
-        return cls(pipe.vae, pipe.identity_encoder, pipe.clip_encoder)
+    def of(cls, pipe: DiffSwapIGFIPipeline, judges: torch.nn.Module | None = None) -> Frozen:
+        for module in (pipe.vae, pipe.identity_encoder, pipe.clip_encoder, judges):
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+        return cls(pipe.vae, pipe.identity_encoder, pipe.clip_encoder, judges)
 
     def to(self, device) -> Frozen:
-        for module in (self.vae, self.identity_encoder, self.clip_encoder):
-            module.to(device)
+        for module in (self.vae, self.identity_encoder, self.clip_encoder, self.judges):
+            if module is not None:
+                module.to(device)
         return self
 
 
@@ -92,15 +125,25 @@ class SFITrainable(torch.nn.Module):
     """
 
     def __init__(self, pipe: DiffSwapIGFIPipeline, scheduler: DDPMScheduler, config: SFIConfig,
-                 id_loss: torch.nn.Module | None = None) -> None:
+                 id_loss: torch.nn.Module | None = None, *, judges=None) -> None:
+        """id_loss: the identity loss (kept for callers that pass only it); judges: a
+        ``sfi.losses.MidpointJudges`` (``midpoint_judges``) with every image-space term, which
+        takes precedence. Both are frozen and held outside the module tree (see the class
+        doc); ``frozen.to`` moves them with the VAE."""
         super().__init__()
         self.unet = pipe.unet
         self.id_projector = pipe.id_projector
         self.clip_projector = pipe.clip_projector
-        object.__setattr__(self, "frozen", Frozen.of(pipe))
+        if judges is None and id_loss is not None and config.loss.id_weight > 0:
+            from diffswap_igfi.sfi.losses import MidpointJudges
+
+            judges = MidpointJudges(identity=id_loss)
+        object.__setattr__(self, "frozen", Frozen.of(pipe, judges))
         object.__setattr__(self, "scheduler", scheduler)
         object.__setattr__(self, "config", config)
-        object.__setattr__(self, "id_loss", id_loss)
+        object.__setattr__(self, "judges", judges)
+        object.__setattr__(self, "condition", (pipe.config.condition,
+                                               pipe.config.condition_blur))
 
     def forward(self, batch: dict, noise_seed: torch.Tensor) -> dict:
         """Losses of one batch of self-reconstruction.
@@ -111,18 +154,23 @@ class SFITrainable(torch.nn.Module):
         CLIP tokens of their whole source crop, ``head_reference_tokens``). noise_seed: a [1]
         int64 tensor seeding this step's noise and timesteps, so a resumed run draws exactly
         what the uninterrupted one drew.
-        Returns {"loss", "diffusion", "identity"} scalars (identity 0 when disabled), and
-        "head_share" (the share of head masks in the batch) when ``augment.mask_head`` is on.
+        Returns {"loss", "diffusion", "identity"} scalars (identity 0 when disabled), plus
+        each enabled image-space term of ``judges`` (tddfa with tddfa_shape/_pose/_expression,
+        eye, perceptual; 0 on steps where no sample qualifies), and "head_share" (the share of
+        head masks in the batch) when ``augment.mask_head`` is on. The image-space terms all
+        score one decoded midpoint estimate of the same sub-batch (``loss.id_fraction`` of it,
+        t in [id_t_min, id_t_max), identity not dropped).
         """
-        from diffswap_igfi.sfi.losses import (diffusion_loss, diffusion_target,
-                                              midpoint_identity_loss)
+        from diffswap_igfi.sfi.losses import diffusion_loss, diffusion_target, midpoint_images
 
         frozen, scheduler, config = self.frozen, self.scheduler, self.config
         target, mask = batch["target"], batch["mask"]
         device, dtype = target.device, target.dtype
         generator = torch.Generator().manual_seed(int(noise_seed.item()))
         with torch.no_grad():
-            encoded = encode_crops(frozen.vae, frozen.clip_encoder, target, mask)
+            condition, blur = self.condition
+            encoded = encode_crops(frozen.vae, frozen.clip_encoder, target, mask,
+                                   condition=condition, condition_blur=blur)
             clip_tokens = encoded.clip_tokens
             if "head" in batch:  # head-masked samples (augment.mask_head) see the source's hair
                 clip_tokens = head_reference_tokens(frozen.clip_encoder, clip_tokens,
@@ -145,31 +193,53 @@ class SFITrainable(torch.nn.Module):
         prediction = conditions.predict(self.unet, noisy, timesteps)
         diffusion = diffusion_loss(prediction,
                                    diffusion_target(scheduler, latents, noise, timesteps))
-        identity = torch.zeros((), device=device)
-        rows = self._identity_rows(timesteps, drop_id)
+        terms = {name: torch.zeros((), device=device) for name in self._term_names()}
+        rows = self._midpoint_rows(timesteps, drop_id)
         if rows is not None:
-            # only the chosen samples pay for the midpoint's second UNet call, VAE decode and
-            # ArcFace pass: their conditions are sliced before the closure runs
+            # only the chosen samples pay for the midpoint's second UNet call, the VAE decode and
+            # the judges: their conditions are sliced before the closure runs
             sub = conditions.rows(rows)
 
             def denoise_rows(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return sub.predict(self.unet, z, t)
 
-            identity = midpoint_identity_loss(
+            _, images = midpoint_images(
                 denoise_rows, scheduler, frozen.vae, noisy[rows], prediction[rows],
-                timesteps[rows], kps=batch["kps"][rows], source_embeds=source_embeds[rows],
-                id_loss=self.id_loss, mask=mask[rows], target=target[rows],
+                timesteps[rows], mask=mask[rows], target=target[rows],
                 t_range=(config.loss.id_t_min, config.loss.id_t_max))
-        total = diffusion + config.loss.id_weight * identity
-        return {"loss": total, "diffusion": diffusion.detach(), "identity": identity.detach(),
+            terms.update(self.judges(images, target[rows], batch["kps"][rows],
+                                     source_embeds[rows]))
+        weights = self._weights()
+        total = diffusion + sum(w * terms[name] for name, w in weights.items())
+        return {"loss": total, "diffusion": diffusion.detach(),
+                **{name: value.detach() for name, value in terms.items()},
                 **region_metrics(batch, config)}
 
-    def _identity_rows(self, timesteps: torch.Tensor, dropped: torch.Tensor):
-        """Samples that get the identity loss this step: conditioned on identity, t in the
-        configured range, at most ``loss.id_fraction`` of the batch (at least one). None if
-        the loss is off or no sample qualifies."""
+    def _weights(self) -> dict[str, float]:
         loss = self.config.loss
-        if loss.id_weight <= 0 or self.id_loss is None:
+        names = self.judges.names if self.judges is not None else []
+        weight = {"identity": loss.id_weight, "tddfa": loss.tddfa_weight,
+                  "eye": loss.eye_weight, "perceptual": loss.perceptual_weight}
+        return {name: weight[name] for name in names}
+
+    def _term_names(self) -> list[str]:
+        """The keys of the image-space terms in every step's output (so metrics.jsonl has the
+        same columns on every step and every rank): identity always, then the enabled ones."""
+        names = ["identity"]
+        if self.judges is not None:
+            for name in self.judges.names:
+                if name == "tddfa":
+                    names += ["tddfa", "tddfa_shape", "tddfa_pose", "tddfa_expression"]
+                elif name != "identity":
+                    names.append(name)
+        return names
+
+    def _midpoint_rows(self, timesteps: torch.Tensor, dropped: torch.Tensor):
+        """Samples whose midpoint estimate is decoded and judged this step: conditioned on
+        identity, t in the configured range, at most ``loss.id_fraction`` of the batch (at least
+        one). None if no image-space loss is on or no sample qualifies."""
+        loss = self.config.loss
+        if self.judges is None:
             return None
         ok = (~dropped) & (timesteps >= loss.id_t_min) & (timesteps < loss.id_t_max)
         rows = torch.nonzero(ok).flatten()

@@ -32,6 +32,14 @@ class ModelConfig:
     # what the exported pipeline repaints by default (face | head); head needs head masks in
     # training: augment.mask_head, the share of samples whose mask is the whole head
     region: str = "face"
+    # 3DDFA_V2 for the 3DMM and eye losses: the converted folder (mb1_120x120.onnx or
+    # .safetensors beside bfm_68.*) or the regressor file in it
+    tddfa: str | None = None
+    # what the UNet's "masked image" input shows of the face: masked (zeroed) | blurred (the
+    # target's face strongly blurred: sigma = condition_blur x the face's size); saved with the
+    # pipeline so inference conditions as training did
+    condition: str = "masked"
+    condition_blur: float = 0.125
 
 
 @dataclass
@@ -91,8 +99,13 @@ class LossConfig:
     id_t_min: int = 0
     id_t_max: int = 500
     id_fraction: float = 0.25  # at most this share of a batch pays for the identity loss
+    # the terms below score the same decoded midpoint estimate as the identity loss (same
+    # sub-batch, same t range, one decode): they cost a UNet call and a decode only when the
+    # identity loss is off
     perceptual_weight: float = 0.0
     perceptual_weights: str | None = None  # local torchvision VGG16 state dict
+    tddfa_weight: float = 0.0  # MFIM's 3DMM supervision (needs model.tddfa)
+    eye_weight: float = 0.0  # GHOST's eye-landmark heatmap loss (needs model.tddfa)
 
 
 @dataclass
@@ -142,9 +155,18 @@ class SFIConfig:
              f"loss.id_fraction must be in (0, 1], got {self.loss.id_fraction}"),
             (0 <= self.loss.id_t_min < self.loss.id_t_max,
              "loss.id_t_min must be >= 0 and below loss.id_t_max"),
-            (self.loss.perceptual_weight == 0,
-             "loss.perceptual_weight: the SFI trainer does not use the perceptual loss yet "
-             "(sfi.losses.PerceptualLoss exists; JR's trainer takes it); set it to 0"),
+            (min(self.loss.id_weight, self.loss.perceptual_weight, self.loss.tddfa_weight,
+                 self.loss.eye_weight) >= 0,
+             "loss.id_weight, perceptual_weight, tddfa_weight and eye_weight must be >= 0"),
+            (self.loss.perceptual_weight == 0 or self.loss.perceptual_weights,
+             "loss.perceptual_weight > 0 needs loss.perceptual_weights: a local VGG16 file"),
+            ((self.loss.tddfa_weight == 0 and self.loss.eye_weight == 0) or self.model.tddfa,
+             "loss.tddfa_weight or loss.eye_weight > 0 needs model.tddfa: a local 3DDFA_V2 "
+             "folder (python -m diffswap_igfi.geometry.tddfa SRC OUT) or its regressor file"),
+            (self.model.condition in ("masked", "blurred"),
+             f"model.condition must be masked or blurred, got {self.model.condition!r}"),
+            (self.model.condition_blur > 0,
+             f"model.condition_blur must be > 0, got {self.model.condition_blur}"),
         ]
         for ok, message in checks:
             if not ok:
