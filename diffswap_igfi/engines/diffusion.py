@@ -65,6 +65,7 @@ def quiet_loading() -> Iterator[None]:
 PIPELINE_CLASSES = {
     "DiffSwapIGFIPipeline": ("diffswap_igfi.sfi.pipeline", "DiffSwapIGFIPipeline"),
     "RefacePipeline": ("diffswap_igfi.sfi.reface_pipeline", "RefacePipeline"),
+    "LCMStudentPipeline": ("diffswap_igfi.sfi.student", "LCMStudentPipeline"),  # distilled
 }
 
 
@@ -140,7 +141,8 @@ class DiffusionEngine:
         warm = None
         if self.warm_start_strength is not None:
             warm, _ = self.warm_engine.swap_pairs(target, pairs)
-        # None: the checkpoint's own defaults (30 at 3.0 for ours, REFace's 50 at 3.5)
+        # None: the checkpoint's own defaults (30 at 3.0 for ours, REFace's 50 at 3.5, a
+        # distilled student's default_steps at 1.0: its guidance is in its weights)
         chosen = {k: v for k, v in (("num_inference_steps", self.steps),
                                     ("guidance_scale", self.guidance)) if v is not None}
         out = self.pipe(target, list(pairs), **chosen,

@@ -1,0 +1,63 @@
+"""The few-step student a consistency distillation (``sfi.distill``) exports.
+
+``LCMStudentPipeline`` is a ``DiffSwapIGFIPipeline`` whose folder holds the student UNet and a
+diffusers ``LCMScheduler`` (the ``scheduler`` entry of model_index.json). Its own defaults come
+from its config: ``default_steps`` UNet evaluations, and guidance 1, because the identity
+guidance it was distilled with (``distilled_guidance``, the teacher's CFG scale or range) is
+folded into the weights: one UNet call per step on the batch, no null-identity half. Sampling
+is the teacher's masked sampling, so the unmasked region stays the target's exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
+
+
+class LCMStudentPipeline(DiffSwapIGFIPipeline):
+    """A distilled SFI pipeline. ``pipe(target, faces)`` samples ``default_steps`` evaluations
+    at guidance 1; a ``guidance_scale`` > 1 adds real CFG on top of the distilled one (two
+    rows per face per step), as diffusers allows for LCM-LoRA students."""
+
+    def __init__(self, vae, unet, scheduler, id_projector, clip_projector, identity_encoder,
+                 clip_encoder, refiner=None, dictionary=None, crop_size: int = 512,
+                 template: str = "ffhq", default_steps: int = 4,
+                 distilled_guidance: Sequence[float] = (3.0, 3.0)) -> None:
+        super().__init__(vae, unet, scheduler, id_projector, clip_projector, identity_encoder,
+                         clip_encoder, refiner, dictionary, crop_size, template)
+        self.register_to_config(default_steps=int(default_steps),
+                                distilled_guidance=[float(g) for g in distilled_guidance])
+
+    def __call__(self, target, faces, *, num_inference_steps: int | None = None,
+                 guidance_scale: float = 1.0, **kwargs):
+        """As ``DiffSwapIGFIPipeline.__call__``; ``num_inference_steps`` None = this
+        checkpoint's ``default_steps``."""
+        steps = self.config.default_steps if num_inference_steps is None else num_inference_steps
+        return super().__call__(target, faces, num_inference_steps=steps,
+                                guidance_scale=guidance_scale, **kwargs)
+
+
+def student_scheduler(teacher_scheduler, num_ddim_timesteps: int, timestep_scaling: float):
+    """An ``LCMScheduler`` on the teacher's noise schedule (betas, prediction type) and the
+    distillation's timestep grid (``original_inference_steps``). Latents are not clipped
+    (LCM's default: a clip range of 1 would cut SD latents)."""
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(teacher_scheduler.config,
+                                    original_inference_steps=num_ddim_timesteps,
+                                    timestep_scaling=timestep_scaling, clip_sample=False,
+                                    thresholding=False, steps_offset=0,
+                                    timestep_spacing="leading")
+
+
+def student_pipeline(teacher: DiffSwapIGFIPipeline, unet, *, num_ddim_timesteps: int,
+                     timestep_scaling: float, default_steps: int,
+                     distilled_guidance: Sequence[float]) -> LCMStudentPipeline:
+    """The exported student: ``teacher``'s components with ``unet`` and an LCMScheduler."""
+    parts = dict(teacher.components)
+    parts.update(unet=unet, scheduler=student_scheduler(teacher.scheduler, num_ddim_timesteps,
+                                                        timestep_scaling))
+    return LCMStudentPipeline(**parts, crop_size=teacher.config.crop_size,
+                              template=teacher.config.template, default_steps=default_steps,
+                              distilled_guidance=distilled_guidance)
