@@ -111,6 +111,12 @@ def solver_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> torch
     return torch.arange(1, num_ddim_timesteps + 1, dtype=torch.int64) * k - 1
 
 
+def scheduler_clip(config) -> float | None:
+    """The x0 clip range of a scheduler config (DDIM's ``clip_sample``), None without one. The
+    student samples with the teacher's clipping, so the distillation applies it too."""
+    return float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") else None
+
+
 def boundary_scalings(timesteps: torch.Tensor, timestep_scaling: float = 10.0
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(c_skip, c_out) [B] float32 at integer timesteps [B], as
@@ -127,29 +133,36 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def x0_and_noise(output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
-                 alphas_cumprod: torch.Tensor, prediction_type: str
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clean latent and the noise a model output implies.
+                 alphas_cumprod: torch.Tensor, prediction_type: str,
+                 clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean latent and the noise a model output implies, as diffusers' DDIM step does.
 
     output, sample: [B,4,h,w]; timesteps: [B] int64; alphas_cumprod: [T] the schedule's
-    cumulative alphas; prediction_type: epsilon | v_prediction. Returns (x0, eps) [B,4,h,w].
+    cumulative alphas; prediction_type: epsilon | v_prediction; clip: the scheduler's
+    ``clip_sample_range`` when it clips x0 (the noise is then re-derived from the clipped x0).
+    Returns (x0, eps) [B,4,h,w].
     """
     alpha = _per_sample(alphas_cumprod[timesteps.cpu()], sample)
     a, s = alpha.sqrt(), (1 - alpha).sqrt()
     if prediction_type == "epsilon":
-        return (sample - s * output) / a, output
-    if prediction_type == "v_prediction":
-        return a * sample - s * output, a * output + s * sample
-    raise ConfigError(f"the teacher predicts {prediction_type!r}; distillation supports "
-                      f"epsilon and v_prediction")
+        x0, eps = (sample - s * output) / a, output
+    elif prediction_type == "v_prediction":
+        x0, eps = a * sample - s * output, a * output + s * sample
+    else:
+        raise ConfigError(f"the teacher predicts {prediction_type!r}; distillation supports "
+                          f"epsilon and v_prediction")
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+        eps = (sample - a * x0) / s
+    return x0, eps
 
 
 def consistency_estimate(output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
                          alphas_cumprod: torch.Tensor, prediction_type: str,
-                         timestep_scaling: float) -> torch.Tensor:
-    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(output): what ``LCMScheduler.step`` denoises to.
-    Shapes as ``x0_and_noise``."""
-    x0, _ = x0_and_noise(output, timesteps, sample, alphas_cumprod, prediction_type)
+                         timestep_scaling: float, clip: float | None = None) -> torch.Tensor:
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(output): what ``LCMScheduler.step`` denoises to
+    (x0 clipped to ``clip`` when its config clips). Shapes as ``x0_and_noise``."""
+    x0, _ = x0_and_noise(output, timesteps, sample, alphas_cumprod, prediction_type, clip)
     c_skip, c_out = boundary_scalings(timesteps, timestep_scaling)
     return _per_sample(c_skip, sample) * sample + _per_sample(c_out, sample) * x0
 
@@ -191,6 +204,7 @@ class DistillFrozen:
     clip_projector: torch.nn.Module
     alphas_cumprod: torch.Tensor  # [T] float32, on the CPU (indexed there)
     prediction_type: str
+    clip: float | None  # the teacher scheduler's x0 clip range, None when it does not clip
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.teacher, self.vae, self.identity_encoder, self.clip_encoder,
@@ -245,7 +259,8 @@ class LCMDistillTrainable(torch.nn.Module):
         object.__setattr__(self, "frozen", DistillFrozen(
             teacher.unet, teacher.vae, teacher.identity_encoder, teacher.clip_encoder,
             teacher.id_projector, teacher.clip_projector,
-            scheduler.alphas_cumprod.float().cpu(), scheduler.config.prediction_type))
+            scheduler.alphas_cumprod.float().cpu(), scheduler.config.prediction_type,
+            scheduler_clip(scheduler.config)))
         object.__setattr__(self, "settings", settings)
         object.__setattr__(self, "solver", solver_timesteps(num_train,
                                                             settings.num_ddim_timesteps))
@@ -304,17 +319,18 @@ class LCMDistillTrainable(torch.nn.Module):
                     * torch.rand(b, generator=generator))
         start = self.solver[index]
         previous = (start - (self.solver[0] + 1)).clamp(min=0)
-        alphas, kind = frozen.alphas_cumprod, frozen.prediction_type
+        alphas, kind, clip = frozen.alphas_cumprod, frozen.prediction_type, frozen.clip
         noisy = noised(latents, noise, start, alphas)
 
         out = conditions.predict(self.unet, noisy, start.to(device))
-        prediction = consistency_estimate(out, start, noisy, alphas, kind, s.timestep_scaling)
+        prediction = consistency_estimate(out, start, noisy, alphas, kind, s.timestep_scaling,
+                                          clip)
         with torch.no_grad():
             both = conditions.with_unconditional(null).predict(
                 frozen.teacher, torch.cat([noisy, noisy]), torch.cat([start, start]).to(device))
             cond, uncond = both.chunk(2)
             guided = uncond + _per_sample(guidance, cond) * (cond - uncond)
-            x0, eps = x0_and_noise(guided, start, noisy, alphas, kind)
+            x0, eps = x0_and_noise(guided, start, noisy, alphas, kind, clip)
             stepped = ddim_step(x0, eps, alphas[previous])
             # masked sampling puts the target's latent, noised to the step reached, outside
             stepped = torch.where(conditions.mask > 0, stepped,
@@ -323,7 +339,8 @@ class LCMDistillTrainable(torch.nn.Module):
                            else self.target_network.unet)
             target = consistency_estimate(conditions.predict(target_unet, stepped,
                                                              previous.to(device)),
-                                          previous, stepped, alphas, kind, s.timestep_scaling)
+                                          previous, stepped, alphas, kind, s.timestep_scaling,
+                                          clip)
             gap = F.mse_loss(prediction.float(), x0.float())
         loss = consistency_loss(prediction, target, s.loss, s.huber_c)
         return {"loss": loss, "consistency": loss.detach(), "teacher_gap": gap,

@@ -39,16 +39,15 @@ class LCMStudentPipeline(DiffSwapIGFIPipeline):
 
 
 def student_scheduler(teacher_scheduler, num_ddim_timesteps: int, timestep_scaling: float):
-    """An ``LCMScheduler`` on the teacher's noise schedule (betas, prediction type) and the
-    distillation's timestep grid (``original_inference_steps``). Latents are not clipped
-    (LCM's default: a clip range of 1 would cut SD latents)."""
+    """An ``LCMScheduler`` on the teacher's noise schedule (betas, prediction type, x0
+    clipping: the distillation learns the teacher's sampler, clipping included) and the
+    distillation's timestep grid (``original_inference_steps``)."""
     from diffusers import LCMScheduler
 
     return LCMScheduler.from_config(teacher_scheduler.config,
                                     original_inference_steps=num_ddim_timesteps,
-                                    timestep_scaling=timestep_scaling, clip_sample=False,
-                                    thresholding=False, steps_offset=0,
-                                    timestep_spacing="leading")
+                                    timestep_scaling=timestep_scaling, thresholding=False,
+                                    steps_offset=0, timestep_spacing="leading")
 
 
 def student_pipeline(teacher: DiffSwapIGFIPipeline, unet, *, num_ddim_timesteps: int,
