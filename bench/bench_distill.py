@@ -13,7 +13,10 @@ Run: python bench/bench_distill.py [--teacher-steps 300] [--distill-steps 300] [
    (LCMScheduler, guidance folded in: one row), the same crops, masks and seeds for all.
 Scores: PSNR (dB) and SSIM of each swapped crop against the teacher's 50-step swap, over the
 repainted pixels only (outside the mask every swap is the target's, to the last bit), averaged
-over faces and seeds. The distillation must beat the teacher at the same step count.
+over faces and seeds. The distillation must beat the teacher at the same step count. Two floor
+rows show how well the reference can be matched at all: the teacher at 200 steps (same seeds)
+and at 50 steps with other seeds; a sampler at the "other seed" level has kept nothing of the
+reference's particular sample.
 """
 
 from __future__ import annotations
@@ -115,13 +118,17 @@ def main() -> None:
             pipe.set_progress_bar_config(disable=True)
         prepared, identity, masks = cross_swap_inputs(teacher, data)
 
-        runs = [("teacher", teacher, 50, args.guidance)]
-        runs += [("teacher", teacher, n, args.guidance) for n in (1, 2, 4)]
-        runs += [("student", student, n, 1.0) for n in (1, 2, 4)]
+        # (label, pipeline, steps, guidance, seed offset); the two "floor" rows say how far
+        # apart the reference's own samples are: another seed, and a finer solver
+        runs = [("teacher", teacher, 50, args.guidance, 0)]
+        runs += [("teacher", teacher, n, args.guidance, 0) for n in (1, 2, 4)]
+        runs += [("student", student, n, 1.0, 0) for n in (1, 2, 4)]
+        runs += [("floor: teacher", teacher, 200, args.guidance, 0),
+                 ("floor: other seed", teacher, 50, args.guidance, 1000)]
         swaps, costs = {}, {}
-        for name, pipe, steps, guidance in runs:
+        for name, pipe, steps, guidance, offset in runs:
             crops, rows, seconds = [], 0, 0.0
-            for seed in range(args.seeds):
+            for seed in range(offset, offset + args.seeds):
                 t0 = time.process_time()
                 out = pipe.sample(prepared, identity=identity, num_inference_steps=steps,
                                   guidance_scale=guidance,
@@ -137,7 +144,7 @@ def main() -> None:
         reference = swaps["teacher", 50]
         print(f"\n{len(identity)} cross swaps x {args.seeds} seeds, 64 px tiny models; scores "
               f"vs the teacher at 50 steps (guidance {args.guidance}), repainted pixels only")
-        print(f"{'sampler':<22}{'UNet rows/face':>15}{'CPU s/run':>11}{'PSNR dB':>9}"
+        print(f"{'sampler':<26}{'UNet rows/face':>15}{'CPU s/run':>11}{'PSNR dB':>9}"
               f"{'SSIM':>8}")
         for (name, steps), crops in swaps.items():
             scores = [crop_scores(a[i], b[i], masks[i])
@@ -146,7 +153,7 @@ def main() -> None:
             ssim = np.mean([s[1] for s in scores])
             label = f"{name} {steps} step{'s' if steps > 1 else ''}"
             rows, seconds = costs[name, steps]
-            print(f"{label:<22}{rows:>15.0f}{seconds:>11.2f}{psnr:>9.2f}{ssim:>8.3f}")
+            print(f"{label:<26}{rows:>15.0f}{seconds:>11.2f}{psnr:>9.2f}{ssim:>8.3f}")
 
 
 if __name__ == "__main__":
