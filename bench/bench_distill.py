@@ -1,7 +1,7 @@
 """Few-step sampling by distillation, on tiny models: the LCM student at 1, 2 and 4 UNet
 evaluations against its teacher at 50, with the teacher at the same few steps as the baseline.
 
-Run: python bench/bench_distill.py [--teacher-steps 300] [--distill-steps 300] [--seeds 2]
+Run: python bench/bench_distill.py [--teacher-steps 300] [--distill-steps 1200] [--seeds 2]
      [--work DIR] [--teacher RUN/pipeline --student RUN/pipeline --data DATA_DIR]
 
 1. the photos that ship with our dependencies are preprocessed at 64 px (9 faces);
@@ -9,8 +9,11 @@ Run: python bench/bench_distill.py [--teacher-steps 300] [--distill-steps 300] [
 3. the teacher is distilled (train/train_distill.py, configs/sfi/tiny_distill.yaml: guidance
    3.0 folded in, DDIM solver on a 50-step grid);
 4. every face is swapped with the next face's identity (ArcFace of its source crop) by the
-   teacher (DDIM, guidance 3.0: two UNet rows per face and step) and by the student
-   (LCMScheduler, guidance folded in: one row), the same crops, masks and seeds for all.
+   teacher (DDIM, guidance 3.0: two UNet rows per face and step; x0 clipped only if the
+   distillation clipped, which it does not by default) and by the student (guidance folded
+   in: one row) with LCM's sampler (fresh noise between steps) and with deterministic TCD
+   (``sfi.student.DeterministicTCDScheduler``: each step re-noised with the model's own noise
+   estimate; also run on the undistilled teacher), the same crops, masks and seeds for all.
 Scores: PSNR (dB) and SSIM of each swapped crop against the teacher's 50-step swap, over the
 repainted pixels only (outside the mask every swap is the target's, to the last bit), averaged
 over faces and seeds. The distillation must beat the teacher at the same step count. Two floor
@@ -22,6 +25,7 @@ reference's particular sample.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import subprocess
 import sys
@@ -91,7 +95,7 @@ def cross_swap_inputs(pipe, data: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-steps", type=int, default=300)
-    parser.add_argument("--distill-steps", type=int, default=300)
+    parser.add_argument("--distill-steps", type=int, default=1200)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--guidance", type=float, default=3.0,
                         help="the teacher's CFG scale (the distillation config folds in 3.0)")
@@ -102,8 +106,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
+    from diffusers import DDIMScheduler, LCMScheduler
+
     from diffswap_igfi.engines.diffusion import load_pipeline
     from diffswap_igfi.sfi.distill import crop_scores
+    from diffswap_igfi.sfi.student import DeterministicTCDScheduler
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
@@ -114,6 +121,10 @@ def main() -> None:
             data, teacher_dir, student_dir = prepare_models(work, args.teacher_steps,
                                                             args.distill_steps)
         teacher, student = load_pipeline(teacher_dir), load_pipeline(student_dir)
+        # the teacher sampled as it was distilled: with the student's x0 clipping (none by
+        # default; the tiny teacher's own DDIM config clips, which makes its sampler chaotic)
+        teacher.scheduler = DDIMScheduler.from_config(
+            teacher.scheduler.config, clip_sample=student.scheduler.config.clip_sample)
         for pipe in (teacher, student):
             pipe.set_progress_bar_config(disable=True)
         prepared, identity, masks = cross_swap_inputs(teacher, data)
@@ -122,7 +133,14 @@ def main() -> None:
         # apart the reference's own samples are: another seed, and a finer solver
         runs = [("teacher", teacher, 50, args.guidance, 0)]
         runs += [("teacher", teacher, n, args.guidance, 0) for n in (1, 2, 4)]
+        lcm = student.scheduler = LCMScheduler.from_config(student.scheduler.config)
         runs += [("student", student, n, 1.0, 0) for n in (1, 2, 4)]
+        deterministic = copy.copy(student)
+        deterministic.scheduler = DeterministicTCDScheduler.from_config(lcm.config)
+        runs += [("student, TCD eta 0", deterministic, n, 1.0, 0) for n in (2, 4)]
+        undistilled = copy.copy(teacher)  # the same sampler on the teacher: what it adds
+        undistilled.scheduler = DeterministicTCDScheduler.from_config(lcm.config)
+        runs += [("teacher, TCD eta 0", undistilled, 4, args.guidance, 0)]
         runs += [("floor: teacher", teacher, 200, args.guidance, 0),
                  ("floor: other seed", teacher, 50, args.guidance, 1000)]
         swaps, costs = {}, {}
@@ -144,7 +162,7 @@ def main() -> None:
         reference = swaps["teacher", 50]
         print(f"\n{len(identity)} cross swaps x {args.seeds} seeds, 64 px tiny models; scores "
               f"vs the teacher at 50 steps (guidance {args.guidance}), repainted pixels only")
-        print(f"{'sampler':<26}{'UNet rows/face':>15}{'CPU s/run':>11}{'PSNR dB':>9}"
+        print(f"{'sampler':<30}{'UNet rows/face':>15}{'CPU s/run':>11}{'PSNR dB':>9}"
               f"{'SSIM':>8}")
         for (name, steps), crops in swaps.items():
             scores = [crop_scores(a[i], b[i], masks[i])
@@ -153,7 +171,7 @@ def main() -> None:
             ssim = np.mean([s[1] for s in scores])
             label = f"{name} {steps} step{'s' if steps > 1 else ''}"
             rows, seconds = costs[name, steps]
-            print(f"{label:<26}{rows:>15.0f}{seconds:>11.2f}{psnr:>9.2f}{ssim:>8.3f}")
+            print(f"{label:<30}{rows:>15.0f}{seconds:>11.2f}{psnr:>9.2f}{ssim:>8.3f}")
 
 
 if __name__ == "__main__":

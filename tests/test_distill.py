@@ -16,6 +16,8 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
+from test_train_sfi import data_dir  # noqa: F401  (the shipped photos, preprocessed at 64 px)
+
 from diffswap_igfi.sfi.distill import (LCMDistillTrainable, LCMSettings, boundary_scalings,
                                        consistency_estimate, ddim_step, solver_timesteps,
                                        x0_and_noise)
@@ -114,23 +116,17 @@ def test_the_loss_trains_the_student_only_and_the_target_follows_it():
     new, online = next(target.unet.parameters()), next(model.unet.parameters())
     torch.testing.assert_close(new, 0.5 * old + 0.5 * online)  # lerp: one rounding
     assert all(torch.equal(before[k], v) for k, v in teacher.unet.state_dict().items())
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from diffswap_igfi.cli import main
-    from diffswap_igfi.data.preprocess import preprocess
-
-    faces = tmp_path_factory.mktemp("faces")
-    assert main(["samples", str(faces)]) == 0
-    out = tmp_path_factory.mktemp("data")
-    preprocess(faces, out, crop_size=64, max_faces=6, progress=False)
-    return out
+    # signal weighting scales every sample's distance by sqrt(alpha_t) <= 1: a smaller loss
+    weighted = LCMDistillTrainable(teacher, LCMSettings(weighting="signal"))
+    with torch.no_grad():
+        plain = LCMDistillTrainable(teacher, LCMSettings())(_batch(), torch.tensor([7]))
+        scaled = weighted(_batch(), torch.tensor([7]))
+    assert torch.isfinite(scaled["loss"]) and 0 < scaled["loss"] < plain["loss"]
 
 
 @pytest.mark.slow
 def test_distill_run_logs_finite_losses_and_exports_a_student_that_swaps(
-        tmp_path, data_dir, photos, faces):
+        tmp_path, data_dir, photos, faces):  # noqa: F811 (the imported fixture)
     from diffswap_igfi.cli import main
     from diffswap_igfi.conditions.source import Source
     from diffswap_igfi.engines.diffusion import load_pipeline
@@ -173,3 +169,32 @@ def test_distill_run_logs_finite_losses_and_exports_a_student_that_swaps(
     assert main(["swap", "-s", "sample:grace_hopper", "-t", "sample:astronaut", "-o", str(swap),
                  "--checkpoint", str(run / "pipeline"), "--steps", "2", "--quiet"]) == 0
     assert swap.is_file()
+
+
+def test_deterministic_student_scheduler_ignores_the_generator_and_loads_from_a_folder(
+        tmp_path):
+    from diffswap_igfi.engines.diffusion import load_pipeline
+    from diffswap_igfi.sfi.build import tiny_pipeline
+    from diffswap_igfi.sfi.student import DeterministicTCDScheduler, student_scheduler
+
+    teacher = tiny_pipeline(seed=0)
+    sample, output = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+
+    def first_step(scheduler, seed):
+        scheduler.set_timesteps(4)
+        return scheduler.step(output, scheduler.timesteps[0], sample,
+                              generator=torch.Generator().manual_seed(seed)).prev_sample
+
+    lcm = student_scheduler(teacher.scheduler, 50, 10.0)
+    tcd = student_scheduler(teacher.scheduler, 50, 10.0, sampler="tcd_deterministic")
+    assert type(lcm) is LCMScheduler and type(tcd) is DeterministicTCDScheduler
+    assert not torch.equal(first_step(lcm, 0), first_step(lcm, 1))  # fresh noise
+    assert torch.equal(first_step(tcd, 0), first_step(tcd, 1))  # none
+    from diffswap_igfi.sfi.student import student_pipeline
+
+    student_pipeline(teacher, teacher.unet, num_ddim_timesteps=50, timestep_scaling=10.0,
+                     default_steps=2, distilled_guidance=(2.0, 4.0),
+                     sampler="tcd_deterministic").save_pretrained(tmp_path / "student")
+    loaded = load_pipeline(tmp_path / "student")
+    assert type(loaded.scheduler) is DeterministicTCDScheduler
+    assert loaded.config.default_steps == 2 and loaded.config.distilled_guidance == [2.0, 4.0]

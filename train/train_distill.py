@@ -71,6 +71,8 @@ def train(args: argparse.Namespace) -> int:
     from diffswap_igfi.sfi.distill import LCMDistillTrainable
     from diffswap_igfi.sfi.student import student_pipeline
     from diffswap_igfi.training.loop import TrainLoop, flat
+    # train_sfi.py's export (LoRA folded in) and validation grid, from the same folder
+    from train_sfi import save_pipeline, validate
 
     run_dir = Path(args.output)
     loop = TrainLoop(run_dir, config.train, config.optim, config.ema, project="distill",
@@ -96,36 +98,20 @@ def train(args: argparse.Namespace) -> int:
 
     pipe = student_pipeline(teacher, student, num_ddim_timesteps=d.num_ddim_timesteps,
                             timestep_scaling=d.timestep_scaling, default_steps=d.default_steps,
-                            distilled_guidance=(d.guidance_min, d.guidance_max))
+                            distilled_guidance=(d.guidance_min, d.guidance_max),
+                            clip_sample=d.clip_sample, sampler=d.sampler)
     student.train()  # the pipeline puts its modules in eval mode
     for batch, seed in loop:
         if loop.step(model, batch, seed):
             trainable.update_target()
             if loop.due(config.train.validation_every):
-                loop.on_main(lambda: validate(loop, pipe, run_dir, d.default_steps))
+                loop.on_main(lambda: validate(loop, pipe, (student,), run_dir))
     if args.dump_params:
         loop.dump_params(model)
-    from train_sfi import save_pipeline  # the same export (LoRA folded in), next to this file
-
     loop.export(lambda folder: save_pipeline(pipe, folder, lora=config.lora.use), "pipeline",
                 (student,))
     loop.finish()
     return 0
-
-
-def validate(loop, pipe, run_dir: Path, steps: int) -> None:
-    """The student's swap grid at its default steps (source | target | swap)."""
-    from diffswap_igfi.provenance.metadata import COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
-    from diffswap_igfi.provenance.write import write_synthetic_image
-    from diffswap_igfi.sfi.training import validation_grid
-
-    grid = loop.with_ema((pipe.unet,), lambda: validation_grid(pipe, steps=steps))
-    step = loop.step_count
-    write_synthetic_image(run_dir / "validation" / f"step-{step:08d}.png", grid, None,
-                          engine="diffusion-validation",
-                          digital_source_type=COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA)
-    tracker = loop.accelerator.get_tracker("tensorboard", unwrap=True)
-    tracker.add_image("validation/source|target|swap", grid, step, dataformats="HWC")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ UNet evaluations with diffusers' ``LCMScheduler``. One training step (``LCMDisti
 3. the frozen teacher, with identity classifier-free guidance at scale ``w`` (the conditional
    and null-identity halves in one call), takes one DDIM step from ``t`` to ``t - k``; outside
    the inpainting mask the step lands on the target's latent noised to ``t - k``, as masked
-   sampling does;
+   sampling does (x0 is not clipped unless ``distill.clip_sample``);
 4. the target network (an EMA of the student, ``target_decay``; or the student itself without
    gradients when 0, as LCM-LoRA does) gives its consistency estimate at ``t - k``; the loss is
    the pseudo-Huber distance between the two estimates. At ``t - k = 0`` the boundary scalings
@@ -55,9 +55,20 @@ class LCMSettings:
     guidance_max: float = 3.0  # > guidance_min: drawn per sample (LCM-LoRA's range)
     timestep_scaling: float = 10.0  # c_skip/c_out sharpness, as LCMScheduler's config
     loss: str = "huber"  # huber | l2
+    # none (LCM's): the distance between x0 estimates; signal: scaled by sqrt(alpha_t) of the
+    # student's timestep, so the x0 error amplified by 1/sqrt(alpha_t) at high noise (x156 at
+    # t=999 on a linear schedule) does not drown the rest of the batch
+    weighting: str = "none"
     huber_c: float = 0.001
     target_decay: float = 0.95  # EMA of the target network; 0: the student itself (LCM-LoRA)
     default_steps: int = 4  # the exported student's evaluations without --steps
+    # clip x0 to the teacher scheduler's clip_sample_range, in the solver and the student's
+    # LCMScheduler. Off, as LCM: latents are not images, and diffusers' DDIMScheduler() default
+    # (clip_sample=True, kept by the tiny teacher) makes the sampler chaotic on small latents
+    clip_sample: bool = False
+    # the exported student's scheduler: lcm (LCMScheduler: fresh noise between steps) or
+    # tcd_deterministic (the model's own noise estimate: follows the teacher's trajectory)
+    sampler: str = "lcm"
 
 
 @dataclass
@@ -80,6 +91,10 @@ class DistillConfig:
              f"{d.guidance_min}..{d.guidance_max}"),
             (d.timestep_scaling > 0, "distill.timestep_scaling must be positive"),
             (d.loss in ("huber", "l2"), f"distill.loss must be huber or l2, got {d.loss!r}"),
+            (d.sampler in ("lcm", "tcd_deterministic"),
+             f"distill.sampler must be lcm or tcd_deterministic, got {d.sampler!r}"),
+            (d.weighting in ("none", "signal"),
+             f"distill.weighting must be none or signal, got {d.weighting!r}"),
             (d.huber_c > 0, "distill.huber_c must be positive"),
             (0.0 <= d.target_decay < 1.0,
              f"distill.target_decay must be in [0, 1), got {d.target_decay}"),
@@ -111,10 +126,10 @@ def solver_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> torch
     return torch.arange(1, num_ddim_timesteps + 1, dtype=torch.int64) * k - 1
 
 
-def scheduler_clip(config) -> float | None:
-    """The x0 clip range of a scheduler config (DDIM's ``clip_sample``), None without one. The
-    student samples with the teacher's clipping, so the distillation applies it too."""
-    return float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") else None
+def clip_range(scheduler_config, clip_sample: bool) -> float | None:
+    """The x0 clip range the distillation and the student use: the teacher scheduler's
+    ``clip_sample_range`` when ``distill.clip_sample`` asks for clipping, else None."""
+    return float(scheduler_config.get("clip_sample_range", 1.0)) if clip_sample else None
 
 
 def boundary_scalings(timesteps: torch.Tensor, timestep_scaling: float = 10.0
@@ -204,7 +219,7 @@ class DistillFrozen:
     clip_projector: torch.nn.Module
     alphas_cumprod: torch.Tensor  # [T] float32, on the CPU (indexed there)
     prediction_type: str
-    clip: float | None  # the teacher scheduler's x0 clip range, None when it does not clip
+    clip: float | None  # the x0 clip range (distill.clip_sample), None: no clipping
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.teacher, self.vae, self.identity_encoder, self.clip_encoder,
@@ -260,7 +275,7 @@ class LCMDistillTrainable(torch.nn.Module):
             teacher.unet, teacher.vae, teacher.identity_encoder, teacher.clip_encoder,
             teacher.id_projector, teacher.clip_projector,
             scheduler.alphas_cumprod.float().cpu(), scheduler.config.prediction_type,
-            scheduler_clip(scheduler.config)))
+            clip_range(scheduler.config, settings.clip_sample)))
         object.__setattr__(self, "settings", settings)
         object.__setattr__(self, "solver", solver_timesteps(num_train,
                                                             settings.num_ddim_timesteps))
@@ -342,6 +357,9 @@ class LCMDistillTrainable(torch.nn.Module):
                                           previous, stepped, alphas, kind, s.timestep_scaling,
                                           clip)
             gap = F.mse_loss(prediction.float(), x0.float())
+        if s.weighting == "signal":
+            scale = _per_sample(alphas[start.cpu()].sqrt(), prediction)
+            prediction, target = prediction * scale, target * scale
         loss = consistency_loss(prediction, target, s.loss, s.huber_c)
         return {"loss": loss, "consistency": loss.detach(), "teacher_gap": gap,
                 "guidance": guidance.mean().to(device)}

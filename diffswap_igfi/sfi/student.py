@@ -1,7 +1,8 @@
 """The few-step student a consistency distillation (``sfi.distill``) exports.
 
 ``LCMStudentPipeline`` is a ``DiffSwapIGFIPipeline`` whose folder holds the student UNet and a
-diffusers ``LCMScheduler`` (the ``scheduler`` entry of model_index.json). Its own defaults come
+diffusers ``LCMScheduler`` (the ``scheduler`` entry of model_index.json; or the deterministic
+``DeterministicTCDScheduler`` below, ``distill.sampler: tcd_deterministic``). Its own defaults come
 from its config: ``default_steps`` UNet evaluations, and guidance 1, because the identity
 guidance it was distilled with (``distilled_guidance``, the teacher's CFG scale or range) is
 folded into the weights: one UNet call per step on the batch, no null-identity half. Sampling
@@ -11,6 +12,11 @@ is the teacher's masked sampling, so the unmasked region stays the target's exac
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from diffusers import LCMScheduler, TCDScheduler
+# diffusers' pipeline loader finds a component's base class (SchedulerMixin) in the module
+# model_index.json names, so DeterministicTCDScheduler loads from this module only with it here
+from diffusers import SchedulerMixin  # noqa: F401
 
 from diffswap_igfi.sfi.pipeline import DiffSwapIGFIPipeline
 
@@ -38,25 +44,42 @@ class LCMStudentPipeline(DiffSwapIGFIPipeline):
                                 guidance_scale=guidance_scale, **kwargs)
 
 
-def student_scheduler(teacher_scheduler, num_ddim_timesteps: int, timestep_scaling: float):
-    """An ``LCMScheduler`` on the teacher's noise schedule (betas, prediction type, x0
-    clipping: the distillation learns the teacher's sampler, clipping included) and the
-    distillation's timestep grid (``original_inference_steps``)."""
-    from diffusers import LCMScheduler
+class DeterministicTCDScheduler(TCDScheduler):
+    """diffusers' ``TCDScheduler`` at gamma (``eta``) 0: each step re-noises the clean estimate
+    with the model's own noise estimate instead of LCM's fresh noise, so a run is a
+    deterministic function of its starting noise and follows the teacher's DDIM trajectory.
+    ``step`` ignores ``eta`` (masked sampling calls it without one; TCD's default is 0.3)."""
 
-    return LCMScheduler.from_config(teacher_scheduler.config,
-                                    original_inference_steps=num_ddim_timesteps,
-                                    timestep_scaling=timestep_scaling, thresholding=False,
-                                    steps_offset=0, timestep_spacing="leading")
+    def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None,
+             return_dict: bool = True):
+        return super().step(model_output, timestep, sample, eta=0.0, generator=generator,
+                            return_dict=return_dict)
+
+
+SAMPLERS = {"lcm": LCMScheduler, "tcd_deterministic": DeterministicTCDScheduler}
+
+
+def student_scheduler(teacher_scheduler, num_ddim_timesteps: int, timestep_scaling: float,
+                      clip_sample: bool = False, sampler: str = "lcm"):
+    """The student's scheduler (``SAMPLERS[sampler]``: LCM's multistep sampling, fresh noise
+    between steps; or deterministic TCD) on the teacher's noise schedule (betas, prediction
+    type, clip range) and the distillation's timestep grid (``original_inference_steps``); x0
+    clipped only with ``clip_sample`` (as the distillation was run)."""
+    return SAMPLERS[sampler].from_config(teacher_scheduler.config,
+                                         original_inference_steps=num_ddim_timesteps,
+                                         timestep_scaling=timestep_scaling,
+                                         clip_sample=clip_sample, thresholding=False,
+                                         steps_offset=0, timestep_spacing="leading")
 
 
 def student_pipeline(teacher: DiffSwapIGFIPipeline, unet, *, num_ddim_timesteps: int,
                      timestep_scaling: float, default_steps: int,
-                     distilled_guidance: Sequence[float]) -> LCMStudentPipeline:
-    """The exported student: ``teacher``'s components with ``unet`` and an LCMScheduler."""
+                     distilled_guidance: Sequence[float], clip_sample: bool = False,
+                     sampler: str = "lcm") -> LCMStudentPipeline:
+    """The exported student: ``teacher``'s components with ``unet`` and its scheduler."""
     parts = dict(teacher.components)
     parts.update(unet=unet, scheduler=student_scheduler(teacher.scheduler, num_ddim_timesteps,
-                                                        timestep_scaling))
+                                                        timestep_scaling, clip_sample, sampler))
     return LCMStudentPipeline(**parts, crop_size=teacher.config.crop_size,
                               template=teacher.config.template, default_steps=default_steps,
                               distilled_guidance=distilled_guidance)
