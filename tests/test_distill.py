@@ -198,3 +198,36 @@ def test_deterministic_student_scheduler_ignores_the_generator_and_loads_from_a_
     loaded = load_pipeline(tmp_path / "student")
     assert type(loaded.scheduler) is DeterministicTCDScheduler
     assert loaded.config.default_steps == 2 and loaded.config.distilled_guidance == [2.0, 4.0]
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run_target_network_included(
+        tmp_path, data_dir):  # noqa: F811 (the imported fixture)
+    import yaml
+
+    from diffswap_igfi.sfi.build import tiny_pipeline
+
+    teacher = tmp_path / "teacher"
+    tiny_pipeline(seed=0).save_pretrained(teacher)
+    config = yaml.safe_load((ROOT / "configs" / "sfi" / "tiny_distill.yaml").read_text())
+    config["train"].update(max_steps=4, checkpoint_every=2, validation_every=1000)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def train(run: Path, *extra: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "train" / "train_distill.py"), "--config", str(path),
+             "--teacher", str(teacher), "--data", str(data_dir), "--output", str(run), *extra],
+            capture_output=True, text=True, timeout=600, cwd=ROOT,
+            env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(run: Path) -> list[float]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    train(tmp_path / "whole")
+    train(tmp_path / "cut", "--max-steps", "2")
+    train(tmp_path / "cut", "--resume", "latest")
+    # the same seeds, weights, optimizer, EMA and target network: the same arithmetic
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")

@@ -95,6 +95,10 @@ def train(args: argparse.Namespace) -> int:
     student = model.unet
     model = loop.setup(model, params, dataset, args.resume)
     trainable = loop.accelerator.unwrap_model(model)
+    if loop.step_count and target is not None:
+        # a checkpoint is written inside loop.step, before that step's target update below:
+        # the update is a function of the saved target and the restored student, so redo it
+        target.update()
 
     pipe = student_pipeline(teacher, student, num_ddim_timesteps=d.num_ddim_timesteps,
                             timestep_scaling=d.timestep_scaling, default_steps=d.default_steps,
