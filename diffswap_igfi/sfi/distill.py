@@ -15,16 +15,17 @@ UNet evaluations with diffusers' ``LCMScheduler``. One training step (``LCMDisti
    sampling does (x0 is not clipped unless ``distill.clip_sample``);
 4. the target network (an EMA of the student, ``target_decay``; or the student itself without
    gradients when 0, as LCM-LoRA does) gives its consistency estimate at ``t - k``; the loss is
-   the pseudo-Huber distance between the two estimates. At ``t - k = 0`` the boundary scalings
-   are (1, 0): the target is the teacher's step itself.
+   the pseudo-Huber distance between the two estimates (scaled by sqrt(alpha_t) with
+   ``weighting: signal``). At ``t - k = 0`` the boundary scalings are (1, 0): the target is
+   the teacher's step itself.
 
 The guidance ``w`` is folded into the student (LCM's guided distillation): the student runs one
 UNet call per step, no null-identity half. ``w`` is fixed, or drawn per sample from
 ``[guidance_min, guidance_max]`` (LCM-LoRA's range, without a w-embedding).
 
 ``sfi.student.LCMStudentPipeline`` is the exported student: a ``DiffSwapIGFIPipeline`` with an
-``LCMScheduler`` and its own defaults (``default_steps`` evaluations, guidance 1 = no extra
-CFG), so ``diffswap-igfi swap --checkpoint STUDENT [--steps 1..4]`` runs the same masked
+``LCMScheduler`` (or, ``sampler: tcd_deterministic``, TCD without fresh noise) and its own
+defaults (``default_steps`` evaluations, guidance 1 = no extra CFG), so ``diffswap-igfi swap --checkpoint STUDENT [--steps 1..4]`` runs the same masked
 sampling as the teacher.
 """
 
