@@ -25,8 +25,8 @@ UNet call per step, no null-identity half. ``w`` is fixed, or drawn per sample f
 
 ``sfi.student.LCMStudentPipeline`` is the exported student: a ``DiffSwapIGFIPipeline`` with an
 ``LCMScheduler`` (or, ``sampler: tcd_deterministic``, TCD without fresh noise) and its own
-defaults (``default_steps`` evaluations, guidance 1 = no extra CFG), so ``diffswap-igfi swap --checkpoint STUDENT [--steps 1..4]`` runs the same masked
-sampling as the teacher.
+defaults (``default_steps`` evaluations, guidance 1 = no extra CFG), so
+``diffswap-igfi swap --checkpoint STUDENT [--steps 1..4]`` runs the teacher's masked sampling.
 """
 
 from __future__ import annotations
