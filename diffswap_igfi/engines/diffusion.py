@@ -66,6 +66,7 @@ def quiet_loading() -> Iterator[None]:
 PIPELINE_CLASSES = {
     "DiffSwapIGFIPipeline": ("diffswap_igfi.sfi.pipeline", "DiffSwapIGFIPipeline"),
     "RefacePipeline": ("diffswap_igfi.sfi.reface_pipeline", "RefacePipeline"),
+    "LCMStudentPipeline": ("diffswap_igfi.sfi.student", "LCMStudentPipeline"),  # distilled
 }
 
 
@@ -165,7 +166,8 @@ class DiffusionEngine:
         elif self.warm_start_strength is not None:
             warm, _ = self.warm_engine.swap_pairs(target, pairs)
             strength = self.warm_start_strength
-        # None: the checkpoint's own defaults (30 at 3.0 for ours, REFace's 50 at 3.5)
+        # None: the checkpoint's own defaults (30 at 3.0 for ours, REFace's 50 at 3.5, a
+        # distilled student's default_steps at 1.0: its guidance is in its weights)
         chosen = {k: v for k, v in (("num_inference_steps", self.steps),
                                     ("guidance_scale", self.guidance),
                                     ("region", self.region)) if v is not None}
