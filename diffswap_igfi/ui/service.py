@@ -377,6 +377,12 @@ class _EngineView:
         self.name = self.engine.name
         self.digital_source_type = self.engine.digital_source_type
 
+    def __getattr__(self, name: str):
+        # every setting this view does not override is the engine's (e.g. its region)
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
     def swap_pairs(self, target, pairs):
         return type(self.engine).swap_pairs(self, target, pairs)
 
