@@ -119,3 +119,23 @@ def test_exported_pipeline_carries_the_dictionary_and_fuses_it(dictionary, photo
     assert_same_image(fused.images[0], in_memory.images[0])
     changed = np.abs(fused.crops[0].astype(int) - plain.crops[0].astype(int)).max(axis=2)
     assert changed.max() > 2, changed.max()  # the dictionary changes the refined face
+
+
+def test_dictionary_options_are_checked(tmp_path):
+    from diffswap_igfi.errors import ConfigError, ModelNotFoundError
+    from diffswap_igfi.jr.training import run_dictionary
+
+    config = JRConfig()
+    config.model.dictionary = str(tmp_path)
+    with pytest.raises(ConfigError, match="use_dictionary is false"):
+        config.validate()
+    config.model.use_dictionary = True
+    config.validate()
+    with pytest.raises(ModelNotFoundError, match="build-dictionaries"):
+        run_dictionary(config, tmp_path, tmp_path / "run")
+    config.model.dictionary_fraction = 0.0
+    with pytest.raises(ConfigError, match="dictionary_fraction"):
+        config.validate()
+    config.model.use_dictionary = False
+    config.model.dictionary = None
+    assert run_dictionary(config, tmp_path, tmp_path / "run") is None

@@ -155,8 +155,9 @@ class JRModelConfig:
     dictionary_atoms: int = 64
     dictionary_samples: int = 1024
     # share of JR's samples per step (self and cross swaps together, at least one) that get the
-    # fusion: matching costs an encoder pass per component, like loss.id_fraction's budget
-    dictionary_fraction: float = 0.25
+    # fusion: matching costs an encoder pass per component whatever JR's size (measured below
+    # the identity loss's cost at JRNet's default size; the tiny config fuses 0.25)
+    dictionary_fraction: float = 1.0
 
 
 @dataclass
@@ -193,6 +194,9 @@ class JRConfig:
             (self.model.dictionary_atoms >= 1 and self.model.dictionary_samples >= 1,
              f"model.dictionary_atoms and model.dictionary_samples must be at least 1, got "
              f"{self.model.dictionary_atoms} and {self.model.dictionary_samples}"),
+            (self.model.use_dictionary or not self.model.dictionary,
+             "model.dictionary is set but model.use_dictionary is false: set it to true to "
+             "fuse the dictionary, or remove model.dictionary"),
             (0.0 < self.model.dictionary_fraction <= 1.0,
              f"model.dictionary_fraction must be in (0, 1], got {self.model.dictionary_fraction}"),
             (self.sfi_steps > 0, "sfi_steps must be positive"),
