@@ -47,9 +47,7 @@ def dictionary(two_faces):
 
 
 def _fused_jr(dictionary: ComponentDictionary) -> JRNet:
-    scales = tuple(dictionary.config.scales)
-    return JRNet(**TINY, dictionary_scales=scales,
-                 dictionary_channels=tuple(dictionary.scale_channels[s] for s in scales))
+    return JRNet(**TINY, **dictionary.fusion_config)
 
 
 def test_fusion_parameters_train_with_jr_and_the_step_logs_the_match(two_faces, dictionary):

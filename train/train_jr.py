@@ -49,12 +49,9 @@ def train(args) -> int:
     sfi.to(loop.accelerator.device)
     m = config.model
     dictionary = run_dictionary(config, args.data, run_dir, loop.on_main)
-    scales = tuple(dictionary.config.scales) if dictionary is not None else (1, 2)
     jr = JRNet(base_channels=m.base_channels, num_res_blocks=m.num_res_blocks,
                upscale=m.upscale, use_dictionary=dictionary is not None,
-               dictionary_scales=scales,
-               dictionary_channels=tuple(dictionary.scale_channels[s] for s in scales)
-               if dictionary is not None else (64, 128))
+               **(dictionary.fusion_config if dictionary is not None else {}))
     if dictionary is not None:
         dictionary.to(loop.accelerator.device)
     discriminator = PatchDiscriminator() if config.loss.adversarial_weight > 0 else None

@@ -162,6 +162,14 @@ class ComponentDictionary(ModelMixin, ConfigMixin):
         """scale -> feature channels of its atoms."""
         return {s: self.config.encoder_channels[s.bit_length() - 1] for s in self.config.scales}
 
+    @property
+    def fusion_config(self) -> dict:
+        """The ``JRNet`` arguments whose SFT fusion layers fit this dictionary:
+        ``dictionary_scales`` and ``dictionary_channels`` (one per scale)."""
+        scales = tuple(self.config.scales)
+        return {"dictionary_scales": scales,
+                "dictionary_channels": tuple(self.scale_channels[s] for s in scales)}
+
     def atoms(self, component: str, scale: int = 1) -> torch.Tensor:
         """[K,C_s,P/s,P/s] the atoms: k-means centres of per-channel standardised features,
         themselves standardised (zero mean, variance 1 - 1e-5 per channel over the patch)."""

@@ -341,10 +341,11 @@ class JRNet(ModelMixin, ConfigMixin):
                 scales.append((gamma.abs() * inside).sum() / covered)
                 shifts.append((beta.abs() * inside).sum() / covered)
         distances = [m.distance.float().mean() for per in matched.values() for m in per.values()]
-        stats = {"dictionary_distance": torch.stack(distances).mean().detach()}
-        if scales:
-            stats["fusion_scale"] = torch.stack(scales).mean().float()
-            stats["fusion_shift"] = torch.stack(shifts).mean().float()
+        none = [swap.new_zeros((), dtype=torch.float32)]  # every box outside the crop
+        # the same keys whatever the batch: processes gather them by name
+        stats = {"dictionary_distance": torch.stack(distances).mean().detach(),
+                 "fusion_scale": torch.stack(scales or none).mean().float(),
+                 "fusion_shift": torch.stack(shifts or none).mean().float()}
         return maps, stats
 
     def _check_dictionary(self, dictionary) -> None:

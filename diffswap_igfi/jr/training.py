@@ -156,8 +156,6 @@ def export_with_refiner(sfi: DiffSwapIGFIPipeline, jr: JRNet, dictionary, folder
         sfi.register_modules(refiner=None, dictionary=None)
 
 
-
-
 # ------------------------------------------------------------------------------------ data
 class JRDataset(SFIDataset):
     """``SFIDataset`` samples plus ``landmarks``: [N,2] float32 (N >= 468, as stored), the
