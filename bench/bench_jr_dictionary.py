@@ -15,7 +15,7 @@ Two sizes: ``tiny`` (configs/jr/tiny.yaml's JR, tiny ArcFace, 4 atoms) and, with
 ``default`` (JRNet() base 64, 8 blocks, upscale 2, at 128 px inputs upsampled from the 64 px
 crops; the ArcFace iresnet50 shape; 64 atoms): the dictionary's cost does not grow with the crop (fixed
 patch sizes), JR's does. Prints CPU seconds (``time.process_time``, all threads) per step: the
-median of ``repeats`` after one warm-up.
+median of ``repeats`` after one warm-up, on one thread by default.
 """
 
 from __future__ import annotations
@@ -78,7 +78,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--full", action="store_true", help="also the default JRNet at 128 px")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: CPU time least disturbed by other load)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     from torch.utils.data import default_collate
 
     from diffswap_igfi.data.augment import AugmentConfig

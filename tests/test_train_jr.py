@@ -88,3 +88,13 @@ def test_tiny_jr_with_occlusions_dictionary_and_perceptual_trains(tmp_path, data
     built = ComponentDictionary.from_pretrained(run / "dictionary")
     assert isinstance(loaded.dictionary, ComponentDictionary)
     assert torch.equal(loaded.dictionary.atoms("mouth", 1), built.atoms("mouth", 1))
+    # what a user runs, in a fresh process (nothing of jr imported beforehand)
+    import subprocess
+    import sys
+
+    out = tmp_path / "swap.png"
+    proc = subprocess.run([sys.executable, "-m", "diffswap_igfi", "swap", "-s",
+                           "sample:grace_hopper", "-t", "sample:astronaut", "-o", str(out),
+                           "--checkpoint", str(run / "pipeline"), "--steps", "1", "--quiet"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
