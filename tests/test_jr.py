@@ -215,9 +215,11 @@ def test_matching_an_atom_returns_that_atom(dictionary):
     for name in COMPONENTS:
         for s in (1, 2):
             atoms = built.atoms(name, s)
-            matched, index = built.match(atoms, name, s)
+            matched, index, distance = built.match(atoms, name, s)
             assert index.tolist() == [0, 1, 2, 3]
             torch.testing.assert_close(matched, atoms, atol=1e-4, rtol=1e-4)
+            # float32 sums over C*h*w products: the exact 0 comes back within rounding
+            assert distance.abs().max() < 1e-4
 
 
 def test_matching_restyles_the_atom_to_the_query(dictionary, faces):
@@ -225,8 +227,9 @@ def test_matching_restyles_the_atom_to_the_query(dictionary, faces):
     crops, landmarks, _ = faces
     patches = crop_patches(crops, component_boxes(landmarks, 64)["mouth"], 64, 16)
     features = built.encode(patches)[1] * 3 + 0.5  # a colour/contrast shift of the query
-    matched, index = built.match(features, "mouth", 1)
+    matched, index, distance = built.match(features, "mouth", 1)
     assert matched.shape == features.shape and index.shape == (9,)
+    assert ((distance > 0) & (distance <= 4)).all()  # real faces are no atom, yet correlate
     active = features.std(dim=(2, 3)) > 1e-2
     torch.testing.assert_close(matched.mean(dim=(2, 3)), features.mean(dim=(2, 3)),
                                atol=1e-4, rtol=1e-4)

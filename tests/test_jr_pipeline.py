@@ -4,6 +4,7 @@ refined pipeline round-trips, and tiny JR training lowers its loss."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,10 @@ def test_tiny_jr_training_lowers_its_loss_and_exports_a_refining_pipeline(tmp_pa
         [sys.executable, str(ROOT / "train" / "train_jr.py"), "--config",
          str(ROOT / "configs" / "jr" / "tiny.yaml"), "--data", str(data), "--sfi-checkpoint",
          str(tmp_path / "sfi"), "--output", str(run), "--max-steps", "40"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT)
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+        # one thread, as test_train_sfi's runs: on a loaded 2-core machine torch's default
+        # threads fight the other processes and this run took over 10 minutes instead of 15 s
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 41))

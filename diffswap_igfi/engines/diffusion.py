@@ -99,6 +99,9 @@ def load_pipeline(checkpoint: str | Path | None, device: str = "cpu", *, progres
                                  f"model_index.json): {HOW_TO_GET_A_CHECKPOINT}")
     _refuse_pickles(path)
     pipeline_class = pipeline_class_for(path)
+    # diffusers loads a component only from a module already imported: JR's refiner and its
+    # component dictionary (train/train_jr.py's RUN/pipeline) live in jr.network, jr.dictionary
+    import diffswap_igfi.jr.dictionary  # noqa: F401
     try:
         with quiet_loading():
             pipe = pipeline_class.from_pretrained(path, use_safetensors=True)

@@ -28,6 +28,7 @@ import argparse
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +44,15 @@ from diffswap_igfi.losses import IMAGENET_MEAN, IMAGENET_STD, load_state_dict
 
 _EPS = 1e-5
 _VGG16_CONVS = ("0", "2", "5", "7")  # features.N of torchvision's vgg16: conv1_1 .. conv2_2
+
+
+class Match(NamedTuple):
+    """One component's match: atoms [B,C,h,w] restyled to the queries, index [B] long,
+    distance [B] float32 in [0,4] (0: the query is an atom; see ``ComponentDictionary.match``)."""
+
+    atoms: torch.Tensor
+    index: torch.Tensor
+    distance: torch.Tensor
 
 
 class ComponentEncoder(ModelMixin, ConfigMixin):
@@ -152,6 +162,14 @@ class ComponentDictionary(ModelMixin, ConfigMixin):
         """scale -> feature channels of its atoms."""
         return {s: self.config.encoder_channels[s.bit_length() - 1] for s in self.config.scales}
 
+    @property
+    def fusion_config(self) -> dict:
+        """The ``JRNet`` arguments whose SFT fusion layers fit this dictionary:
+        ``dictionary_scales`` and ``dictionary_channels`` (one per scale)."""
+        scales = tuple(self.config.scales)
+        return {"dictionary_scales": scales,
+                "dictionary_channels": tuple(self.scale_channels[s] for s in scales)}
+
     def atoms(self, component: str, scale: int = 1) -> torch.Tensor:
         """[K,C_s,P/s,P/s] the atoms: k-means centres of per-channel standardised features,
         themselves standardised (zero mean, variance 1 - 1e-5 per channel over the patch)."""
@@ -162,14 +180,15 @@ class ComponentDictionary(ModelMixin, ConfigMixin):
         features = self.encoder(patches.to(self.encoder.convs[0].weight.dtype))
         return {s: features[s.bit_length() - 1] for s in self.config.scales}
 
-    def match(self, features: torch.Tensor, component: str,
-              scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def match(self, features: torch.Tensor, component: str, scale: int = 1) -> Match:
         """Nearest atom to each query, restyled to the query (AdaIN of atom to query).
 
-        features: [B,C_s,P/s,P/s] encoder features of the component's patches. Returns (atoms
-        [B,C_s,P/s,P/s], the chosen atom given the query's per-channel mean and std; index [B]
-        long). The distance is L2 between the query and the restyled atom, so
-        an atom's own features give back that atom (and its own index).
+        features: [B,C_s,P/s,P/s] encoder features of the component's patches. Returns a
+        ``Match``: atoms [B,C_s,P/s,P/s], the chosen atom given the query's per-channel mean and
+        std; index [B] long; distance [B] float32, the squared L2 distance between the query and
+        that restyled atom over the query's own spread (sum over channels of std_c^2 * n), so
+        0 = the query is an atom, 2 = uncorrelated with its nearest atom, 4 at most. An atom's
+        own features give back that atom (and its own index).
         """
         query, mean, std = _normalise(features.float())
         bank = self.atoms(component, scale).float()  # stored standardised
@@ -178,21 +197,25 @@ class ComponentDictionary(ModelMixin, ConfigMixin):
         # ||f - restyle(atom)||^2 = sum_c std_c^2 ||q_c - a_c||^2, channel by channel
         cross = torch.einsum("bcn,kcn->bkc", q, a)
         per_channel = (q.pow(2).sum(2)[:, None] + a.pow(2).sum(2)[None] - 2 * cross)
-        distance = (per_channel * std.view(b, 1, c).pow(2)).sum(2)  # [B,K]
-        index = distance.argmin(1)
-        return (bank[index] * std + mean).to(features.dtype), index
+        weights = std.view(b, 1, c).pow(2)
+        distance = (per_channel * weights).sum(2)  # [B,K]
+        nearest, index = distance.min(1)
+        spread = weights.sum(2)[:, 0] * q.shape[2]
+        return Match((bank[index] * std + mean).to(features.dtype), index,
+                     nearest.clamp_min(0) / spread.clamp_min(1e-12))
 
     def match_faces(self, images: torch.Tensor, landmarks: torch.Tensor,
-                    components: Sequence[str] | None = None) -> dict[str, dict[int, torch.Tensor]]:
+                    components: Sequence[str] | None = None) -> dict[str, dict[int, Match]]:
         """images: [B,3,S,S] in [-1,1]; landmarks: [B,N>=468,2] in their pixels.
-        Returns component -> scale -> restyled atoms [B,C_s,P/s,P/s] (see ``match``)."""
+        Returns component -> scale -> ``Match`` (restyled atoms [B,C_s,P/s,P/s], index,
+        distance; see ``match``)."""
         size = images.shape[-1]
         names = list(components or self.config.components)
         boxes = component_boxes(landmarks.to(images.device), size, names)
         out = {}
         for name in names:
             patches = crop_patches(images, boxes[name], size, self.patch_sizes[name])
-            out[name] = {s: self.match(f, name, s)[0] for s, f in self.encode(patches).items()}
+            out[name] = {s: self.match(f, name, s) for s, f in self.encode(patches).items()}
         return out
 
 

@@ -255,15 +255,23 @@ class JRNet(ModelMixin, ConfigMixin):
 
     def forward(self, swap: torch.Tensor, residual: torch.Tensor, identity: torch.Tensor,
                 target: torch.Tensor, landmarks: torch.Tensor | None = None,
-                dictionary=None) -> torch.Tensor:
+                dictionary=None, return_stats: bool = False,
+                fusion_rows: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Refine an SFI swap.
 
         swap: [B,3,S,S] float in [-1,1], the SFI output crop (S divisible by 8); residual:
         [B,3,S,S] float in [-2,2], target - SFI(target, target); identity: [B,id_dim] unit-norm
         source embedding; target: [B,3,S,S] in [-1,1]; landmarks: [B,N>=468,2] target mesh in
         crop pixels and dictionary: a ``ComponentDictionary``, both needed for component fusion
-        (skipped when either is None or the model has no fusion layers).
-        Returns [B,3,S*upscale,S*upscale] float in (-1,1).
+        (skipped when either is None or the model has no fusion layers); fusion_rows: [k] long,
+        the samples that get fusion (None: all; training fuses a share of the batch to bound
+        the cost of matching, as the identity loss does).
+        Returns [B,3,S*upscale,S*upscale] float in (-1,1); with ``return_stats`` also the
+        fusion's 0-d diagnostics (detached; empty without fusion): ``dictionary_distance``, the
+        mean match distance of the components (0: every query is an atom, 2: uncorrelated; see
+        ``ComponentDictionary.match``), and ``fusion_scale`` / ``fusion_shift``, the mean
+        |SFT scale| and |SFT shift| over the pixels the component boxes cover (0 untrained).
         """
         size = swap.shape[-1]
         if size % 8 or swap.shape[-2] != size:
@@ -279,35 +287,40 @@ class JRNet(ModelMixin, ConfigMixin):
                 h = self._gradient_checkpointing_func(block, h, styles[:, k])
             else:
                 h = block(h, styles[:, k])
-        fusion = self._fusion_maps(swap, landmarks, dictionary)
+        rows = slice(None) if fusion_rows is None else fusion_rows.to(swap.device)
+        fusion, stats = self._fusion_maps(
+            swap[rows], None if landmarks is None else torch.as_tensor(landmarks)[rows],
+            dictionary)
         for up, scale in zip(self.ups, (4, 2, 1, None)):
             h = up(h, skips.pop() if skips else None)
             if scale in fusion:  # SFT inside the components' window only
                 (top, left, height, width), gamma, beta = fusion[scale]
-                rows, cols = slice(top, top + height), slice(left, left + width)
-                inner = h[:, :, rows, cols]
+                ys, xs = slice(top, top + height), slice(left, left + width)
+                inner = h[rows, :, ys, xs]
                 h = h.clone()
-                h[:, :, rows, cols] = inner * (1 + gamma) + beta
+                h[rows, :, ys, xs] = inner * (1 + gamma) + beta
         delta = self.to_rgb(h)
         base = swap
         if delta.shape[-1] != size:
             base = F.interpolate(swap, size=delta.shape[-2:], mode="bilinear", align_corners=False)
         base = base.clamp(-1 + _EPS_TANH, 1 - _EPS_TANH)
-        return torch.tanh(torch.atanh(base) + delta)
+        out = torch.tanh(torch.atanh(base) + delta)
+        return (out, stats) if return_stats else out
 
-    def _fusion_maps(self, swap: torch.Tensor, landmarks, dictionary) -> Mapping[int, tuple]:
-        """decoder scale s -> (window, gamma, beta): gamma, beta [B,C,height,width] over the
-        window (top, left, height, width) of the S/s decoder map that holds every component box,
-        0 outside the boxes."""
+    def _fusion_maps(self, swap: torch.Tensor, landmarks, dictionary
+                     ) -> tuple[Mapping[int, tuple], dict[str, torch.Tensor]]:
+        """(decoder scale s -> (window, gamma, beta), diagnostics): gamma, beta
+        [B,C,height,width] over the window (top, left, height, width) of the S/s decoder map that
+        holds every component box, 0 outside the boxes; diagnostics as in ``forward``."""
         if dictionary is None or landmarks is None or not len(self.sft):
-            return {}
+            return {}, {}
         self._check_dictionary(dictionary)
         size = swap.shape[-1]
         landmarks = torch.as_tensor(landmarks).to(device=swap.device, dtype=torch.float32)
         boxes = component_boxes(landmarks, size, self.config.components)
         with torch.no_grad():  # matching is a nearest-neighbour lookup in a frozen dictionary
             matched = dictionary.match_faces(swap, landmarks, self.config.components)
-        maps = {}
+        maps, scales, shifts = {}, [], []
         for s in self.config.dictionary_scales:
             level = (size // s, size // s)
             window = boxes_window(list(boxes.values()), size, level)
@@ -315,13 +328,25 @@ class JRNet(ModelMixin, ConfigMixin):
                 continue  # every box lies outside the crop
             acc = cover = None
             for name in self.config.components:
-                params = self.sft[f"s{s}"](matched[name][s].to(swap))
+                params = self.sft[f"s{s}"](matched[name][s].atoms.to(swap))
                 pasted, weight = paste_patches(params, boxes[name], size, level, window)
                 acc = pasted if acc is None else acc + pasted
                 cover = weight if cover is None else cover + weight
             acc = acc / cover.clamp_min(1.0)  # overlapping boxes average rather than add up
-            maps[s] = (window, *acc.chunk(2, dim=1))
-        return maps
+            gamma, beta = acc.chunk(2, dim=1)
+            maps[s] = (window, gamma, beta)
+            with torch.no_grad():
+                inside = (cover > 0.5).to(gamma)
+                covered = inside.sum().clamp_min(1) * gamma.shape[1]
+                scales.append((gamma.abs() * inside).sum() / covered)
+                shifts.append((beta.abs() * inside).sum() / covered)
+        distances = [m.distance.float().mean() for per in matched.values() for m in per.values()]
+        none = [swap.new_zeros((), dtype=torch.float32)]  # every box outside the crop
+        # the same keys whatever the batch: processes gather them by name
+        stats = {"dictionary_distance": torch.stack(distances).mean().detach(),
+                 "fusion_scale": torch.stack(scales or none).mean().float(),
+                 "fusion_shift": torch.stack(shifts or none).mean().float()}
+        return maps, stats
 
     def _check_dictionary(self, dictionary) -> None:
         config = dictionary.config

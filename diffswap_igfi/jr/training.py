@@ -1,13 +1,21 @@
 """The JR training step as library code: inputs made by a frozen SFI pipeline, then the JR
-generator and (optionally) a patch discriminator, all in one ``forward`` for DDP."""
+generator and (optionally) a patch discriminator, all in one ``forward`` for DDP; the training
+data (SFI samples plus the target's mesh landmarks) and the component dictionary a run uses."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch.func import functional_call
 
 from diffswap_igfi.conditions.tensors import to_tensor
+from diffswap_igfi.data.dataset import SFIDataset
+from diffswap_igfi.errors import InputError, ModelNotFoundError
+from diffswap_igfi.jr.dictionary import ComponentDictionary, build_dictionaries_from_shards
 from diffswap_igfi.jr.losses import (JRGeneratorLoss, PatchDiscriminator, discriminator_loss,
                                      r1_penalty)
 from diffswap_igfi.jr.network import JRNet
@@ -25,11 +33,17 @@ class JRTrainable(torch.nn.Module):
     (identity loss). With an adversarial weight, the discriminator trains in the same step:
     the generator's term sees detached discriminator weights and the discriminator's term a
     detached output, so one optimizer serves both without either pushing the other.
+
+    With a ``dictionary`` (frozen, not a submodule: nothing of it trains or is checkpointed) JR
+    fuses the matched component atoms by SFT on both swaps, at the batch's target landmarks
+    (``batch["landmarks"]``, from ``JRDataset``); the match distance and the fusion's mean
+    |scale| and |shift| are returned beside the loss terms.
     """
 
     def __init__(self, jr: JRNet, sfi: DiffSwapIGFIPipeline, config: JRConfig,
                  generator_loss: JRGeneratorLoss,
-                 discriminator: PatchDiscriminator | None = None) -> None:
+                 discriminator: PatchDiscriminator | None = None,
+                 dictionary: ComponentDictionary | None = None) -> None:
         super().__init__()
         self.jr = jr
         self.discriminator = discriminator
@@ -40,6 +54,7 @@ class JRTrainable(torch.nn.Module):
         object.__setattr__(self, "sfi", sfi)
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "generator_loss", generator_loss)
+        object.__setattr__(self, "dictionary", dictionary)
 
     @torch.no_grad()
     def make_inputs(self, batch: dict, noise_seed: int) -> dict:
@@ -74,6 +89,20 @@ class JRTrainable(torch.nn.Module):
         return {"self_swap": self_swap, "cross_swap": cross_swap, "residual": x - self_swap,
                 "own": own, "other": other, "target": x, "occluded": occluded}
 
+    def fusion_rows(self, b: int, noise_seed: int) -> torch.Tensor | None:
+        """Which of JR's 2b samples (b self-swaps, then b cross swaps) get dictionary fusion this
+        step: ``dictionary_fraction`` of them (at least one), half self-swaps (the first, with
+        an odd count), so the reconstruction and perceptual terms always reach the fusion;
+        drawn from ``noise_seed``. None for all."""
+        fraction = self.config.model.dictionary_fraction
+        if self.dictionary is None or fraction >= 1.0:
+            return None
+        keep = max(1, int(fraction * 2 * b))
+        generator = torch.Generator().manual_seed(noise_seed + 2)
+        own = torch.randperm(b, generator=generator)[:(keep + 1) // 2]
+        cross = b + torch.randperm(b, generator=generator)[:keep // 2]
+        return torch.cat([own, cross]).sort().values
+
     def forward(self, batch: dict, noise_seed: torch.Tensor) -> dict:
         made = self.make_inputs(batch, int(noise_seed.item()))
         x, b = made["target"], len(made["target"])
@@ -81,8 +110,13 @@ class JRTrainable(torch.nn.Module):
         identity = torch.cat([made["own"], made["other"]])
         target = torch.cat([x, x])
         landmarks = batch.get("landmarks")
-        output = self.jr(swaps, torch.cat([made["residual"]] * 2), identity, target,
-                         landmarks=None if landmarks is None else torch.cat([landmarks] * 2))
+        if self.dictionary is not None and landmarks is None:
+            raise InputError("dictionary fusion needs the targets' landmarks in the batch "
+                             "(train on jr.training.JRDataset samples)")
+        output, fusion = self.jr(swaps, torch.cat([made["residual"]] * 2), identity, target,
+                                 landmarks=None if landmarks is None else torch.cat([landmarks] * 2),
+                                 dictionary=self.dictionary, return_stats=True,
+                                 fusion_rows=self.fusion_rows(b, int(noise_seed.item())))
         same = torch.cat([torch.ones(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)])
         fake_logits = None
         if self.discriminator is not None:
@@ -91,7 +125,7 @@ class JRTrainable(torch.nn.Module):
         total, terms = self.generator_loss(output, target, same=same.to(x.device),
                                            kps=torch.cat([batch["kps"]] * 2),
                                            source_embeds=identity, fake_logits=fake_logits)
-        out = {name: value for name, value in terms.items()}
+        out = {**terms, **fusion}
         if self.config.occlusion_p > 0:  # the share of targets that carried an occluder
             out["occluded"] = made["occluded"].mean().detach()
         if self.discriminator is not None:
@@ -122,3 +156,71 @@ def export_with_refiner(sfi: DiffSwapIGFIPipeline, jr: JRNet, dictionary, folder
         sfi.register_modules(refiner=None, dictionary=None)
 
 
+# ------------------------------------------------------------------------------------ data
+class JRDataset(SFIDataset):
+    """``SFIDataset`` samples plus ``landmarks``: [N,2] float32 (N >= 468, as stored), the
+    target's mesh in crop pixels (where dictionary fusion finds the eyes, nose and mouth)."""
+
+    def make_sample(self, sample: dict, rng: np.random.Generator, index: int) -> dict:
+        out = super().make_sample(sample, rng, index)
+        out["landmarks"] = torch.from_numpy(np.asarray(sample["landmarks"], dtype=np.float32))
+        return out
+
+
+def jr_training_data(data_dir: str | os.PathLike, *, seed: int, augment, reader: str = "index",
+                     shuffle_buffer: int = 1000):
+    """The JR trainer's data: ``data.dataset.training_data`` with ``JRDataset`` samples."""
+    dataset = JRDataset(data_dir, seed=seed, augment=augment)
+    if reader == "index":
+        return dataset
+    from diffswap_igfi.data.stream import ShardStream
+
+    return ShardStream(data_dir, seed=seed, shuffle_buffer=shuffle_buffer,
+                       transform=dataset.make_sample)
+
+
+# ------------------------------------------------------------------------------ dictionary
+def run_dictionary(config: JRConfig, data_dir: str | os.PathLike, run_dir: str | os.PathLike,
+                   on_main=None) -> ComponentDictionary | None:
+    """The component dictionary a JR run fuses (None without ``model.use_dictionary``).
+
+    ``model.dictionary`` names a folder from ``diffswap-igfi build-dictionaries``: loaded.
+    Empty: RUN_DIR/dictionary if an earlier start of this run built one (a resumed run keeps
+    the atoms it trained with), else built now from DATA_DIR (``model.dictionary_atoms`` atoms
+    per component and scale, from at most ``model.dictionary_samples`` faces, seeded random
+    encoder features) and saved there. ``on_main(fn)``: runs ``fn`` on one process while the
+    others wait (``TrainLoop.on_main``); every process then loads the same folder.
+    """
+    m = config.model
+    if not m.use_dictionary:
+        return None
+    if m.dictionary:
+        folder = Path(m.dictionary).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(f"model.dictionary {folder} is not a component dictionary "
+                                     f"folder (no config.json): build one with `diffswap-igfi "
+                                     f"build-dictionaries DATA OUT`, or leave model.dictionary "
+                                     f"empty to build it from --data at start")
+        return ComponentDictionary.from_pretrained(folder)
+    folder = Path(run_dir) / "dictionary"
+
+    def build() -> None:
+        if (folder / "config.json").is_file():
+            print(f"dictionary: reusing {folder} (built at the start of this run)")
+            return
+        tmp = folder.with_name(".tmp-dictionary")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            built = build_dictionaries_from_shards(data_dir, None, num_atoms=m.dictionary_atoms,
+                                                   max_samples=m.dictionary_samples,
+                                                   seed=config.train.seed)
+        except InputError as err:
+            raise InputError(f"cannot build the component dictionary from {data_dir}: {err} "
+                             f"(the option is model.dictionary_atoms)") from None
+        built.save_pretrained(str(tmp))
+        os.replace(tmp, folder)
+        print(f"dictionary: built {m.dictionary_atoms} atoms per component and scale from "
+              f"{data_dir} into {folder}")
+
+    (on_main or (lambda fn: fn()))(build)
+    return ComponentDictionary.from_pretrained(folder)

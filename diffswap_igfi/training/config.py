@@ -178,7 +178,19 @@ class JRModelConfig:
     base_channels: int = 64
     num_res_blocks: int = 8
     upscale: int = 2
-    use_dictionary: bool = False  # not yet trainable: see JRConfig.validate
+    # DFDNet-style component dictionaries fused into JR's decoder by SFT (jr.dictionary);
+    # the SFT layers train with JR, the dictionary (k-means atoms of a fixed encoder) is frozen
+    use_dictionary: bool = False
+    # a folder from `diffswap-igfi build-dictionaries`; empty: built at start from --data
+    # (dictionary_atoms atoms per component and scale, from at most dictionary_samples faces)
+    # into RUN_DIR/dictionary, which a resumed run reuses
+    dictionary: str | None = None
+    dictionary_atoms: int = 64
+    dictionary_samples: int = 1024
+    # share of JR's samples per step (self and cross swaps together, at least one) that get the
+    # fusion: matching costs an encoder pass per component whatever JR's size (measured below
+    # the identity loss's cost at JRNet's default size; the tiny config fuses 0.25)
+    dictionary_fraction: float = 1.0
 
 
 @dataclass
@@ -190,6 +202,9 @@ class JRLossConfig:
     contextual_weight: float = 0.0
     perceptual_weight: float = 0.0
     perceptual_weights: str | None = None
+    # VGG16 layers of the perceptual (and contextual) loss, from losses.VGG16_LAYERS
+    perceptual_layers: list[str] = field(
+        default_factory=lambda: ["relu1_2", "relu2_2", "relu3_3", "relu4_3"])
 
 
 @dataclass
@@ -209,10 +224,14 @@ class JRConfig:
         checks = [
             (self.model.upscale in (1, 2), f"model.upscale must be 1 or 2, got "
                                            f"{self.model.upscale}"),
-            (not self.model.use_dictionary,
-             "model.use_dictionary: train_jr.py does not train the dictionary fusion yet "
-             "(JRNet and ComponentDictionary support it; the trainer does not feed landmarks); "
-             "set it to false"),
+            (self.model.dictionary_atoms >= 1 and self.model.dictionary_samples >= 1,
+             f"model.dictionary_atoms and model.dictionary_samples must be at least 1, got "
+             f"{self.model.dictionary_atoms} and {self.model.dictionary_samples}"),
+            (self.model.use_dictionary or not self.model.dictionary,
+             "model.dictionary is set but model.use_dictionary is false: set it to true to "
+             "fuse the dictionary, or remove model.dictionary"),
+            (0.0 < self.model.dictionary_fraction <= 1.0,
+             f"model.dictionary_fraction must be in (0, 1], got {self.model.dictionary_fraction}"),
             (self.sfi_steps > 0, "sfi_steps must be positive"),
             (0.0 <= self.occlusion_p <= 1.0,
              f"occlusion_p must be in [0, 1], got {self.occlusion_p}"),
