@@ -85,6 +85,8 @@ def _losses(run: Path) -> dict[int, float]:
     ("empty data", "preprocess"),
     ("missing config", "config file not found"),
     ("sd without weights", "needs model.arcface"),
+    ("other crop size", "holds 64px crops but the model works at 128px: preprocess with "
+                        "--crop-size 128 or change model.crop_size"),
 ])
 def test_bad_setups_fail_before_training_with_one_line(tmp_path, problem, expected, data_dir):
     config = _config(tmp_path)
@@ -101,6 +103,8 @@ def test_bad_setups_fail_before_training_with_one_line(tmp_path, problem, expect
     elif problem == "sd without weights":
         config = _config(tmp_path, **{"model.kind": "sd_inpaint",
                                       "model.sd_inpaint": str(tmp_path)})
+    elif problem == "other crop size":
+        config = _config(tmp_path, **{"model.crop_size": 128})
     run = tmp_path / "run"
     proc = _train(["--config", str(config), "--data", str(data), "--output", str(run)],
                   timeout=120)

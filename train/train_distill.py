@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from diffswap_igfi.data.dataset import training_data
-from diffswap_igfi.errors import InputError, ModelNotFoundError
+from diffswap_igfi.errors import ModelNotFoundError
 from diffswap_igfi.training.config import config_to_dict
 from diffswap_igfi.training.script import arguments, load_run_config, run
 
@@ -63,11 +63,8 @@ def train(args: argparse.Namespace) -> int:
     teacher = load_teacher(args.teacher or config.teacher)
     dataset = training_data(args.data, seed=config.train.seed, augment=config.augment,
                             reader=config.train.data_reader,
-                            shuffle_buffer=config.train.shuffle_buffer)
-    if dataset.crop_size != teacher.config.crop_size:
-        raise InputError(f"{args.data} holds {dataset.crop_size}px crops but the teacher works "
-                         f"at {teacher.config.crop_size}px: preprocess with --crop-size "
-                         f"{teacher.config.crop_size}")
+                            shuffle_buffer=config.train.shuffle_buffer,
+                            crop_size=teacher.config.crop_size)  # the teacher's crops
     from diffswap_igfi.sfi.distill import LCMDistillTrainable
     from diffswap_igfi.sfi.student import student_pipeline
     from diffswap_igfi.training.loop import TrainLoop, flat

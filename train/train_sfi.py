@@ -34,7 +34,6 @@ import sys
 from pathlib import Path
 
 from diffswap_igfi.data.dataset import training_data
-from diffswap_igfi.errors import InputError
 from diffswap_igfi.training.config import SFIConfig, config_to_dict
 from diffswap_igfi.training.script import arguments, load_run_config, run
 
@@ -47,11 +46,8 @@ def train(args: argparse.Namespace) -> int:
     config = load_run_config(args, SFIConfig)
     dataset = training_data(args.data, seed=config.train.seed, augment=config.augment,
                             reader=config.train.data_reader,
-                            shuffle_buffer=config.train.shuffle_buffer)
-    if dataset.crop_size != config.model.crop_size:
-        raise InputError(f"{args.data} holds {dataset.crop_size}px crops but the config trains "
-                         f"at {config.model.crop_size}px: preprocess with --crop-size "
-                         f"{config.model.crop_size} or change model.crop_size")
+                            shuffle_buffer=config.train.shuffle_buffer,
+                            crop_size=config.model.crop_size, fix=" or change model.crop_size")
     from diffswap_igfi.sfi.training import (SFITrainable, build_sfi_pipeline, midpoint_judges,
                                             training_scheduler)
     from diffswap_igfi.training.loop import TrainLoop, flat

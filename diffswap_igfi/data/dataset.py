@@ -22,7 +22,7 @@ from diffswap_igfi.data.augment import (AugmentConfig, condition_dropout, head_r
                                         reference_augment, shape_augment_mask,
                                         shuffle_region_mask)
 from diffswap_igfi.data.shards import ShardIndex
-from diffswap_igfi.errors import ConfigError
+from diffswap_igfi.errors import ConfigError, InputError
 from diffswap_igfi.faces.align import align_face
 from diffswap_igfi.geometry.condition import landmark_heatmaps
 
@@ -134,11 +134,18 @@ class SFIDataset(Dataset):
 
 
 def training_data(data_dir: str | os.PathLike, *, seed: int, augment, reader: str = "index",
-                  shuffle_buffer: int = 1000, latent_factor: int = 8):
-    """The trainers' data: ``SFIDataset`` (reader "index": random access, any size) or a
-    ``ShardStream`` of SFI samples (reader "stream": shards split across processes and
-    workers, for data sets of many shards)."""
-    dataset = SFIDataset(data_dir, latent_factor=latent_factor, seed=seed, augment=augment)
+                  shuffle_buffer: int = 1000, latent_factor: int = 8,
+                  dataset_cls: type[SFIDataset] | None = None, crop_size: int | None = None,
+                  fix: str = ""):
+    """The trainers' data: ``dataset_cls`` (default ``SFIDataset``; reader "index": random
+    access, any size) or a ``ShardStream`` of its samples (reader "stream": shards split across
+    processes and workers, for data sets of many shards). crop_size: the crop size the model
+    works at; other crops are one InputError naming the fix (``fix``: what else may change)."""
+    dataset = (dataset_cls or SFIDataset)(data_dir, latent_factor=latent_factor, seed=seed,
+                                          augment=augment)
+    if crop_size is not None and dataset.crop_size != crop_size:
+        raise InputError(f"{data_dir} holds {dataset.crop_size}px crops but the model works at "
+                         f"{crop_size}px: preprocess with --crop-size {crop_size}{fix}")
     if reader == "index":
         return dataset
     from diffswap_igfi.data.stream import ShardStream

@@ -13,7 +13,7 @@ import torch
 from torch.func import functional_call
 
 from diffswap_igfi.conditions.tensors import to_tensor
-from diffswap_igfi.data.dataset import SFIDataset
+from diffswap_igfi.data.dataset import SFIDataset, training_data
 from diffswap_igfi.errors import InputError, ModelNotFoundError
 from diffswap_igfi.jr.dictionary import ComponentDictionary, build_dictionaries_from_shards
 from diffswap_igfi.jr.losses import (JRGeneratorLoss, PatchDiscriminator, discriminator_loss,
@@ -170,13 +170,8 @@ class JRDataset(SFIDataset):
 def jr_training_data(data_dir: str | os.PathLike, *, seed: int, augment, reader: str = "index",
                      shuffle_buffer: int = 1000):
     """The JR trainer's data: ``data.dataset.training_data`` with ``JRDataset`` samples."""
-    dataset = JRDataset(data_dir, seed=seed, augment=augment)
-    if reader == "index":
-        return dataset
-    from diffswap_igfi.data.stream import ShardStream
-
-    return ShardStream(data_dir, seed=seed, shuffle_buffer=shuffle_buffer,
-                       transform=dataset.make_sample)
+    return training_data(data_dir, seed=seed, augment=augment, reader=reader,
+                         shuffle_buffer=shuffle_buffer, dataset_cls=JRDataset)
 
 
 # ------------------------------------------------------------------------------ dictionary
