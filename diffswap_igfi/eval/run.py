@@ -206,8 +206,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="DIR",
                         help="DiffSwapIGFIPipeline folder: produce the swaps with the diffusion "
                              "engine")
-    parser.add_argument("--steps", type=int, default=30, help="diffusion: sampling steps")
-    parser.add_argument("--guidance", type=float, default=3.0, help="diffusion: identity guidance")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="diffusion: sampling steps (default: the checkpoint's own)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="diffusion: identity guidance (default: the checkpoint's own)")
     parser.add_argument("--seed", type=int, default=0, help="diffusion: random seed")
     parser.add_argument("--device", default="cpu",
                         help="torch device for diffusion, Inception and LPIPS (default: cpu)")
@@ -250,7 +252,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from diffswap_igfi.faces.recognizer import DlibRecognizer
     from diffswap_igfi.swapper import Swapper
 
-    if args.steps < 1 or args.kid_subset_size < 2 or args.max_pixels < 1:
+    if (args.steps is not None and args.steps < 1) or args.kid_subset_size < 2 \
+            or args.max_pixels < 1:
         raise InputError("--steps and --max-pixels must be positive and --kid-subset-size at "
                          "least 2")
     out = Path(args.out).expanduser()
