@@ -59,14 +59,17 @@ def interpolate(points: np.ndarray, triangles: np.ndarray, values: np.ndarray,
     ``index`` is at ``offset``); values: [N,C]; index: [H,W] from ``raster_index`` (-1 = none).
     Returns [H,W,C] float32; uncovered pixels are 0.
     """
-    affines = triangle_affines(np.asarray(points, np.float64) - offset, triangles, values)
+    affines = triangle_affines(np.asarray(points, np.float64) - offset, triangles,
+                               values).astype(np.float32)
     h, w = index.shape
-    c = affines.shape[2]
-    affines = np.concatenate([affines, np.zeros((1, 3, c))]).astype(np.float32)  # -1 -> zeros
-    m = affines[index]  # [H,W,3,C]
-    xs = np.arange(w, dtype=np.float32)[None, :, None]
-    ys = np.arange(h, dtype=np.float32)[:, None, None]
-    return xs * m[:, :, 0] + ys * m[:, :, 1] + m[:, :, 2]
+    # only the covered pixels (often a small part of ``index``: an eye's opening) are
+    # evaluated, each with the same float32 operations as a whole-frame evaluation would do
+    ys, xs = np.nonzero(index >= 0)
+    m = affines[index[ys, xs]]  # [P,3,C]
+    out = np.zeros((h, w, affines.shape[2]), np.float32)
+    out[ys, xs] = (xs.astype(np.float32)[:, None] * m[:, 0]
+                   + ys.astype(np.float32)[:, None] * m[:, 1] + m[:, 2])
+    return out
 
 
 def extend_index(index: np.ndarray) -> np.ndarray:

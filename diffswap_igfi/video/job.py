@@ -22,6 +22,7 @@ already on disk; signing happens once, at the end.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from diffswap_igfi.errors import DiffSwapError, InputError
@@ -187,7 +189,7 @@ def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output
         payload = hashlib.sha256((work / "manifest.json").read_bytes()).hexdigest()[:8]
         seconds: dict[str, float] = {}
         start, cpu = time.perf_counter(), time.process_time()
-        with _one_blas_thread():
+        with _one_blas_thread(), _one_opencv_thread():
             frames, tracks = _track_pass(swapper, info, work, options, progress)
         seconds["track"] = time.perf_counter() - start
         seconds["cpu_track_pass"] = time.process_time() - cpu  # all threads
@@ -198,7 +200,7 @@ def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output
                                     reference_distance=options.reference_distance,
                                     face_map=face_map, what=target.name)
         start = time.perf_counter()
-        with _one_blas_thread():
+        with _one_blas_thread(), _one_opencv_thread():
             swapped = _render_pass(swapper, info, work, options, assignment, frames, progress,
                                    payload, seconds)
         seconds["render"] = time.perf_counter() - start
@@ -231,6 +233,19 @@ def _one_blas_thread():
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=1, user_api="blas")
+
+
+@contextlib.contextmanager
+def _one_opencv_thread():
+    """OpenCV's own parallel loops off while the passes run: the passes' stages already keep
+    both cores busy, and OpenCV splitting each small resize/remap/blur of a face crop over
+    its worker threads only adds their hand-over to the swap stage's critical path."""
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
 
 
 def _fingerprint(info: VideoInfo, sources, options, reference, face_map, engine) -> dict:
