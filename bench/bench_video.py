@@ -1,6 +1,6 @@
 """Video swap: temporal jitter against a known camera path, and speed at 720p and 1080p.
 
-Run: python bench/bench_video.py [--frames 48] [--speed-frames 60] [--json out.json]
+Run: python bench/bench_video.py [--frames 48] [--speed-frames 250] [--json out.json]
 
 Jitter: a clip is rendered from a still photo under a known camera path (zoom, pan, small
 rotation: every frame's affine photo -> frame is known exactly). Landmarks are detected on every
