@@ -15,6 +15,7 @@ from pathlib import Path
 
 from diffswap_igfi import __version__
 from diffswap_igfi.errors import DiffSwapError, InputError, OutputError
+from diffswap_igfi.io.arguments import int_in, positive_int
 
 # The exit codes, as documented in README.md. Errors carry their own (errors.py: InputError and
 # ConfigError 2, OutputError 3, ModelNotFoundError 4); these are the others.
@@ -38,30 +39,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # argparse calls this for every bad command line
         raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _int_in(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a whole number from {low} to {high}, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "with --checkpoint)")
     swap.add_argument("--checkpoint", metavar="DIR",
                       help="DiffSwapIGFIPipeline folder for --engine diffusion")
-    swap.add_argument("--steps", type=_positive_int, default=None,
+    swap.add_argument("--steps", type=positive_int, default=None,
                       help="diffusion: sampling steps (default: the checkpoint's own, 30 for "
                            "ours, 50 for REFace's)")
     swap.add_argument("--guidance", type=float, default=None,
@@ -146,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "teeth and tongue)")
     swap.add_argument("--force", action="store_true",
                       help="overwrite an existing output (never an input)")
-    swap.add_argument("--max-pixels", type=_positive_int, default=40_000_000,
+    swap.add_argument("--max-pixels", type=positive_int, default=40_000_000,
                       help="refuse images with more pixels than this (default: 40000000)")
-    swap.add_argument("--jpeg-quality", type=_int_in(1, 100), default=95, metavar="1-100",
+    swap.add_argument("--jpeg-quality", type=int_in(1, 100), default=95, metavar="1-100",
                       help="quality of JPEG/WebP outputs (default: 95)")
     swap.add_argument("--quiet", action="store_true", help="no progress bar")
     swap.add_argument("--c2pa-cert", metavar="PEM", help="sign the C2PA manifest with this "
@@ -184,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ArcFace ONNX file or insightface model-pack folder (identity)")
     cond.add_argument("--clip-model", metavar="NAME", help="open_clip model name, e.g. ViT-B-16")
     cond.add_argument("--clip-weights", metavar="PATH", help="local open_clip checkpoint file")
-    cond.add_argument("--crop-size", type=_positive_int, default=512)
+    cond.add_argument("--crop-size", type=positive_int, default=512)
     cond.add_argument("--face-index", type=int, default=0,
                       help="the target face to use, 0 = largest")
     cond.add_argument("--force", action="store_true", help="overwrite existing outputs")

@@ -42,6 +42,18 @@ def test_rejected_values_are_one_line_without_usage(tmp_path, capsys, extra, nee
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra,needle", [
+    (["--concurrency", "abc"], "--concurrency: expected a positive whole number, got 'abc'"),
+    (["--queue-size", "0"], "--queue-size: must be positive, got 0"),
+    (["--max-video-seconds", "x"], "--max-video-seconds: expected a positive number, got 'x'"),
+])
+def test_ui_server_options_share_the_cli_value_checks(capsys, extra, needle):
+    code = main(["ui", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
+    assert_one_line(err)
+
+
 def test_missing_arguments_and_unknown_command_are_one_line(capsys):
     assert main(["swap", "-s", "a.png"]) == 2
     err = capsys.readouterr().err

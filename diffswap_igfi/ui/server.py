@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 from diffswap_igfi.errors import InputError
+from diffswap_igfi.io.arguments import positive_float, positive_int
 from diffswap_igfi.io.images import DEFAULT_MAX_PIXELS
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
@@ -26,20 +27,6 @@ PID_FILE = "server.pid"
 # the longest video a request may bring (videos swap at a few frames a second on a CPU)
 DEFAULT_MAX_VIDEO_SECONDS = 300.0
 DEFAULT_MAX_VIDEO_FRAMES = 9000
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,19 +39,19 @@ def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--share", action="store_true",
                         help="also open a public gradio.live link (traffic goes through "
                              "Gradio's servers)")
-    parser.add_argument("--concurrency", type=_positive_int, default=2,
+    parser.add_argument("--concurrency", type=positive_int, default=2,
                         help="swaps run at the same time; the rest wait in the queue "
                              "(default: 2)")
-    parser.add_argument("--queue-size", type=_positive_int, default=32,
+    parser.add_argument("--queue-size", type=positive_int, default=32,
                         help="requests that may wait; more are refused (default: 32)")
-    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+    parser.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse images with more pixels (default: {DEFAULT_MAX_PIXELS})")
-    parser.add_argument("--max-upload-mb", type=_positive_int, default=50,
+    parser.add_argument("--max-upload-mb", type=positive_int, default=50,
                         help="refuse uploaded files larger than this (default: 50)")
-    parser.add_argument("--max-video-seconds", type=_positive_float,
+    parser.add_argument("--max-video-seconds", type=positive_float,
                         default=DEFAULT_MAX_VIDEO_SECONDS,
                         help=f"refuse longer videos (default: {DEFAULT_MAX_VIDEO_SECONDS:g})")
-    parser.add_argument("--max-video-frames", type=_positive_int,
+    parser.add_argument("--max-video-frames", type=positive_int,
                         default=DEFAULT_MAX_VIDEO_FRAMES,
                         help=f"refuse videos with more frames (default: "
                              f"{DEFAULT_MAX_VIDEO_FRAMES})")
