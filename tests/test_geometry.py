@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from diffswap_igfi.errors import ModelNotFoundError
-from diffswap_igfi.faces.align import align_face
+from diffswap_igfi.faces.align import align_face, transform_points
 from diffswap_igfi.faces.landmarker import landmarker_model_path
-from diffswap_igfi.geometry.base import transform_points
 from diffswap_igfi.geometry.canonical import canonical_face
 from diffswap_igfi.geometry.condition import (MESH_REGIONS, aware_mask, debug_panel,
                                               landmark_edge_map, landmark_heatmaps)

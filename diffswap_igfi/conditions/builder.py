@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from diffswap_igfi.faces.align import AlignedFace, align_face
+from diffswap_igfi.faces.align import AlignedFace, align_face, transform_points
 from diffswap_igfi.faces.record import FaceRecord
-from diffswap_igfi.geometry.base import GeometryBackend, GeometryFit, transform_points
+from diffswap_igfi.geometry.base import GeometryBackend, GeometryFit
 from diffswap_igfi.geometry.condition import aware_mask, landmark_edge_map, landmark_heatmaps
 
 T = TypeVar("T")

@@ -23,6 +23,7 @@ import numpy as np
 
 from diffswap_igfi.errors import ConfigError
 from diffswap_igfi.faces import head, masks, topology
+from diffswap_igfi.faces.align import transform_points
 
 # Keypoint order after a horizontal flip: the image-left eye and mouth corner swap sides.
 FLIP_KPS_ORDER = (1, 0, 2, 4, 3)
@@ -71,10 +72,6 @@ class AugmentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _transform(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    return (np.asarray(points, np.float64) @ affine[:, :2].T + affine[:, 2]).astype(np.float32)
 
 
 def _color_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -141,7 +138,7 @@ def reference_augment(crop: np.ndarray, kps: np.ndarray, rng: np.random.Generato
         affine = cv2.getRotationMatrix2D(centre, angle, factor)
         out = cv2.warpAffine(out, affine, (size, size), flags=cv2.INTER_LINEAR,
                              borderMode=cv2.BORDER_REFLECT101)
-        points = _transform(points, affine)
+        points = transform_points(points, affine)
     if rng.random() < blur:
         sigma = rng.uniform(0.5, 1.5) * size / 256.0
         out = cv2.GaussianBlur(out, (0, 0), sigma, borderType=cv2.BORDER_REFLECT101)

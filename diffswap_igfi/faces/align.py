@@ -55,6 +55,13 @@ def invert_affine(affine: np.ndarray) -> np.ndarray:
     return cv2.invertAffineTransform(np.asarray(affine, np.float64))
 
 
+def transform_points(points: np.ndarray, affine: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """[K,2] pixels through a [2,3] affine (e.g. photo -> aligned crop), computed in float64,
+    returned as ``dtype``."""
+    a = np.asarray(affine, np.float64)
+    return (np.asarray(points, np.float64) @ a[:, :2].T + a[:, 2]).astype(dtype, copy=False)
+
+
 @dataclass
 class AlignedFace:
     """A canonical crop of one face.

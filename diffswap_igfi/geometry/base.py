@@ -56,12 +56,6 @@ def project_weak_perspective(points3d: np.ndarray, rotation: np.ndarray, scale: 
     return xy.astype(np.float32)
 
 
-def transform_points(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """[K,2] pixels through a [2,3] affine (e.g. photo -> aligned crop). Returns float32."""
-    a = np.asarray(affine, np.float64)
-    return (np.asarray(points, np.float64) @ a[:, :2].T + a[:, 2]).astype(np.float32)
-
-
 class GeometryBackend(abc.ABC):
     """fit(face) -> GeometryFit; project(shape, expression, pose) -> 2D landmarks."""
 

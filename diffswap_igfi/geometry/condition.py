@@ -2,7 +2,7 @@
 channels, and the 3D-aware inpainting mask.
 
 All functions take landmarks in the pixels of the image they render into (usually the target's
-aligned crop: map photo landmarks with ``geometry.base.transform_points(points, crop.affine)``).
+aligned crop: map photo landmarks with ``faces.align.transform_points(points, crop.affine)``).
 Landmarks are MediaPipe mesh indices (468 points); 3DDFA_V2's 68 points render through
 ``IBUG68_REGIONS``.
 """

@@ -23,17 +23,13 @@ every ``DEFAULT_EVERY`` (4) frames (~2 ms of CPU a 720p frame instead of ~8).
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
+from diffswap_igfi.faces.align import invert_affine, transform_points
 from diffswap_igfi.provenance import face_mark
 
 DEFAULT_EVERY = 4
 SMALL_IOD = 64.0  # faces narrower than this are re-detected in every frame
-
-
-def _apply(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return points @ affine[:, :2].T + affine[:, 2]
 
 
 class MarkAnchors:
@@ -56,9 +52,9 @@ class MarkAnchors:
         small = face_mark.interocular(kps) < SMALL_IOD
         if small or track not in self.aligned or index % self.every == 0:
             found = face_mark.reader_kps(rgb, kps, self.detector)
-            self.aligned[track] = _apply(affine, found)
+            self.aligned[track] = transform_points(found, affine, np.float64)
             return found
-        return _apply(cv2.invertAffineTransform(affine), self.aligned[track])
+        return transform_points(self.aligned[track], invert_affine(affine), np.float64)
 
     def state(self) -> dict:
         return {str(k): v.tolist() for k, v in self.aligned.items()}
