@@ -13,6 +13,11 @@ original face). (d) ``swapped_still_rigid``: the photo swapped once and moved ri
 same camera, the best any video swap can do: the landmarker is noisier on swapped content
 than on the original face, so this, not the input, is the floor for (b) and (c).
 
+(e) ``placement``: the landmarks the render pass places each face at (tracking pass + planner,
+nothing rendered), mapped back the same way: the stabiliser's own noise, free of the
+landmarker's response to swapped content; for the default smoothing (the head's motion and
+the face's own fitted apart, smoothing.rigid_local_fit), the causal one-euro filter and none.
+
 Two sources: grace_hopper (glasses: the landmarker wobbles on the frames around her eyes and
 brows, so even the rigid still measures ~1.7x the input) and tom_hanks (no glasses). Two
 landmarkers: MediaPipe's 478 points (the one the swap itself uses) and, independent of it,
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -108,6 +114,39 @@ def jitter(track: np.ndarray) -> dict:
             "accel_px": float(np.sqrt(np.mean(acc**2))), "iod_px": iod}
 
 
+def placement(swapper: Swapper, clip: Path, affines: np.ndarray, work: Path) -> dict:
+    """Jitter of the planned landmarks (the tracking pass and the planner, as swap_video runs
+    them, nothing rendered) per smoothing: {"default" | "one_euro" | "none": jitter(...)}."""
+    from diffswap_igfi.video import job
+    from diffswap_igfi.video.plan import AnalysisChunk, Planner
+    from diffswap_igfi.video.smoothing import OneEuroSettings
+
+    info = probe_video(clip)
+    options = VideoSwapOptions()
+    folder = work / "placement"
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "track").mkdir(parents=True)
+    job._track_pass(swapper, info, folder, options, False)
+    chunks = [AnalysisChunk.load(p) for p in sorted((folder / "track").glob("*.npz"))]
+    variants = {"default": dict(window=options.smooth_window,
+                                expression_window=options.expression_window),
+                "one_euro": dict(window=0, smoothing=options.smoothing),
+                "none": dict(window=0, smoothing=OneEuroSettings(min_cutoff=1e6, beta=0.0))}
+    out = {}
+    for name, kw in variants.items():
+        planner = Planner([0], info.upright_size, info.time_base,
+                          max_gap=options.tracker.max_lost, **kw)
+        track = np.full((len(affines), 478, 2), np.nan)
+        for k, chunk in enumerate(chunks):
+            following = chunks[k + 1] if k + 1 < len(chunks) else None
+            for f, faces in planner.plan(chunk, following).items():
+                inv = np.linalg.inv(np.vstack([affines[f], [0, 0, 1]]))[:2]
+                track[f] = faces[0][1].landmarks[:, :2].astype(np.float64) @ inv[:, :2].T \
+                    + inv[:, 2]
+        out[name] = jitter(track)
+    return out
+
+
 def decoded(path: Path) -> list[np.ndarray]:
     return [f.rgb for f in iter_frames(probe_video(path))]
 
@@ -128,6 +167,7 @@ def bench_jitter(photo, source, frames_n: int, work: Path, detector: FaceDetecto
     results = {"input": measure(decoded(clip))}
     with Swapper() as swapper:
         src = swapper.source(source)
+        results["placement"] = placement(swapper, clip, affines, work)
         out = work / "jitter_swap.mp4"
         swap_video(swapper, [src], clip, out, progress=False, log=lambda m: None)
         results["video_swap"] = measure(decoded(out))
@@ -155,7 +195,7 @@ def bench_jitter(photo, source, frames_n: int, work: Path, detector: FaceDetecto
         base = results["input"][who]["step_iod"]
         ideal = results["swapped_still_rigid"][who]["step_iod"]
         for key in results:
-            if key != "input":
+            if key not in ("input", "placement"):
                 results[key][who]["ratio_to_input"] = results[key][who]["step_iod"] / base
                 results[key][who]["ratio_to_rigid"] = results[key][who]["step_iod"] / ideal
     return results
@@ -236,6 +276,10 @@ def main(argv=None) -> int:
                          f"of rigid" if "ratio_to_input" in r else "")
                 print(f"  {key:24s} {r['step_iod']:.4f} ({r['step_px']:.2f} px, accel "
                       f"{r['accel_px']:.2f} px, {r['frames_with_face']} frames){ratio}")
+        print(f" source {name}: placed landmarks (tracking + planner, nothing rendered)")
+        for key, r in j["placement"].items():
+            print(f"  {key:24s} {r['step_iod']:.4f} ({r['step_px']:.2f} px, accel "
+                  f"{r['accel_px']:.2f} px)")
     print("speed (one face, geometric engine, libx264 veryfast crf 18)")
     for r in results["speed"]:
         print(f"  {r['size']:>9s}: {r['swap_fps']:.1f} fps swap, {r['plain_transcode_fps']:.1f} "

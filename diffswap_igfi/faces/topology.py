@@ -27,6 +27,8 @@ RIGHT_IRIS = (469, 470, 471, 472)
 LEFT_IRIS_CENTER = 473
 RIGHT_IRIS_CENTER = 468
 NOSE_TIP = 1
+UPPER_LIP_INNER = 13  # the inner lips' midpoints
+LOWER_LIP_INNER = 14
 MOUTH_RIGHT_CORNER = 61  # subject's right: image left in a frontal photo
 MOUTH_LEFT_CORNER = 291
 

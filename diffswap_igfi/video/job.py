@@ -65,7 +65,7 @@ from diffswap_igfi.video.plan import AnalysisChunk, Assignment, Planner, assign_
 from diffswap_igfi.video.smoothing import ColourSmoother, OneEuroSettings
 from diffswap_igfi.video.tracking import Track, Tracker, TrackerSettings
 
-WORK_VERSION = 3
+WORK_VERSION = 4
 ProgressCallback = Callable[[str, int, int], None]  # (pass name, frames done, frames in all)
 
 
@@ -76,10 +76,13 @@ class VideoSwapOptions:
     selector/index/reference_distance: face selection over tracks (see plan.assign_sources);
     trim_start/trim_end: seconds of the input to keep (end excluded); chunk_frames: frames per
     resumable chunk (at least max_gap + 1); smooth_landmarks / smooth_colour: stability filters;
-    smooth_window: > 0 for the landmarks' centred local fit over that many frames on either
-    side (plan.Planner; capped at chunk_frames) instead of the one-euro filter
-    (``smoothing``): no lag, but it blunts fast expressions (a talking mouth, an animated
-    face), so it is not the default;
+    smooth_window / expression_window: landmarks are a centred local fit in time (the video is
+    known in advance, so the fit looks both ways and follows a moving face without lag),
+    split into the head's motion in the image (an affine, fitted over ``smooth_window`` frames
+    either side, as are the points expressions barely move) and the face's own motion (the
+    lips, eyes, brows, irises and jaw: over ``expression_window``), see
+    smoothing.rigid_local_fit; ``smooth_window`` 0 uses the causal one-euro filter
+    (``smoothing``) instead;
     max_iod: faces are swapped at most this many pixels between the eyes (video/bounded.py),
     and no finer than the source face (down to MIN_WORK_IOD).
     """
@@ -93,7 +96,8 @@ class VideoSwapOptions:
     chunk_frames: int = 48
     tracker: TrackerSettings = field(default_factory=TrackerSettings)
     smoothing: OneEuroSettings = field(default_factory=OneEuroSettings)
-    smooth_window: int = 0
+    smooth_window: int = 8
+    expression_window: int = 4
     smooth_landmarks: bool = True
     smooth_colour: bool = True
     colour_rate: float = 0.3
@@ -371,7 +375,8 @@ def _render_pass(swapper: Swapper, info: VideoInfo, work: Path, options: VideoSw
     planner = Planner(list(assignment.sources), info.upright_size, info.time_base,
                       max_gap=options.tracker.max_lost, smoothing=smoothing,
                       window=min(options.smooth_window, options.chunk_frames)
-                      if options.smooth_landmarks else 0)
+                      if options.smooth_landmarks else 0,
+                      expression_window=options.expression_window)
     colour = ColourSmoother(rate=options.colour_rate if options.smooth_colour else 1.0)
     anchors = MarkAnchors(swapper.detector)
     # engines with per-track state (the diffusion engine: a seed per track, and each frame
@@ -507,8 +512,8 @@ def _swap_frame(swapper: Swapper, rgb: np.ndarray, faces, assignment: Assignment
     and smooth its colour. rgb: [H,W,3] uint8, the decoded frame (changed in place);
     engines: track -> its own engine (DiffusionEngine.for_track), when the engine has one;
     warm: track -> WarmState, read and updated for those tracks (their previous swap starts
-    this one's sampling; tracks not in this frame are dropped from it). Returns (the swapped frame, [H,W] bool the pixels any swap
-    touched)."""
+    this one's sampling; tracks not in this frame are dropped from it). Returns (the swapped
+    frame, [H,W] bool the pixels any swap touched)."""
     region = np.zeros(rgb.shape[:2], bool)
     engines = engines or {}
     for track, face in faces:

@@ -21,7 +21,13 @@ import numpy as np
 from diffswap_igfi.errors import FaceNotFoundError, InputError
 from diffswap_igfi.faces.record import FaceRecord
 from diffswap_igfi.swapper import Source, choose_source
-from diffswap_igfi.video.smoothing import OneEuroFilter, OneEuroSettings, local_fit
+from diffswap_igfi.video.smoothing import (
+    OneEuroFilter,
+    OneEuroSettings,
+    expression_points,
+    local_fit,
+    rigid_local_fit,
+)
 from diffswap_igfi.video.tracking import Track
 
 
@@ -173,12 +179,13 @@ class Planner:
 
     def __init__(self, selected: Sequence[int], size: tuple[int, int], time_base: Fraction, *,
                  max_gap: int = 8, smoothing: OneEuroSettings | None = None,
-                 window: int = 0) -> None:
+                 window: int = 0, expression_window: int | None = None) -> None:
         self.selected = set(selected)
         self.size = size
         self.time_base = time_base
         self.max_gap = max_gap
         self.window = window
+        self.expression_window = expression_window
         self.filters = {t: OneEuroFilter(smoothing) for t in self.selected}
         self.last_seen: dict[int, tuple[int, np.ndarray, int, AnalysisChunk]] = {}
         # per track: (frame, seconds, [478,3] landmarks) observed in the previous chunk's last
@@ -241,6 +248,12 @@ class Planner:
                 frame: int, nearby: dict) -> FaceRecord:
         if self.window > 0:
             near = [o for o in nearby.get(track, ()) if abs(o[0] - frame) <= self.window]
+            if near and self.expression_window is not None:
+                nearest = min(near, key=lambda o: abs(o[0] - frame))[2]
+                reach = np.where(expression_points(nearest),
+                                 min(self.expression_window, self.window), self.window)
+                return chunk.face(k, self.size, rigid_local_fit(
+                    near, frame, when, self.window, reach, np.ones(len(raw))))
             if near:
                 return chunk.face(k, self.size, local_fit(near, frame, when, self.window))
             return chunk.face(k, self.size, raw)

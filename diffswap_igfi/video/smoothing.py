@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from diffswap_igfi.faces import topology
+
 
 @dataclass(frozen=True)
 class OneEuroSettings:
@@ -102,6 +104,79 @@ def local_fit(observations, frame: int, when: float, window: int) -> np.ndarray:
     flat = values.reshape(len(values), -1)
     coef, *_ = np.linalg.lstsq(basis * root, flat * root, rcond=None)
     return coef[0].reshape(values.shape[1:]).astype(np.float32)
+
+
+# Points an expression moves: lips, eyes, brows, irises, and everything below the nose tip
+# (jaw, chin, lower cheeks); the rest (forehead, nose, upper cheeks, the oval's upper half)
+# moves with the head.
+_FEATURES = np.array(sorted(set(topology.LIPS_OUTER) | set(topology.LIPS_INNER)
+                            | set(topology.LEFT_EYE) | set(topology.RIGHT_EYE)
+                            | set(topology.LEFT_EYEBROW) | set(topology.RIGHT_EYEBROW)
+                            | set(range(topology.NUM_MESH_POINTS, topology.NUM_LANDMARKS))))
+
+
+def expression_points(landmarks: np.ndarray) -> np.ndarray:
+    """[478] bool: the points of this face (landmarks [478,2+]) that expressions move: the
+    features' contours and irises, and the points below the nose tip along the face's own
+    vertical axis (the eyes' midpoint towards the inner lips), whatever the head's roll."""
+    xy = np.asarray(landmarks, np.float64)[:, :2]
+    eyes = (xy[topology.RIGHT_IRIS_CENTER] + xy[topology.LEFT_IRIS_CENTER]) / 2
+    down = (xy[topology.UPPER_LIP_INNER] + xy[topology.LOWER_LIP_INNER]) / 2 - eyes
+    down /= max(float(np.linalg.norm(down)), 1e-6)
+    mobile = (xy - xy[topology.NOSE_TIP]) @ down > 0
+    mobile[_FEATURES] = True
+    return mobile
+
+
+def _affine_fit(reference: np.ndarray, points: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[3,2] least-squares affine (x, y, 1) @ A mapping reference [N,2] onto points [N,2]."""
+    basis = np.hstack([reference, np.ones((len(reference), 1))]) * weights[:, None]
+    affine, *_ = np.linalg.lstsq(basis, points * weights[:, None], rcond=None)
+    return affine
+
+
+def rigid_local_fit(observations, frame: int, when: float, window: int,
+                    part_window: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Landmarks at one frame from a centred local fit in two parts: the head's motion and the
+    face's own.
+
+    Each observation's x, y are split into an affine map of a reference shape (the head's
+    motion in the image: camera and head movement, fitted by least squares over the mesh with
+    ``weights`` [N], so points that move with expressions count little) and what is left in the
+    reference's frame (expressions, gaze, the landmarker's per-point noise). The affine's six
+    numbers are fitted over ``window`` frames either side (smoothing.local_fit); what is left
+    (and z) over ``part_window[i]`` frames for point i: a head moves smoothly, and so do the
+    parts of a face that expressions barely move (forehead, nose, cheeks), while a mouth, an
+    eyelid or an iris may not, so those keep a short window. The result does not depend on
+    which reference is used, up to how the least squares weigh points (any affine change of
+    the reference cancels out); the observation nearest the frame is used.
+
+    observations: (frame, seconds, [N,3] landmarks) within ``window`` frames of ``frame``;
+    part_window: [N] int, each at most ``window``. Returns [N,3] float32.
+    """
+    if len(observations) == 1:
+        return np.asarray(observations[0][2], np.float32)
+    nearest = min(observations, key=lambda o: abs(o[0] - frame))
+    reference = np.asarray(nearest[2], np.float64)[:, :2]
+    w = np.zeros(len(reference))
+    w[:len(weights)] = np.sqrt(weights)
+    motions, parts = [], []
+    for f, t, landmarks in observations:
+        landmarks = np.asarray(landmarks, np.float64)
+        affine = _affine_fit(reference, landmarks[:, :2], w)
+        local = np.linalg.solve(affine[:2].T, (landmarks[:, :2] - affine[2]).T).T
+        motions.append((f, t, affine))
+        parts.append((f, t, np.concatenate([local - reference, landmarks[:, 2:]], axis=1)))
+    motion = local_fit(motions, frame, when, window).astype(np.float64)
+    part = np.empty((len(reference), parts[0][2].shape[1]))
+    for reach in np.unique(part_window):
+        near = [o for o in parts if abs(o[0] - frame) <= reach]
+        if not near:  # none that close: the nearest observation's own shape
+            near = [min(parts, key=lambda o: abs(o[0] - frame))]
+        points = part_window == reach
+        part[points] = local_fit([(f, t, v[points]) for f, t, v in near], frame, when, reach)
+    xy = (reference + part[:, :2]) @ motion[:2] + motion[2]
+    return np.concatenate([xy, part[:, 2:]], axis=1).astype(np.float32)
 
 
 class ColourSmoother:

@@ -1,14 +1,15 @@
 """Faces across frames: detection on crops around known faces, and tracks linked by IoU and
 identity.
 
-Faces are measured on every ``detect_every``-th frame (kept index a multiple of it; the
-planner interpolates the frames between, as it bridges any short gap, which also halves the
-landmarks' frame-to-frame noise there). Full-frame detection runs every ``full_every``
-measured frames, on the first frame, and whenever a track is lost; in between, each live track is re-measured on a square crop around its last box (at
-most ``crop_side`` pixels), which is both cheaper and, for small faces, more accurate than the
-whole frame. Detections join the track whose last box overlaps them most (IoU); a face that
-overlaps no live track is compared by identity (dlib descriptor, computed only then) with tracks
-lost recently, so a person who leaves and comes back keeps their track and their source.
+Faces are measured on every ``detect_every``-th frame (kept index a multiple of it; the planner
+interpolates the frames between, as it bridges any short gap, which also halves the landmarks'
+frame-to-frame noise there). Full-frame detection runs every ``full_every`` measured frames, on
+the first frame, and whenever a track is lost; in between, each live track is re-measured on a
+square crop around its last box (at most ``crop_side`` pixels), which is both cheaper and, for
+small faces, more accurate than the whole frame. Detections join the track whose last box
+overlaps them most (IoU); a face that overlaps no live track is compared by identity (dlib
+descriptor, computed only then) with tracks lost recently, so a person who leaves and comes
+back keeps their track and their source.
 """
 
 from __future__ import annotations
