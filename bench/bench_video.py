@@ -18,6 +18,10 @@ nothing rendered), mapped back the same way: the stabiliser's own noise, free of
 landmarker's response to swapped content; for the default smoothing (the head's motion and
 the face's own fitted apart, smoothing.rigid_local_fit), the causal one-euro filter and none.
 
+Identity (the issue's acceptance: closer to the source than to the target on >= 90% of
+sampled frames with a face): every 4th frame of (b), the largest face's dlib descriptor
+against the source photo's and against the same input frame's face.
+
 Two sources: grace_hopper (glasses: the landmarker wobbles on the frames around her eyes and
 brows, so even the rigid still measures ~1.7x the input) and tom_hanks (no glasses). Two
 landmarkers: MediaPipe's 478 points (the one the swap itself uses) and, independent of it,
@@ -147,6 +151,27 @@ def placement(swapper: Swapper, clip: Path, affines: np.ndarray, work: Path) -> 
     return out
 
 
+def identity(swapper: Swapper, source, inputs: list[np.ndarray], outputs: list[np.ndarray],
+             every: int = 4) -> dict:
+    """On every ``every``-th frame with a face in both: whether the output face is closer (dlib
+    distance) to the source than the input frame's face is."""
+    describe = swapper.recognizer.describe
+    src_desc = describe(source.rgb, swapper.detector.detect(source.rgb)[0])
+    closer, margins = 0, []
+    for before, after in list(zip(inputs, outputs))[::every]:
+        found_in, found_out = swapper.detector.detect(before), swapper.detector.detect(after)
+        if not found_in or not found_out:
+            continue
+        out = describe(after, found_out[0])
+        to_source = float(np.linalg.norm(out - src_desc))
+        to_target = float(np.linalg.norm(out - describe(before, found_in[0])))
+        closer += to_source < to_target
+        margins.append(to_target - to_source)
+    return {"frames": len(margins), "closer_to_source": closer,
+            "share": closer / max(len(margins), 1),
+            "median_margin": float(np.median(margins)) if margins else float("nan")}
+
+
 def decoded(path: Path) -> list[np.ndarray]:
     return [f.rgb for f in iter_frames(probe_video(path))]
 
@@ -164,13 +189,16 @@ def bench_jitter(photo, source, frames_n: int, work: Path, detector: FaceDetecto
         return {"mediapipe": jitter(landmark_track(frames, affines, detector)),
                 "dlib68": jitter(dlib68.track(frames, affines))}
 
-    results = {"input": measure(decoded(clip))}
+    inputs = decoded(clip)
+    results = {"input": measure(inputs)}
     with Swapper() as swapper:
         src = swapper.source(source)
         results["placement"] = placement(swapper, clip, affines, work)
         out = work / "jitter_swap.mp4"
         swap_video(swapper, [src], clip, out, progress=False, log=lambda m: None)
-        results["video_swap"] = measure(decoded(out))
+        outputs = decoded(out)
+        results["video_swap"] = measure(outputs)
+        results["identity"] = identity(swapper, source, inputs, outputs)
         if unsmoothed:
             out_raw = work / "jitter_nosmooth.mp4"
             swap_video(swapper, [src], clip, out_raw, progress=False, log=lambda m: None,
@@ -195,7 +223,7 @@ def bench_jitter(photo, source, frames_n: int, work: Path, detector: FaceDetecto
         base = results["input"][who]["step_iod"]
         ideal = results["swapped_still_rigid"][who]["step_iod"]
         for key in results:
-            if key not in ("input", "placement"):
+            if key not in ("input", "placement", "identity"):
                 results[key][who]["ratio_to_input"] = results[key][who]["step_iod"] / base
                 results[key][who]["ratio_to_rigid"] = results[key][who]["step_iod"] / ideal
     return results
@@ -276,6 +304,10 @@ def main(argv=None) -> int:
                          f"of rigid" if "ratio_to_input" in r else "")
                 print(f"  {key:24s} {r['step_iod']:.4f} ({r['step_px']:.2f} px, accel "
                       f"{r['accel_px']:.2f} px, {r['frames_with_face']} frames){ratio}")
+        r = j["identity"]
+        print(f" source {name}: video swap closer to the source than to the target (dlib) on "
+              f"{r['closer_to_source']}/{r['frames']} sampled frames, median margin "
+              f"{r['median_margin']:.3f}")
         print(f" source {name}: placed landmarks (tracking + planner, nothing rendered)")
         for key, r in j["placement"].items():
             print(f"  {key:24s} {r['step_iod']:.4f} ({r['step_px']:.2f} px, accel "
