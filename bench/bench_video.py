@@ -4,7 +4,7 @@ Run: python bench/bench_video.py [--frames 48] [--speed-frames 250] [--json out.
 
 Jitter: a clip is rendered from a still photo under a known camera path (zoom, pan, small
 rotation: every frame's affine photo -> frame is known exactly). Landmarks are detected on every
-frame of (a) the input clip, (b) our video swap (tracks, one-euro smoothing, colour smoothing),
+frame of (a) the input clip, (b) our video swap (tracks, landmark and colour smoothing),
 (c) an independent per-frame swap (``Swapper.swap`` on every frame alone, no tracking or
 smoothing), and mapped back to photo coordinates through the inverse affine, where the face
 stands still. Jitter is the RMS frame-to-frame displacement of the mapped landmarks, in
