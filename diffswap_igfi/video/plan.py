@@ -173,8 +173,10 @@ class Planner:
     ``window`` frames on either side, evaluated at the frame's time (smoothing.local_fit):
     the video is known in advance, so the smoother can look both ways, and a centred fit
     follows a moving face without the lag any causal filter has (lag against a moving camera
-    is itself jitter once the motion changes). With ``window`` 0, the causal one-euro filter
-    (``smoothing``).
+    is itself jitter once the motion changes). With ``expression_window`` too (the video
+    job's default), the head's motion and the face's own are fitted apart, the latter over
+    that shorter window for the points expressions move (smoothing.rigid_local_fit). With
+    ``window`` 0, the causal one-euro filter (``smoothing``).
     """
 
     def __init__(self, selected: Sequence[int], size: tuple[int, int], time_base: Fraction, *,

@@ -1,10 +1,14 @@
-"""Temporal stability: a motion-adaptive one-euro filter on landmarks, and per-track colour.
+"""Temporal stability: landmarks smoothed in time, and per-track colour.
 
-One-euro filter (Casiez et al. 2012, used on landmarks by FSGANv2): an exponential smoother
-whose cut-off rises with speed, ``fc = min_cutoff + beta * |dx/dt|``, so a still face is held
-steady (low cut-off kills detector jitter) and a moving one is followed without lag. Positions
-and speeds are measured in inter-ocular distances (and per second, from the real timestamps),
-so one setting fits every face size and frame rate.
+Landmarks (the default): :func:`rigid_local_fit`, a centred local fit that treats the head's
+motion in the image and the face's own motion apart (see there); the video is known before
+rendering, so it looks both ways.
+
+One-euro filter (the causal alternative; Casiez et al. 2012, used on landmarks by FSGANv2): an
+exponential smoother whose cut-off rises with speed, ``fc = min_cutoff + beta * |dx/dt|``, so a
+still face is held steady (low cut-off kills detector jitter) and a moving one is followed
+without lag. Positions and speeds are measured in inter-ocular distances (and per second, from
+the real timestamps), so one setting fits every face size and frame rate.
 
 Colour: the swap matches the source's colours to the target face in every frame, from
 statistics over a mask that moves with the landmarks, so the swapped face's mean colour
