@@ -251,9 +251,8 @@ class Planner:
         if self.window > 0:
             near = [o for o in nearby.get(track, ()) if abs(o[0] - frame) <= self.window]
             if near and self.expression_window is not None:
-                nearest = min(near, key=lambda o: abs(o[0] - frame))[2]
-                reach = np.where(expression_points(nearest),
-                                 min(self.expression_window, self.window), self.window)
+                reach = np.where(expression_points(), min(self.expression_window, self.window),
+                                 self.window)
                 return chunk.face(k, self.size, rigid_local_fit(
                     near, frame, when, self.window, reach, np.ones(len(raw))))
             if near:

@@ -21,6 +21,7 @@ colour, is smoothed).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -119,15 +120,16 @@ _FEATURES = np.array(sorted(set(topology.LIPS_OUTER) | set(topology.LIPS_INNER)
                             | set(range(topology.NUM_MESH_POINTS, topology.NUM_LANDMARKS))))
 
 
-def expression_points(landmarks: np.ndarray) -> np.ndarray:
-    """[478] bool: the points of this face (landmarks [478,2+]) that expressions move: the
-    features' contours and irises, and the points below the nose tip along the face's own
-    vertical axis (the eyes' midpoint towards the inner lips), whatever the head's roll."""
-    xy = np.asarray(landmarks, np.float64)[:, :2]
-    eyes = (xy[topology.RIGHT_IRIS_CENTER] + xy[topology.LEFT_IRIS_CENTER]) / 2
-    down = (xy[topology.UPPER_LIP_INNER] + xy[topology.LOWER_LIP_INNER]) / 2 - eyes
-    down /= max(float(np.linalg.norm(down)), 1e-6)
-    mobile = (xy - xy[topology.NOSE_TIP]) @ down > 0
+@functools.cache
+def expression_points() -> np.ndarray:
+    """[478] bool: the points of the face mesh that expressions move: the features' contours
+    and irises, and the points below the nose tip on MediaPipe's canonical face (jaw, chin,
+    lower cheeks). Fixed per point, so no point changes smoothing from frame to frame."""
+    from diffswap_igfi.geometry.canonical import canonical_face
+
+    vertices, _ = canonical_face()  # [468,3] cm, y up
+    mobile = np.ones(topology.NUM_LANDMARKS, bool)  # the irises (468-477) too
+    mobile[:topology.NUM_MESH_POINTS] = vertices[:, 1] < vertices[topology.NOSE_TIP, 1]
     mobile[_FEATURES] = True
     return mobile
 
