@@ -188,9 +188,9 @@ def swap_video(swapper: Swapper, sources: Sequence[Source], target: Path, output
             (work / "track").mkdir(parents=True)
             (work / "video").mkdir()
             _write_json(work / "manifest.json", stamp)
-        # one watermark payload per clip, the same after a resume (same input, sources and
-        # options); the manifest names it too
-        payload = hashlib.sha256((work / "manifest.json").read_bytes()).hexdigest()[:8]
+        # one watermark payload per clip (the C2PA manifest names it too), the same after a
+        # resume
+        payload = _clip_payload(info.path, stamp)
         seconds: dict[str, float] = {}
         start, cpu = time.perf_counter(), time.process_time()
         with _one_blas_thread(), _one_opencv_thread():
@@ -263,6 +263,20 @@ def _fingerprint(info: VideoInfo, sources, options, reference, face_map, engine)
     return {"version": WORK_VERSION, "input": str(info.path.resolve()), "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns, "options": json.loads(json.dumps(asdict(options))),
             "sources": h.hexdigest(), "engine": repr(engine)}
+
+
+def _clip_payload(path: Path, stamp: dict) -> str:
+    """The watermark payload of a run (8 hex digits): from the input's first MiB, its size,
+    the sources, options and engine, not from where the file lies or when it was written, so
+    the same swap gives the same payload (and the same output) on any machine, in any folder.
+    (The payload's pattern changes how strongly the face mark reads on a small face after
+    H.264 by a factor of ~3, so a payload drawn anew per folder made that strength vary from
+    run to run.)"""
+    fixed = {k: v for k, v in stamp.items() if k not in ("input", "mtime_ns")}
+    h = hashlib.sha256(json.dumps(fixed, sort_keys=True).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:8]
 
 
 def _manifest_matches(work: Path, stamp: dict) -> bool:
