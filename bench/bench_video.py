@@ -5,6 +5,7 @@ Run: python bench/bench_video.py [--frames 48] [--speed-frames 250] [--json out.
 Jitter: a clip is rendered from a still photo under a known camera path (zoom, pan, small
 rotation: every frame's affine photo -> frame is known exactly). Landmarks are detected on every
 frame of (a) the input clip, (b) our video swap (tracks, landmark and colour smoothing),
+(b') the same with the causal one-euro filter instead of the default smoothing,
 (c) an independent per-frame swap (``Swapper.swap`` on every frame alone, no tracking or
 smoothing), and mapped back to photo coordinates through the inverse affine, where the face
 stands still. Jitter is the RMS frame-to-frame displacement of the mapped landmarks, in
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -52,10 +54,12 @@ from diffswap_igfi.io.samples import sample_path
 from diffswap_igfi.io.video import ChunkWriter, EncodeSettings, iter_frames, probe_video
 from diffswap_igfi.provenance.video_mark import mark_frame
 from diffswap_igfi.swapper import Swapper
+from diffswap_igfi.video import job
 from diffswap_igfi.video.job import VideoSwapOptions, swap_video
 from diffswap_igfi.video.synthetic import camera_path, render_frames, write_test_video
 
 FACE_CENTER = (230.0, 150.0)  # astronaut photo
+PAYLOADS = ("0123abcd", "9f8e7d6c", "5a5a1234", "deadbeef", "00ff00ff", "13572468")
 
 
 def landmark_track(frames: list[np.ndarray], affines: np.ndarray, detector: FaceDetector
@@ -121,7 +125,6 @@ def jitter(track: np.ndarray) -> dict:
 def placement(swapper: Swapper, clip: Path, affines: np.ndarray, work: Path) -> dict:
     """Jitter of the planned landmarks (the tracking pass and the planner, as swap_video runs
     them, nothing rendered) per smoothing: {"default" | "one_euro" | "none": jitter(...)}."""
-    from diffswap_igfi.video import job
     from diffswap_igfi.video.plan import AnalysisChunk, Planner
     from diffswap_igfi.video.smoothing import OneEuroSettings
 
@@ -181,9 +184,9 @@ def bench_jitter(photo, source, frames_n: int, work: Path, detector: FaceDetecto
     """Jitter figures for one source: {case: {"mediapipe": {...}, "dlib68": {...}}}.
 
     The video swap's figures are means over ``payloads`` runs with different watermark
-    payloads (the clip copied under other names: the payload follows the input's path): the
-    face mark's pattern moves the landmarkers, so one payload's figure is off by up to ~0.1x
-    of the input's; ``video_swap_runs`` keeps each run's step_iod."""
+    payloads (PAYLOADS; a real run's follows from the input and options): the face mark's
+    pattern moves the landmarkers, so one payload's figure is off by up to ~0.1x of the
+    input's; ``video_swap_runs`` keeps each run's step_iod."""
     size = (480, 640)
     affines = camera_path(frames_n, photo.shape[:2], size, center=FACE_CENTER, cover=1.6,
                           zoom=0.2, pan=0.06, rotate_deg=5.0)
@@ -199,20 +202,24 @@ def bench_jitter(photo, source, frames_n: int, work: Path, detector: FaceDetecto
     with Swapper() as swapper:
         src = swapper.source(source)
         results["placement"] = placement(swapper, clip, affines, work)
-        runs = []
-        for k in range(max(1, payloads)):
-            named = work / f"jitter_{k}.mp4"
-            shutil.copyfile(clip, named)
-            out = work / f"jitter_swap_{k}.mp4"
-            swap_video(swapper, [src], named, out, progress=False, log=lambda m: None)
-            outputs = decoded(out)
-            runs.append(measure(outputs))
-            if k == 0:
-                results["identity"] = identity(swapper, source, inputs, outputs)
-        results["video_swap"] = {who: {key: (min if key == "frames_with_face" else np.mean)(
-            [r[who][key] for r in runs]) for key in runs[0][who]} for who in runs[0]}
-        results["video_swap_runs"] = {who: [r[who]["step_iod"] for r in runs]
-                                      for who in runs[0]}
+        def over_payloads(name: str, options: VideoSwapOptions | None = None) -> list:
+            runs = []
+            for k, payload in enumerate(PAYLOADS[:max(1, payloads)]):
+                out = work / f"{name}_{k}.mp4"
+                with mock.patch.object(job, "_clip_payload", lambda path, stamp, p=payload: p):
+                    swap_video(swapper, [src], clip, out, progress=False, log=lambda m: None,
+                               options=options)
+                outputs = decoded(out)
+                runs.append(measure(outputs))
+                if k == 0 and name == "video_swap":
+                    results["identity"] = identity(swapper, source, inputs, outputs)
+            results[name] = {who: {key: (min if key == "frames_with_face" else np.mean)(
+                [r[who][key] for r in runs]) for key in runs[0][who]} for who in runs[0]}
+            results[f"{name}_runs"] = {who: [r[who]["step_iod"] for r in runs]
+                                       for who in runs[0]}
+
+        over_payloads("video_swap")
+        over_payloads("video_swap_one_euro", VideoSwapOptions(smooth_window=0))
         if unsmoothed:
             out_raw = work / "jitter_nosmooth.mp4"
             swap_video(swapper, [src], clip, out_raw, progress=False, log=lambda m: None,
@@ -237,7 +244,7 @@ def bench_jitter(photo, source, frames_n: int, work: Path, detector: FaceDetecto
         base = results["input"][who]["step_iod"]
         ideal = results["swapped_still_rigid"][who]["step_iod"]
         for key in results:
-            if key not in ("input", "placement", "identity", "video_swap_runs"):
+            if key not in ("input", "placement", "identity") and not key.endswith("_runs"):
                 results[key][who]["ratio_to_input"] = results[key][who]["step_iod"] / base
                 results[key][who]["ratio_to_rigid"] = results[key][who]["step_iod"] / ideal
     return results
@@ -288,6 +295,8 @@ def main(argv=None) -> int:
     # 10 s clips: throughput, not start-up (the first full-frame detection, the recognizer and
     # the container set-up cost about as much as 15 frames, which a 60-frame clip overweights)
     parser.add_argument("--speed-frames", type=int, default=250, help="frames of the speed clips")
+    parser.add_argument("--payloads", type=int, default=3,
+                        help="watermark payloads the video swap's jitter is averaged over")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--skip-1080p", action="store_true")
     parser.add_argument("--skip-jitter", action="store_true")
@@ -301,14 +310,15 @@ def main(argv=None) -> int:
             dlib68 = Dlib68()
             results["jitter"] = {
                 name: bench_jitter(photo, load_image(sample_path(name)), args.frames, work,
-                                   detector, dlib68, unsmoothed=name == "grace_hopper")
+                                   detector, dlib68, unsmoothed=name == "grace_hopper",
+                                   payloads=args.payloads)
                 for name in ("grace_hopper", "tom_hanks")}
         sizes = [(720, 1280)] + ([] if args.skip_1080p else [(1080, 1920)])
         results["speed"] = [bench_speed(photo, source, args.speed_frames, s, work)
                             for s in sizes]
     print("jitter (RMS frame-to-frame landmark motion in photo coordinates, inter-ocular units)")
-    keys = ("input", "swapped_still_rigid", "video_swap", "video_swap_unsmoothed",
-            "per_frame_swap")
+    keys = ("input", "swapped_still_rigid", "video_swap", "video_swap_one_euro",
+            "video_swap_unsmoothed", "per_frame_swap")
     for name, j in results.get("jitter", {}).items():
         for who in ("mediapipe", "dlib68"):
             print(f" source {name}, landmarks {who}")
@@ -318,9 +328,9 @@ def main(argv=None) -> int:
                          f"of rigid" if "ratio_to_input" in r else "")
                 print(f"  {key:24s} {r['step_iod']:.4f} ({r['step_px']:.2f} px, accel "
                       f"{r['accel_px']:.2f} px, {r['frames_with_face']} frames){ratio}")
-                if key == "video_swap":
+                if f"{key}_runs" in j:
                     base = j["input"][who]["step_iod"]
-                    each = " ".join(f"x{v / base:.2f}" for v in j["video_swap_runs"][who])
+                    each = " ".join(f"x{v / base:.2f}" for v in j[f"{key}_runs"][who])
                     print(f"  {'':24s} (mean over watermark payloads: {each})")
         r = j["identity"]
         print(f" source {name}: video swap closer to the source than to the target (dlib) on "
