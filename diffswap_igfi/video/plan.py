@@ -27,6 +27,7 @@ from diffswap_igfi.video.smoothing import (
     expression_points,
     local_fit,
     rigid_local_fit,
+    split_motion,
 )
 from diffswap_igfi.video.tracking import Track
 
@@ -188,6 +189,7 @@ class Planner:
         self.max_gap = max_gap
         self.window = window
         self.expression_window = expression_window
+        self.splits: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self.filters = {t: OneEuroFilter(smoothing) for t in self.selected}
         self.last_seen: dict[int, tuple[int, np.ndarray, int, AnalysisChunk]] = {}
         # per track: (frame, seconds, [478,3] landmarks) observed in the previous chunk's last
@@ -203,6 +205,9 @@ class Planner:
             if int(t) in self.selected:
                 by_frame.setdefault(int(f), {})[int(t)] = k
         nearby = self._nearby(chunk, following) if self.window > 0 else {}
+        # observations a fit for this chunk may use start at most ``window`` frames back
+        self.splits = {key: v for key, v in self.splits.items()
+                       if key[1] >= chunk.first - self.window}
         for offset, pts in enumerate(chunk.pts):
             frame = chunk.first + offset
             when = float(int(pts) * self.time_base)
@@ -253,14 +258,24 @@ class Planner:
             if near and self.expression_window is not None:
                 reach = np.where(expression_points(), min(self.expression_window, self.window),
                                  self.window)
-                return chunk.face(k, self.size, rigid_local_fit(
-                    near, frame, when, self.window, reach, np.ones(len(raw))))
+                splits = [(f, t, *self._split(track, f, lm)) for f, t, lm in near]
+                return chunk.face(k, self.size, rigid_local_fit(splits, frame, when,
+                                                                self.window, reach))
             if near:
                 return chunk.face(k, self.size, local_fit(near, frame, when, self.window))
             return chunk.face(k, self.size, raw)
         face = chunk.face(k, self.size, raw)
         smoothed = self.filters[track](raw, when, scale=max(face.interocular, 1.0))
         return chunk.face(k, self.size, smoothed)
+
+    def _split(self, track: int, frame: int, landmarks: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """split_motion of one observation, computed once (each is used by every frame within
+        ``window`` of it)."""
+        key = (track, frame)
+        if key not in self.splits:
+            self.splits[key] = split_motion(landmarks)
+        return self.splits[key]
 
     def _bridge(self, track: int, frame: int, chunk: AnalysisChunk,
                 following: AnalysisChunk | None) -> tuple[np.ndarray, int, AnalysisChunk] | None:

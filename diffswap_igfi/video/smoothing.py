@@ -134,54 +134,65 @@ def expression_points() -> np.ndarray:
     return mobile
 
 
-def _affine_fit(reference: np.ndarray, points: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """[3,2] least-squares affine (x, y, 1) @ A mapping reference [N,2] onto points [N,2]."""
-    basis = np.hstack([reference, np.ones((len(reference), 1))]) * weights[:, None]
-    affine, *_ = np.linalg.lstsq(basis, points * weights[:, None], rcond=None)
-    return affine
+@functools.cache
+def motion_reference() -> np.ndarray:
+    """[478,2] float64: the shape each observation's head motion is measured against:
+    MediaPipe's canonical face seen from the front (centimetres, y down), each iris point at
+    its eye contour's centre."""
+    from diffswap_igfi.geometry.canonical import canonical_face
+
+    vertices, _ = canonical_face()
+    reference = np.zeros((topology.NUM_LANDMARKS, 2))
+    reference[:topology.NUM_MESH_POINTS] = vertices[:, :2] * (1.0, -1.0)
+    for centre, ring, eye in ((topology.RIGHT_IRIS_CENTER, topology.RIGHT_IRIS,
+                               topology.RIGHT_EYE),
+                              (topology.LEFT_IRIS_CENTER, topology.LEFT_IRIS, topology.LEFT_EYE)):
+        reference[[centre, *ring]] = reference[list(eye)].mean(axis=0)
+    return reference
 
 
-def rigid_local_fit(observations, frame: int, when: float, window: int,
-                    part_window: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def split_motion(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One observation ([478,3] landmarks) as (affine [3,2], part [478,3]): the least-squares
+    affine taking motion_reference() onto the landmarks' x, y (the head's motion in the
+    image), and what is left in the reference's frame (x, y; the face's own motion and the
+    landmarker's per-point noise) with z as it is: landmarks[:, :2] == (reference + part[:,
+    :2]) @ affine[:2] + affine[2]."""
+    landmarks = np.asarray(landmarks, np.float64)
+    reference = motion_reference()
+    basis = np.hstack([reference, np.ones((len(reference), 1))])
+    affine, *_ = np.linalg.lstsq(basis, landmarks[:, :2], rcond=None)
+    local = np.linalg.solve(affine[:2].T, (landmarks[:, :2] - affine[2]).T).T
+    return affine, np.concatenate([local - reference, landmarks[:, 2:]], axis=1)
+
+
+def rigid_local_fit(splits, frame: int, when: float, window: int,
+                    part_window: np.ndarray) -> np.ndarray:
     """Landmarks at one frame from a centred local fit in two parts: the head's motion and the
     face's own.
 
-    Each observation's x, y are split into an affine map of a reference shape (the head's
-    motion in the image: camera and head movement, fitted by least squares over the mesh with
-    ``weights`` [N], so points that move with expressions count little) and what is left in the
+    Each observation is split (split_motion) into an affine map of a fixed reference face
+    (the head's motion in the image: camera and head movement) and what is left in the
     reference's frame (expressions, gaze, the landmarker's per-point noise). The affine's six
     numbers are fitted over ``window`` frames either side (smoothing.local_fit); what is left
     (and z) over ``part_window[i]`` frames for point i: a head moves smoothly, and so do the
     parts of a face that expressions barely move (forehead, nose, cheeks), while a mouth, an
-    eyelid or an iris may not, so those keep a short window. The result does not depend on
-    which reference is used, up to how the least squares weigh points (any affine change of
-    the reference cancels out); the observation nearest the frame is used.
+    eyelid or an iris may not, so those keep a short window (expression_points).
 
-    observations: (frame, seconds, [N,3] landmarks) within ``window`` frames of ``frame``;
-    part_window: [N] int, each at most ``window``. Returns [N,3] float32.
+    splits: (frame, seconds, affine, part) of the observations within ``window`` frames of
+    ``frame`` (at least one); part_window: [N] int, each at most ``window``. Returns [N,3]
+    float32.
     """
-    if len(observations) == 1:
-        return np.asarray(observations[0][2], np.float32)
-    nearest = min(observations, key=lambda o: abs(o[0] - frame))
-    reference = np.asarray(nearest[2], np.float64)[:, :2]
-    w = np.zeros(len(reference))
-    w[:len(weights)] = np.sqrt(weights)
-    motions, parts = [], []
-    for f, t, landmarks in observations:
-        landmarks = np.asarray(landmarks, np.float64)
-        affine = _affine_fit(reference, landmarks[:, :2], w)
-        local = np.linalg.solve(affine[:2].T, (landmarks[:, :2] - affine[2]).T).T
-        motions.append((f, t, affine))
-        parts.append((f, t, np.concatenate([local - reference, landmarks[:, 2:]], axis=1)))
-    motion = local_fit(motions, frame, when, window).astype(np.float64)
-    part = np.empty((len(reference), parts[0][2].shape[1]))
+    motion = local_fit([(f, t, a) for f, t, a, _ in splits], frame, when,
+                       window).astype(np.float64)
+    part = np.empty(splits[0][3].shape)
     for reach in np.unique(part_window):
-        near = [o for o in parts if abs(o[0] - frame) <= reach]
+        near = [o for o in splits if abs(o[0] - frame) <= reach]
         if not near:  # none that close: the nearest observation's own shape
-            near = [min(parts, key=lambda o: abs(o[0] - frame))]
+            near = [min(splits, key=lambda o: abs(o[0] - frame))]
         points = part_window == reach
-        part[points] = local_fit([(f, t, v[points]) for f, t, v in near], frame, when, reach)
-    xy = (reference + part[:, :2]) @ motion[:2] + motion[2]
+        part[points] = local_fit([(f, t, p[points]) for f, t, _, p in near], frame, when,
+                                 reach)
+    xy = (motion_reference() + part[:, :2]) @ motion[:2] + motion[2]
     return np.concatenate([xy, part[:, 2:]], axis=1).astype(np.float32)
 
 
