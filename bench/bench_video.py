@@ -48,6 +48,7 @@ from unittest import mock
 
 import numpy as np
 
+from diffswap_igfi.faces.align import invert_affine, transform_points
 from diffswap_igfi.faces.detect import FaceDetector
 from diffswap_igfi.io.images import LoadedImage, load_image
 from diffswap_igfi.io.samples import sample_path
@@ -71,9 +72,7 @@ def landmark_track(frames: list[np.ndarray], affines: np.ndarray, detector: Face
         found = detector.detect(rgb, tiles=False)
         if not found:
             continue
-        full = np.vstack([a, [0, 0, 1]])
-        inv = np.linalg.inv(full)[:2]
-        out[i] = found[0].points.astype(np.float64) @ inv[:, :2].T + inv[:, 2]
+        out[i] = transform_points(found[0].points, invert_affine(a), np.float64)
     return out
 
 
@@ -99,8 +98,7 @@ class Dlib68:
             box = max(boxes, key=lambda b: b.area())
             shape = self.predictor(rgb, box)
             pts = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
-            inv = np.linalg.inv(np.vstack([a, [0, 0, 1]]))[:2]
-            out[i] = pts @ inv[:, :2].T + inv[:, 2]
+            out[i] = transform_points(pts, invert_affine(a), np.float64)
         return out
 
 
@@ -147,9 +145,8 @@ def placement(swapper: Swapper, clip: Path, affines: np.ndarray, work: Path) -> 
         for k, chunk in enumerate(chunks):
             following = chunks[k + 1] if k + 1 < len(chunks) else None
             for f, faces in planner.plan(chunk, following).items():
-                inv = np.linalg.inv(np.vstack([affines[f], [0, 0, 1]]))[:2]
-                track[f] = faces[0][1].landmarks[:, :2].astype(np.float64) @ inv[:, :2].T \
-                    + inv[:, 2]
+                track[f] = transform_points(faces[0][1].landmarks[:, :2],
+                                            invert_affine(affines[f]), np.float64)
         out[name] = jitter(track)
     return out
 

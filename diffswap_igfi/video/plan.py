@@ -189,6 +189,9 @@ class Planner:
         self.max_gap = max_gap
         self.window = window
         self.expression_window = expression_window
+        # per point, the frames either side its own motion is fitted over (rigid_local_fit)
+        self.part_window = None if expression_window is None else np.where(
+            expression_points(), min(expression_window, window), window)
         self.splits: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self.filters = {t: OneEuroFilter(smoothing) for t in self.selected}
         self.last_seen: dict[int, tuple[int, np.ndarray, int, AnalysisChunk]] = {}
@@ -255,12 +258,10 @@ class Planner:
                 frame: int, nearby: dict) -> FaceRecord:
         if self.window > 0:
             near = [o for o in nearby.get(track, ()) if abs(o[0] - frame) <= self.window]
-            if near and self.expression_window is not None:
-                reach = np.where(expression_points(), min(self.expression_window, self.window),
-                                 self.window)
+            if near and self.part_window is not None:
                 splits = [(f, t, *self._split(track, f, lm)) for f, t, lm in near]
                 return chunk.face(k, self.size, rigid_local_fit(splits, frame, when,
-                                                                self.window, reach))
+                                                                self.window, self.part_window))
             if near:
                 return chunk.face(k, self.size, local_fit(near, frame, when, self.window))
             return chunk.face(k, self.size, raw)
